@@ -5,11 +5,9 @@ Layout: source/A/A.ipynb -> release/A/A.ipynb (students) -> submitted/STUDENT/A/
 """
 
 import os
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "tools"))
 
 c = get_config()  # noqa: F821  (nbgrader injects get_config)
 
@@ -34,7 +32,7 @@ c.GenerateSolution.preprocessors = [
     "nbgrader.preprocessors.LockCells",
     "nbgrader.preprocessors.ClearOutput",
     "nbgrader.preprocessors.ClearHiddenTests",
-    "grading_hooks.StripSolutionMarkers",
+    "course_lib.grading.StripSolutionMarkers",
     "nbgrader.preprocessors.Execute",
 ]
 
@@ -49,12 +47,13 @@ c.Execute.interrupt_on_timeout = True
 c.Execute.extra_arguments = []
 
 # Noise that must not zero a graded cell: strip known-harmless stderr lines before scoring.
-c.IgnorePattern.pattern = r"(?:.*Warning:.*|.*warnings\.warn\(.*|\s*$)"
+c.IgnorePattern.enabled = True
+c.IgnorePattern.pattern = r"Warning|warnings\.warn|\d+%\|"
 
 # Feedback handed to students hides hidden test source unless an instructor opts in.
 c.GenerateFeedback.preprocessors = [
     "nbgrader.preprocessors.GetGrades",
-    "grading_hooks.HideHiddenTests",
+    "course_lib.grading.HideHiddenTests",
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
     "nbgrader.preprocessors.ClearHiddenTests",
 ] if os.environ.get("COURSE_FEEDBACK_SHOW_HIDDEN") != "1" else [

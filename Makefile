@@ -1,0 +1,91 @@
+# DeepSeek-V3 from Scratch: one Makefile for students, instructors and CI.
+# Every target installs what it needs on first use (into .venv/).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+COURSE := $(PY) tools/course.py
+SECTIONS := $(notdir $(wildcard source/[0-9][0-9]_*))
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MPLBACKEND ?= Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: help install lab source release solutions samples autograde feedback grades demo check verify test test-fast bench gpu-check lint clean
+
+help:
+	@echo "make demo      build releases, autograde sample submissions, print the grade table"
+	@echo "make test      the whole test suite"
+	@echo "make lab       JupyterLab on release/ (students)"
+	@echo "make check NB=path/to/notebook.ipynb [SECTION=02_mla]   grade one notebook (self-learners)"
+	@echo "make install source release solutions autograde feedback grades bench gpu-check lint clean"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . || \
+	  $(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (DeepSeek-V3 course)" >/dev/null
+	-$(VENV)/bin/jupyter server extension enable --sys-prefix --py nbgrader >/dev/null 2>&1
+	-$(VENV)/bin/jupyter labextension enable --level=sys_prefix nbgrader >/dev/null 2>&1
+	$(PY) -c "import torch, nbgrader; print('installed: torch', torch.__version__, '| nbgrader', nbgrader.__version__)"
+	touch $(STAMP)
+
+lab: install
+	$(VENV)/bin/jupyter lab --notebook-dir=release
+
+source: install
+	$(PY) tools/nbsrc.py build
+
+release: source
+	$(COURSE) release
+
+solutions: source
+	$(COURSE) solutions
+
+samples: install
+	$(COURSE) samples
+
+autograde: install
+	$(COURSE) autograde
+
+feedback: install
+	$(COURSE) feedback
+
+grades: install
+	$(COURSE) grades
+
+demo: install
+	$(PY) tools/nbsrc.py check
+	$(COURSE) demo
+
+check: install
+	@test -n "$(NB)" || { echo "usage: make check NB=path/to/notebook.ipynb [SECTION=02_mla]"; exit 2; }
+	$(COURSE) check "$(NB)" $(if $(SECTION),--section $(SECTION))
+
+verify: install
+	$(COURSE) verify $(SECTION)
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not pipeline" tests
+
+bench: install
+	$(PY) tools/bench_report.py
+
+gpu-check: install
+	$(PY) tools/gpu_check.py --out gpu_check.json
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf submitted feedback gradebook.db grades.csv .pytest_cache .ruff_cache
+	find autograded -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +

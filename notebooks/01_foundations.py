@@ -1,0 +1,733 @@
+# %% [markdown]
+# # Section 1 — Mathematical Foundations
+#
+# DeepSeek-V3 changes three things about a standard Transformer: how attention stores its past
+# (Multi-head Latent Attention), how the feed-forward layer spends compute (DeepSeekMoE), and which
+# numbers the matrix multiplications run in (FP8). Each change rests on one piece of mathematics.
+# This section builds those four pieces from scratch so that Sections 2–6 are engineering, not magic.
+#
+# **Learning objectives** — after this section you can
+# - implement scaled dot-product attention with masks and say what its KV cache costs in bytes;
+# - factor a matrix with a truncated SVD, state why it is the best rank-$r$ approximation, and read an
+#   energy spectrum to choose a rank;
+# - route tokens to experts with softmax or sigmoid gating and measure the resulting load imbalance;
+# - decode any FP8 bit pattern by hand and explain why FP8 needs scaling.
+#
+# **Time:** about 30 minutes. **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
+# softmax. **How to work:** fill in every cell marked `YOUR CODE HERE`, run the test cell under it, read
+# the checkpoint line. Hidden tests run the same functions on other shapes, seeds and edge cases when
+# your notebook is graded (`make check NB=...` runs them for you).
+
+# %% [given]
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from course_lib.utils import setup, sizes
+from course_lib import viz
+
+ENV = setup(seed=0)
+print(ENV)
+
+# %% [markdown]
+# ## 1.1 Attention mechanism evolution
+#
+# Attention lets every position read from every earlier position. For queries $Q\in\mathbb{R}^{T\times d}$,
+# keys $K\in\mathbb{R}^{S\times d}$ and values $V\in\mathbb{R}^{S\times d_v}$:
+#
+# $$\mathrm{Attention}(Q,K,V) = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d}} + M\right)V,$$
+#
+# where the mask $M$ holds $0$ where a query may look and $-\infty$ where it may not (a causal mask forbids
+# looking at the future). The $1/\sqrt d$ keeps the logits' variance near 1 whatever the head size, so the
+# softmax neither saturates nor flattens.
+#
+# **Intuition:** each query is a question, each key a label on a drawer, each value the drawer's contents.
+# The softmax turns label matches into a probability over drawers, and the output is the expected contents.
+#
+# Multi-head attention runs $H$ of these in parallel on $d_h$-dimensional slices. During generation the
+# keys and values of all past tokens are reused for every new token, so they are cached: the **KV cache**.
+
+# %% [solution id=ex_01_1_sdpa]
+def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False):
+    """Scaled dot-product attention, returning the output and the attention weights.
+
+    Args:
+        q: (..., T, d) queries.   k: (..., S, d) keys.   v: (..., S, d_v) values.
+        mask: optional boolean tensor broadcastable to (..., T, S); True = may attend (torch's convention).
+        is_causal: if True, query t may only attend to keys s <= t + (S - T) (the last T positions of S).
+    Returns:
+        out: (..., T, d_v) and weights: (..., T, S), each row of weights summing to 1.
+    """
+    ### BEGIN SOLUTION
+    T, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (..., T, S)
+    if is_causal:
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ v, weights
+    ### END SOLUTION
+
+
+# %% [test id=test_01_1_sdpa points=2]
+from course_lib.testing import assert_close, assert_shape
+
+torch.manual_seed(0)
+_q, _k, _v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 4)
+_out, _w = scaled_dot_product_attention(_q, _k, _v)
+assert_shape(_out, (2, 3, 5, 4), "output")
+assert_shape(_w, (2, 3, 5, 5), "attention weights")
+assert_close(_w.sum(-1), torch.ones(2, 3, 5), atol=1e-5, name="row sums of the weights",
+             hint="the softmax must run over the key dimension (dim=-1)")
+assert_close(_out, F.scaled_dot_product_attention(_q, _k, _v), atol=1e-5, name="output vs torch",
+             hint="check the 1/sqrt(d) scale")
+_out_c, _ = scaled_dot_product_attention(_q, _k, _v, is_causal=True)
+assert_close(_out_c, F.scaled_dot_product_attention(_q, _k, _v, is_causal=True), atol=1e-5, name="causal output",
+             hint="query t may only see keys 0..t: mask the upper triangle with -inf before the softmax")
+print("scaled_dot_product_attention: visible tests passed")
+
+# %% [test id=test_01_1_sdpa_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import math as _m
+import torch as _t
+import torch.nn.functional as _F
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+_g = _t.Generator().manual_seed(11)
+for (_B, _H, _T, _S, _d, _dv) in [(1, 1, 1, 1, 1, 1), (3, 2, 7, 7, 16, 5), (2, 4, 3, 9, 32, 32)]:
+    _q = _t.randn(_B, _H, _T, _d, generator=_g, dtype=_t.float64)
+    _k = _t.randn(_B, _H, _S, _d, generator=_g, dtype=_t.float64)
+    _v = _t.randn(_B, _H, _S, _dv, generator=_g, dtype=_t.float64)
+    _o, _w = scaled_dot_product_attention(_q, _k, _v)
+    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v), atol=1e-10, name=f"output B{_B} H{_H} T{_T} S{_S} d{_d}",
+           hint="scale by 1/sqrt(d) where d is the query/key size (not the value size)")
+    # causal with S > T: the T queries are the last T positions of the S keys (decoding with a cache)
+    _o, _w = scaled_dot_product_attention(_q, _k, _v, is_causal=True)
+    _ref_mask = _t.ones(_T, _S, dtype=_t.bool).tril(diagonal=_S - _T)
+    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v, attn_mask=_ref_mask), atol=1e-10,
+           name=f"causal output T{_T} S{_S}", hint="with S > T the causal mask is tril(diagonal=S-T): queries sit at the end")
+    _true(bool((_w.masked_select(~_ref_mask) == 0).all()), "causal weights on future keys must be exactly 0")
+    # boolean mask, broadcast over batch and heads
+    _mask = _t.rand(_T, _S, generator=_g) > 0.3
+    _mask[:, 0] = True
+    _o, _w = scaled_dot_product_attention(_q, _k, _v, mask=_mask)
+    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v, attn_mask=_mask), atol=1e-10, name="masked output",
+           hint="True in the mask means 'may attend'; fill the False entries with -inf before the softmax")
+# scale: a wrong scale is visible with large d
+_q = _t.randn(1, 1, 4, 64, generator=_g, dtype=_t.float64)
+_o, _w = scaled_dot_product_attention(_q, _q, _q)
+_ref = _t.softmax(_q @ _q.transpose(-2, -1) / _m.sqrt(64), -1)
+_close(_w, _ref, atol=1e-10, name="weights with d=64", hint="the scale is 1/sqrt(d), not 1/d and not missing")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your attention matches `torch.nn.functional.scaled_dot_product_attention`, masks included.
+#
+# ### The price of remembering: the KV cache
+# Generating token $t$ needs the keys and values of tokens $1..t-1$ in every layer. Caching them costs
+#
+# $$\text{bytes} = 2 \cdot L \cdot H_{kv} \cdot d_h \cdot T \cdot B \cdot \text{bytes per element}$$
+#
+# (the 2 is for K *and* V; $H_{kv}$ is the number of key/value heads, equal to $H$ in standard MHA and
+# smaller in grouped-query attention). The cache grows linearly with context $T$ and batch $B$ — at long
+# context it, not the weights, decides how many requests fit on a GPU.
+
+# %% [solution id=ex_01_1_kv_cache]
+def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2):
+    """Bytes needed to cache keys and values of standard (or grouped-query) attention.
+
+    Args: number of layers, key/value heads per layer, head dimension, tokens cached per sequence,
+    sequences in the batch, bytes per stored number (2 for bf16).
+    Returns: an int.
+    """
+    ### BEGIN SOLUTION
+    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * bytes_per_elem
+    ### END SOLUTION
+
+
+# %% [test id=test_01_1_kv_cache points=1]
+assert kv_cache_bytes(1, 1, 1, 1, 1, 1) == 2, "one layer, one head of size 1, one token: a key and a value"
+assert kv_cache_bytes(2, 4, 8, 10, 1, 2) == 2 * 2 * 4 * 8 * 10 * 2
+print("kv_cache_bytes: visible tests passed")
+
+# %% [test id=test_01_1_kv_cache_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+from course_lib.testing import assert_true as _true
+
+for (_L, _H, _D, _T, _B, _e) in [(61, 128, 128, 1, 1, 2), (32, 8, 128, 4096, 4, 2), (3, 5, 7, 11, 13, 1)]:
+    _want = _L * _H * _D * _T * _B * _e * 2
+    _got = kv_cache_bytes(_L, _H, _D, _T, _B, _e)
+    _true(_got == _want, f"kv_cache_bytes({_L}, {_H}, {_D}, {_T}, {_B}, {_e}) = {_got}, expected {_want}",
+          hint="2 (K and V) x layers x kv heads x head dim x tokens x batch x bytes per element")
+_true(kv_cache_bytes(61, 128, 128, 1) == 61 * 2 * 128 * 128 * 2, "defaults: batch=1, bytes_per_elem=2 (bf16)")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** a DeepSeek-V3-sized MHA (61 layers, 128 heads of 128) would cache
+# `kv_cache_bytes(61, 128, 128, 1)` bytes per token — about 4 MB. The figure below shows what that means at
+# long context, and where grouped-query attention and MLA (Section 2: 576 numbers per token per layer) land.
+
+# %% [code]
+ctx = np.array([1_024, 4_096, 16_384, 65_536, 131_072])
+variants = {"MHA (128 KV heads)": 128, "GQA (8 KV heads)": 8, "MQA (1 KV head)": 1}
+fig, ax = plt.subplots()
+try:
+    for label, h in variants.items():
+        ax.plot(ctx, [kv_cache_bytes(61, h, 128, int(t)) / 2**30 for t in ctx], marker="o", label=label)
+    ax.plot(ctx, [61 * 576 * int(t) * 2 / 2**30 for t in ctx], marker="s", ls="--", label="MLA (576 per token-layer)")
+except NotImplementedError:
+    ax.text(0.5, 0.5, "implement kv_cache_bytes to see this plot", ha="center", transform=ax.transAxes)
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.set_xlabel("context length (tokens)")
+ax.set_ylabel("KV cache per sequence (GiB, bf16)")
+ax.set_title("KV-cache memory vs context, 61 layers, head dim 128")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# **Multi-head limits.** Sharing K/V across heads (MQA, GQA) shrinks the cache by $H/H_{kv}$ but makes heads
+# read the same keys, which costs quality. MLA keeps per-head keys and values yet caches one small latent
+# per token — the next subsection explains why that is possible.
+#
+# ## 1.2 Low-rank approximation
+#
+# Any matrix $W\in\mathbb{R}^{m\times n}$ factors as $W = U\Sigma V^\top$ with singular values
+# $\sigma_1\ge\sigma_2\ge\dots\ge 0$. Keeping the top $r$ gives $W_r = U_r\Sigma_rV_r^\top$, and the
+# **Eckart–Young theorem** says no rank-$r$ matrix is closer:
+#
+# $$\min_{\mathrm{rank}(X)\le r}\|W - X\|_F = \|W - W_r\|_F = \sqrt{\textstyle\sum_{i>r}\sigma_i^2}.$$
+#
+# Written as two matrices, $W_r = A\,B$ with $A = U_r\Sigma_r\in\mathbb{R}^{m\times r}$ (decompress) and
+# $B = V_r^\top\in\mathbb{R}^{r\times n}$ (compress): $x\mapsto Bx$ squeezes $n$ numbers into $r$, and $A$
+# expands them back. MLA learns such a pair directly: a down-projection to a small latent that is cached,
+# and up-projections to keys and values.
+#
+# **Intuition:** the singular values are how much "signal" lives along each direction; dropping the small
+# ones loses little. The fraction of energy kept, $\sum_{i\le r}\sigma_i^2/\sum_i\sigma_i^2$, says how much.
+
+# %% [solution id=ex_01_2_low_rank]
+def low_rank_factors(W, r):
+    """Best rank-r approximation of W as two factors (Eckart–Young), via torch.linalg.svd.
+
+    Args: W: (m, n) matrix; r: rank, 0 <= r <= min(m, n).
+    Returns: (A, B) with A: (m, r) = U_r diag(S_r) and B: (r, n) = V_r^T, so that A @ B = W_r.
+    """
+    ### BEGIN SOLUTION
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :r] * S[:r], Vh[:r, :]
+    ### END SOLUTION
+
+
+def energy_kept(S, r):
+    """Fraction of squared Frobenius norm kept by the top-r singular values S (sorted descending).
+
+    Returns a Python float in [0, 1].
+    """
+    ### BEGIN SOLUTION
+    S2 = S.double() ** 2
+    return float(S2[:r].sum() / S2.sum())
+    ### END SOLUTION
+
+
+def effective_rank(W, energy=0.9):
+    """Smallest r whose rank-r approximation keeps at least `energy` of W's squared Frobenius norm."""
+    ### BEGIN SOLUTION
+    S = torch.linalg.svdvals(W.double())
+    cum = torch.cumsum(S**2, 0) / (S**2).sum()
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
+    ### END SOLUTION
+
+
+# %% [test id=test_01_2_low_rank points=2]
+from course_lib.testing import assert_close, assert_shape
+
+torch.manual_seed(0)
+_W = torch.randn(12, 9, dtype=torch.float64)
+_A, _B = low_rank_factors(_W, 4)
+assert_shape(_A, (12, 4), "A (decompress)")
+assert_shape(_B, (4, 9), "B (compress)")
+_S = torch.linalg.svdvals(_W)
+assert abs(torch.linalg.norm(_W - _A @ _B) - _S[4:].norm()) < 1e-9, "the error should equal sqrt(sum of dropped sigma^2)"
+assert abs(energy_kept(_S, 9) - 1.0) < 1e-12, "all singular values keep all the energy"
+assert effective_rank(torch.eye(10, dtype=torch.float64), 0.9) == 9, "identity: every direction holds 10% of the energy"
+print("low-rank: visible tests passed")
+
+# %% [test id=test_01_2_low_rank_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+_g = _t.Generator().manual_seed(5)
+for (_m, _n, _r) in [(20, 7, 3), (5, 30, 5), (16, 16, 0), (8, 6, 6)]:
+    _W = _t.randn(_m, _n, generator=_g, dtype=_t.float64)
+    _A, _B = low_rank_factors(_W, _r)
+    _true(tuple(_A.shape) == (_m, _r) and tuple(_B.shape) == (_r, _n),
+          f"shapes for W {(_m, _n)}, r={_r}: got A {tuple(_A.shape)}, B {tuple(_B.shape)}")
+    _S = _t.linalg.svdvals(_W)
+    _err = float(_t.linalg.norm(_W - _A @ _B))
+    _true(abs(_err - float(_S[_r:].norm())) < 1e-9, f"rank-{_r} error {_err:.6g} != Eckart-Young bound {float(_S[_r:].norm()):.6g}",
+          hint="keep the LARGEST r singular values (svd returns them in descending order)")
+    # optimality: beats a random rank-r projection of the same size
+    if 0 < _r < min(_m, _n):
+        _P = _t.linalg.qr(_t.randn(_n, _r, generator=_g, dtype=_t.float64))[0]
+        _true(_err <= float(_t.linalg.norm(_W - _W @ _P @ _P.T)) + 1e-12, "a random projection beat your factors")
+    # B must have orthonormal rows (it is V_r^T): the compression loses no scale information
+    if _r:
+        _close(_B @ _B.T, _t.eye(_r, dtype=_t.float64), atol=1e-9, name="B B^T",
+               hint="B is V_r^T (orthonormal rows); the singular values belong in A")
+    _S = _t.linalg.svdvals(_W)
+    _want = float((_S[:_r] ** 2).sum() / (_S**2).sum())
+    _true(abs(energy_kept(_S, _r) - _want) < 1e-12, f"energy_kept(S, {_r}) = {energy_kept(_S, _r)}, expected {_want}",
+          hint="use squared singular values (energy), not the singular values themselves")
+# effective rank on a matrix with a known spectrum
+_U = _t.linalg.qr(_t.randn(30, 30, generator=_g, dtype=_t.float64))[0]
+_V = _t.linalg.qr(_t.randn(20, 20, generator=_g, dtype=_t.float64))[0]
+_s = _t.tensor([10.0, 5.0, 2.0, 1.0] + [0.1] * 16, dtype=_t.float64)
+_W = _U[:, :20] @ _t.diag(_s) @ _V.T
+_cum = _t.cumsum(_s**2, 0) / (_s**2).sum()
+for _e in (0.5, 0.8, 0.95, 0.99, 1.0):
+    _want = int((_cum < _e - 1e-12).sum()) + 1
+    _true(effective_rank(_W, _e) == _want, f"effective_rank at energy {_e}: got {effective_rank(_W, _e)}, expected {_want}",
+          hint="the smallest r with cumulative energy >= threshold (ranks start at 1)")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your factors reach the Eckart–Young error exactly; no other rank-$r$ matrix does better.
+#
+# ### Information kept vs rank
+# A random Gaussian matrix spreads its energy evenly: nothing to compress. A matrix with structure — a few
+# strong directions plus noise — concentrates it. Learned projections look like the second kind.
+
+# %% [code]
+torch.manual_seed(0)
+n = 64
+W_random = torch.randn(n, n, dtype=torch.float64)
+W_struct = torch.randn(n, 6, dtype=torch.float64) @ torch.randn(6, n, dtype=torch.float64) + 0.3 * torch.randn(n, n, dtype=torch.float64)
+fig, ax = plt.subplots()
+ranks = np.arange(0, n + 1)
+try:
+    for label, W in {"random Gaussian": W_random, "6 strong directions + noise": W_struct}.items():
+        S = torch.linalg.svdvals(W)
+        ax.plot(ranks, [energy_kept(S, int(r)) for r in ranks], label=f"{label} (effective rank {effective_rank(W, 0.9)})")
+except NotImplementedError:
+    ax.text(0.5, 0.5, "implement energy_kept / effective_rank to see this plot", ha="center", transform=ax.transAxes)
+ax.axhline(0.9, color="k", ls=":", lw=1)
+ax.set_xlabel("rank r kept")
+ax.set_ylabel("fraction of squared Frobenius norm kept")
+ax.set_title("Information kept vs rank (64 x 64 matrices)")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ### Interactive factorisation
+# Drag the rank: the image is a smooth pattern plus noise; its low-rank reconstructions recover the pattern
+# long before they recover the noise. (In JupyterLab you get a slider; headless, one static figure.)
+
+# %% [code]
+yy, xx = torch.meshgrid(torch.linspace(-1, 1, 48, dtype=torch.float64), torch.linspace(-1, 1, 48, dtype=torch.float64), indexing="ij")
+torch.manual_seed(1)
+picture = torch.sin(3 * xx) * torch.cos(2 * yy) + (xx**2 + yy**2 < 0.4).double() + 0.15 * torch.randn(48, 48, dtype=torch.float64)
+
+
+def show_rank(rank=4):
+    try:
+        A, B = low_rank_factors(picture, rank)
+    except NotImplementedError:
+        print("implement low_rank_factors to use this demo")
+        return
+    approx = A @ B
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    for ax, img, title in zip(axes, (picture, approx, picture - approx), ("original", f"rank {rank}", "residual")):
+        ax.imshow(img.numpy(), cmap="magma")
+        ax.set_title(title)
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+    stored = rank * (48 + 48)
+    fig.suptitle(f"rank {rank}: {stored} numbers stored instead of {48 * 48} ({48 * 48 / max(stored, 1):.1f}x smaller)")
+    fig.tight_layout()
+    plt.show()
+
+
+viz.interactive(show_rank, rank=[4, 1, 2, 8, 16, 32, 48])
+
+# %% [markdown]
+# ### Why this motivates MLA
+# In multi-head attention every cached key and value is a *linear* function of the same hidden vector
+# $h_t\in\mathbb{R}^{d}$: $[k_t; v_t] = [W_K; W_V]\,h_t$, a $2Hd_h\times d$ matrix. Its rank is at most $d$,
+# so caching $2Hd_h$ numbers per token is redundant whenever $2Hd_h > d$ — for DeepSeek-V3's sizes
+# ($H=128$, $d_h=128$, $d=7168$) by a factor of 4.6 *before any learning*. MLA goes further: it trains the
+# projections through a $d_c = 512$ latent, betting that the keys and values need far fewer directions than
+# $d$. The cell below checks the bound on a small example and measures the effective rank of the cached keys
+# and values when the inputs themselves live near a low-dimensional subspace, as real token representations do.
+
+# %% [code]
+torch.manual_seed(0)
+d, H, dh, T = 64, 8, 32, 512
+W_K = torch.randn(H * dh, d, dtype=torch.float64) / math.sqrt(d)
+W_V = torch.randn(H * dh, d, dtype=torch.float64) / math.sqrt(d)
+W_KV = torch.cat([W_K, W_V], 0)  # (2*H*dh, d)
+print(f"[W_K; W_V] is {tuple(W_KV.shape)}; rank {int(torch.linalg.matrix_rank(W_KV))} <= d = {d}")
+h = torch.randn(T, 10, dtype=torch.float64) @ torch.randn(10, d, dtype=torch.float64) + 0.05 * torch.randn(T, d, dtype=torch.float64)
+kv = h @ W_KV.T  # (T, 2*H*dh): what a standard KV cache stores
+try:
+    print(f"cached numbers per token: {2 * H * dh}; effective rank (90% energy) of the cached K/V over {T} tokens: {effective_rank(kv, 0.9)}")
+except NotImplementedError:
+    print("implement effective_rank to see the measurement")
+
+# %% [markdown]
+# ## 1.3 Mixture-of-Experts principles
+#
+# An MoE layer replaces one big feed-forward network with $N$ smaller *experts* and a *router* that sends
+# each token to $k\ll N$ of them. Parameters grow with $N$, compute only with $k$. The router scores token
+# $u_t$ against a learned centroid $e_i$ per expert and keeps the top $k$:
+#
+# $$s_{i,t} = \begin{cases}\mathrm{softmax}_i(u_t^\top e_i) & \text{(GShard, DeepSeek-V2)}\\ \sigma(u_t^\top e_i) & \text{(DeepSeek-V3)}\end{cases}\qquad
+# g_{i,t} = \begin{cases} s_{i,t} & \text{softmax gating: already a distribution}\\ s_{i,t}\,/\sum_{j\in\mathrm{TopK}} s_{j,t} & \text{sigmoid gating: renormalise over the chosen}\end{cases}$$
+#
+# for $i$ in the top-$k$ set, and 0 otherwise. Sigmoid scores are independent per expert (one expert's
+# score does not push the others down), which suits very many experts; renormalising keeps the output scale
+# fixed. Section 3 adds what V3 layers on top (bias-based balancing, group-limited routing, a route scale).
+#
+# ```
+#   token u_t ──► router: scores s_{1..N} ──► top-k ──► weights g ──┐
+#                                                                    ├─► Σ_i g_i · FFN_i(u_t)
+#   experts FFN_1 … FFN_N (only the k chosen ones run) ─────────────┘
+# ```
+
+# %% [solution id=ex_01_3_gating]
+def topk_gating(logits, k, mode="softmax"):
+    """Top-k gating weights.
+
+    Args:
+        logits: (T, N) router logits u_t . e_i.
+        k: experts per token.
+        mode: "softmax" (softmax over all N, keep the top-k probabilities as they are) or
+              "sigmoid" (sigmoid scores, keep the top-k, renormalise them to sum to 1).
+    Returns:
+        weights: (T, k) gating weights of the chosen experts, largest first.
+        idx: (T, k) int64 indices of the chosen experts.
+    """
+    ### BEGIN SOLUTION
+    if mode == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif mode == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"mode must be 'softmax' or 'sigmoid', got {mode!r}")
+    weights, idx = scores.topk(k, dim=-1)
+    if mode == "sigmoid":
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, idx
+    ### END SOLUTION
+
+
+def expert_load(idx, n_experts):
+    """Tokens routed to each expert: (n_experts,) int64 counts from the (T, k) chosen indices."""
+    ### BEGIN SOLUTION
+    return torch.bincount(idx.reshape(-1), minlength=n_experts)
+    ### END SOLUTION
+
+
+def max_violation(load):
+    """MaxVio imbalance: max_i load_i / mean(load) - 1 (0 for perfect balance), as a Python float."""
+    ### BEGIN SOLUTION
+    load = load.double()
+    return float(load.max() / load.mean() - 1)
+    ### END SOLUTION
+
+
+# %% [test id=test_01_3_gating points=2]
+from course_lib.testing import assert_close, assert_shape
+
+_logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+_w, _i = topk_gating(_logits, 2, "softmax")
+assert_shape(_w, (1, 2), "weights")
+assert _i.tolist() == [[0, 2]], f"expected experts [0, 2], got {_i.tolist()}"
+assert_close(_w, torch.softmax(_logits, -1)[:, [0, 2]], atol=1e-6, name="softmax weights")
+_w, _i = topk_gating(_logits, 2, "sigmoid")
+assert_close(_w.sum(-1), torch.ones(1), atol=1e-6, name="sigmoid weights sum", hint="renormalise the chosen sigmoid scores")
+assert expert_load(torch.tensor([[0, 2], [2, 3]]), 5).tolist() == [1, 0, 2, 1, 0]
+assert abs(max_violation(torch.tensor([2, 2, 2, 2])) - 0.0) < 1e-12
+print("gating: visible tests passed")
+
+# %% [test id=test_01_3_gating_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+_g = _t.Generator().manual_seed(3)
+for (_T, _N, _k) in [(1, 2, 1), (17, 8, 2), (64, 32, 6)]:
+    _lg = _t.randn(_T, _N, generator=_g, dtype=_t.float64) * 2
+    # independent oracle: sort every row
+    _p = _t.softmax(_lg, -1)
+    _order = _t.argsort(_p, dim=-1, descending=True)[:, :_k]
+    _w, _i = topk_gating(_lg, _k, "softmax")
+    _true(_t.equal(_i, _order), f"softmax gating chose the wrong experts (T={_T}, N={_N}, k={_k})")
+    _close(_w, _t.gather(_p, 1, _order), atol=1e-12, name="softmax gating weights",
+           hint="softmax over ALL experts first, then keep the top-k probabilities without renormalising")
+    _s = _t.sigmoid(_lg)
+    _w, _i = topk_gating(_lg, _k, "sigmoid")
+    _true(_t.equal(_i, _order), "sigmoid gating chose different experts than sorting the scores")
+    _ws = _t.gather(_s, 1, _order)
+    _close(_w, _ws / _ws.sum(-1, keepdim=True), atol=1e-12, name="sigmoid gating weights",
+           hint="sigmoid scores of the chosen experts divided by their sum (not a softmax)")
+    _true(_i.dtype == _t.int64, f"indices should be int64, got {_i.dtype}")
+    _load = expert_load(_i, _N)
+    _want = _t.tensor([int((_i == e).sum()) for e in range(_N)])
+    _true(_t.equal(_load.to(_t.int64), _want), f"expert_load: got {_load.tolist()}, expected {_want.tolist()}",
+          hint="count every (token, slot) pair; experts nobody chose still get a 0 (minlength)")
+_true(abs(max_violation(_t.tensor([4, 0, 0, 0])) - 3.0) < 1e-12, "MaxVio of [4,0,0,0] is 4/1 - 1 = 3")
+_true(abs(max_violation(_t.tensor([3, 1])) - 0.5) < 1e-12, "MaxVio of [3,1] is 3/2 - 1 = 0.5",
+      hint="max load divided by the MEAN load, minus 1")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** softmax gating keeps the top-k probabilities; sigmoid gating renormalises the chosen scores.
+#
+# ### Expert load on synthetic data, and why imbalance hurts
+# Tokens are drawn from a few clusters of unequal size, and the router's centroids start random. The
+# dashboard shows who gets what. Imbalance hurts twice: a layer finishes only when its busiest expert does
+# (so step time follows the **max** load, not the mean), and with fixed expert capacity the overflow tokens
+# are dropped. Section 3 fixes it with DeepSeek-V3's auxiliary-loss-free bias.
+
+# %% [code]
+torch.manual_seed(0)
+N_EXPERTS, K, DIM, TOKENS = 16, 2, 32, 2048
+centers = torch.randn(4, DIM) * 2
+cluster = torch.multinomial(torch.tensor([0.55, 0.25, 0.15, 0.05]), TOKENS, replacement=True)
+tokens = centers[cluster] + 0.5 * torch.randn(TOKENS, DIM)
+router = torch.randn(N_EXPERTS, DIM) / math.sqrt(DIM)
+try:
+    weights, idx = topk_gating(tokens @ router.T, K, "sigmoid")
+    load = expert_load(idx, N_EXPERTS)
+    dense = torch.zeros(TOKENS, N_EXPERTS).scatter(1, idx, weights)
+    order = torch.argsort(cluster)
+    fig = viz.create_expert_dashboard({"load": load, "assignments": dense[order][::32]},
+                                      title=f"Random router on clustered tokens: MaxVio = {max_violation(load):.2f}")
+    plt.show()
+    capacity = int(1.25 * TOKENS * K / N_EXPERTS)
+    dropped = int((load - capacity).clamp_min(0).sum())
+    print(f"step time follows the busiest expert: {int(load.max())} tokens vs {load.float().mean():.0f} on average "
+          f"({load.max() / load.float().mean():.1f}x slower than balanced)")
+    print(f"with capacity factor 1.25 ({capacity} tokens per expert) {dropped} of {TOKENS * K} assignments would be dropped")
+except NotImplementedError:
+    print("implement topk_gating, expert_load and max_violation to see the dashboard")
+
+# %% [markdown]
+# ## 1.4 Mixed-precision arithmetic
+#
+# A binary floating-point number stores a sign bit $s$, $E$ exponent bits $e$ and $M$ mantissa bits $m$:
+#
+# $$x = (-1)^s \times \begin{cases} 2^{e-\text{bias}}\,(1 + m/2^M) & e \ne 0 \text{ (normal)}\\ 2^{1-\text{bias}}\,(m/2^M) & e = 0 \text{ (subnormal)}\end{cases}$$
+#
+# | format | bits (s/e/m) | bias | max | min normal | relative step $2^{-M}$ | specials |
+# |---|---|---|---|---|---|---|
+# | FP32 | 1/8/23 | 127 | 3.4e38 | 1.2e-38 | 1.2e-7 | inf, NaN |
+# | BF16 | 1/8/7 | 127 | 3.4e38 | 1.2e-38 | 7.8e-3 | inf, NaN |
+# | FP16 | 1/5/10 | 15 | 65504 | 6.1e-5 | 9.8e-4 | inf, NaN |
+# | FP8 E5M2 | 1/5/2 | 15 | 57344 | $2^{-14}$ | 0.25 | inf ($e$=31, $m$=0), NaN ($e$=31, $m\ne0$) |
+# | FP8 E4M3 (`e4m3fn`) | 1/4/3 | 7 | **448** | $2^{-6}$ | 0.125 | **no inf**; NaN only at $e$=15, $m$=7 |
+#
+# E4M3 gives up infinities so that exponent 15 can hold ordinary numbers: its largest value is
+# $2^{15-7}\times 1.75 = 448$ (mantissa 110; 111 is NaN). DeepSeek-V3 uses E4M3 for every GEMM input.
+#
+# **Your task:** decode an 8-bit code by hand — no float8 dtype allowed inside your function.
+
+# %% [solution id=ex_01_4_decode]
+FP8_FORMATS = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15)}  # exponent bits, mantissa bits, bias
+
+
+def decode_fp8(code, fmt="e4m3"):
+    """Decode one FP8 bit pattern (an int in 0..255) to a Python float, bit by bit.
+
+    Layout: [sign | exponent | mantissa], most significant bit first. "e4m3" is torch.float8_e4m3fn
+    (no infinities, NaN only when all exponent and mantissa bits are 1); "e5m2" follows IEEE (exponent all
+    ones: mantissa 0 is +-inf, otherwise NaN). Exponent 0 encodes subnormals.
+    """
+    ### BEGIN SOLUTION
+    if not 0 <= code <= 255:
+        raise ValueError(f"an FP8 code is an integer in 0..255, got {code}")
+    E, M, bias = FP8_FORMATS[fmt]
+    sign = -1.0 if code >> 7 else 1.0
+    e = (code >> M) & ((1 << E) - 1)
+    m = code & ((1 << M) - 1)
+    e_max = (1 << E) - 1
+    if fmt == "e4m3" and e == e_max and m == (1 << M) - 1:
+        return float("nan")
+    if fmt == "e5m2" and e == e_max:
+        return sign * float("inf") if m == 0 else float("nan")
+    if e == 0:
+        return sign * 2.0 ** (1 - bias) * (m / 2**M)
+    return sign * 2.0 ** (e - bias) * (1 + m / 2**M)
+    ### END SOLUTION
+
+
+def fp8_limits(fmt="e4m3"):
+    """(max finite, min positive normal, min positive subnormal) of the format, from its bit layout."""
+    ### BEGIN SOLUTION
+    values = [decode_fp8(c, fmt) for c in range(128)]
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    E, M, bias = FP8_FORMATS[fmt]
+    return max(finite), 2.0 ** (1 - bias), 2.0 ** (1 - bias - M)
+    ### END SOLUTION
+
+
+# %% [test id=test_01_4_decode points=2]
+assert decode_fp8(0b0_0111_000, "e4m3") == 1.0, "exponent 7 = bias, mantissa 0: 1.0"
+assert decode_fp8(0b1_1000_100, "e4m3") == -3.0, "sign 1, 2^(8-7) x 1.5"
+assert decode_fp8(0b0_0000_001, "e4m3") == 2.0**-9, "the smallest subnormal of E4M3 is 2^-9"
+assert decode_fp8(0b0_01111_00, "e5m2") == 1.0
+assert fp8_limits("e4m3")[0] == 448.0, "E4M3's largest finite value"
+print("decode_fp8: visible tests passed")
+
+# %% [test id=test_01_4_decode_hidden points=5]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import math as _m
+import torch as _t
+from course_lib.testing import assert_true as _true
+
+# every code of both formats against torch's own float8 dtypes
+for _fmt, _dt in (("e4m3", _t.float8_e4m3fn), ("e5m2", _t.float8_e5m2)):
+    _ref = _t.arange(256, dtype=_t.int64).to(_t.uint8).view(_dt).to(_t.float64).tolist()
+    for _c in range(256):
+        _got = decode_fp8(_c, _fmt)
+        _want = _ref[_c]
+        _ok = (_m.isnan(_got) and _m.isnan(_want)) or _got == _want
+        _true(_ok, f"{_fmt} code {_c:#010b}: decoded {_got}, torch says {_want}",
+              hint=("exponent 0 is subnormal: 2^(1-bias) x m/2^M (no implicit 1)" if (_c >> (3 if _fmt == "e4m3" else 2)) & (15 if _fmt == "e4m3" else 31) == 0
+                    else "E4M3 (fn) has no infinity: exponent 1111 holds normal numbers except mantissa 111 (NaN)" if _fmt == "e4m3"
+                    else "E5M2: exponent 11111 with mantissa 0 is inf, otherwise NaN"))
+for _fmt, _dt in (("e4m3", _t.float8_e4m3fn), ("e5m2", _t.float8_e5m2)):
+    _fi = _t.finfo(_dt)
+    _mx, _mn, _sub = fp8_limits(_fmt)
+    _true(_mx == _fi.max, f"{_fmt} max: got {_mx}, expected {_fi.max}")
+    _true(_mn == _fi.smallest_normal, f"{_fmt} min normal: got {_mn}, expected {_fi.smallest_normal}")
+    _true(_sub == _fi.smallest_normal * _fi.eps, f"{_fmt} min subnormal: got {_sub}, expected {_fi.smallest_normal * _fi.eps}")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** you decode all 256 codes of both formats exactly as PyTorch does.
+#
+# ### Relative rounding error vs magnitude
+# Between consecutive powers of two a format has $2^M$ evenly spaced values, so the *relative* rounding error
+# is flat (about $2^{-M-1}$) across the normal range — and explodes below the smallest normal, where
+# subnormals keep only absolute precision, and above the max, where values saturate (or overflow).
+
+# %% [code]
+x = torch.logspace(-12, 17, 4000, base=2, dtype=torch.float64)
+fig, ax = plt.subplots()
+for name, dt in (("E4M3", torch.float8_e4m3fn), ("E5M2", torch.float8_e5m2), ("BF16", torch.bfloat16)):
+    fmax = torch.finfo(dt).max
+    xr = x.clamp(max=fmax).to(dt).to(torch.float64)  # clamp first: overflow behaviour differs between torch versions
+    rel = ((xr - x).abs() / x).clamp(min=1e-6)
+    ax.plot(x.numpy(), rel.numpy(), label=name, lw=1)
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.set_xlabel("|x| (log2 scale)")
+ax.set_ylabel("relative rounding error |fl(x) - x| / |x|")
+ax.set_title("Relative rounding error vs magnitude (clamped to each format's max)")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ### Why FP8 needs scaling
+# Gradients and activations rarely sit where E4M3 is precise: a tensor with values around $10^{-4}$ falls
+# below E4M3's subnormals and becomes zeros, and one outlier at $10^4$ saturates. Multiplying by a scale
+# $s = 448/\max|x|$ before the cast (and dividing after) moves the tensor's largest value to the top of the
+# range. Section 4 does this per $1\times128$ tile, as DeepSeek-V3 does, so one outlier cannot ruin its neighbours.
+
+# %% [code]
+torch.manual_seed(0)
+g = torch.randn(4096, dtype=torch.float64) * 1e-4  # gradient-sized values
+for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.abs().max()))):
+    q = (g * scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) / scale
+    zeros = float((q == 0).double().mean())
+    rel = float(((q - g).norm() / g.norm()))
+    print(f"{label:>20}: {100 * zeros:5.1f}% became zero, relative error {rel:.3f}")
+
+# %% [markdown]
+# ## Optional challenge (ungraded)
+# 1. Extend `kv_cache_bytes` to MLA: what single number per token per layer replaces $2H_{kv}d_h$?
+# 2. Write `encode_fp8(x, fmt)` with round-to-nearest-even and saturation, and check it against
+#    `x.clamp(-max, max).to(torch.float8_e4m3fn)` on a million random values (Section 4 grades this).
+# 3. Show that for $r$ below the rank, a *random* orthonormal $B$ with the optimal $A = WB^\top$ is always
+#    worse than the SVD — then prove it with Eckart–Young.
+#
+# ## Quiz
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+#
+# **Q1.** The softmax scale $1/\sqrt{d}$ exists because … (a) it makes attention causal; (b) it keeps the
+# variance of $q\cdot k$ near 1 so the softmax does not saturate; (c) it normalises the values; (d) it is
+# needed for the KV cache.
+#
+# **Q2.** Going from MHA with 128 KV heads to GQA with 8 KV heads at the same head size shrinks the KV cache
+# by … (a) 8x; (b) 16x; (c) 128x; (d) it does not change.
+#
+# **Q3.** By Eckart–Young, the Frobenius error of the best rank-$r$ approximation is … (a) $\sigma_{r+1}$;
+# (b) $\sum_{i>r}\sigma_i$; (c) $\sqrt{\sum_{i>r}\sigma_i^2}$; (d) $\sigma_1 - \sigma_r$.
+#
+# **Q4.** With sigmoid gating (DeepSeek-V3), the chosen experts' weights are … (a) a softmax over all
+# experts; (b) the raw sigmoid scores; (c) the chosen sigmoid scores divided by their sum; (d) uniform $1/k$.
+#
+# **Q5.** The largest finite `float8_e4m3fn` value is 448 rather than 240 because … (a) E4M3 has a bias of 15;
+# (b) E4M3 drops infinities, so the all-ones exponent holds normal numbers (only mantissa 111 is NaN);
+# (c) it uses subnormals; (d) it has 4 mantissa bits.
+
+# %% [solution id=quiz_01_answers]
+### BEGIN SOLUTION
+ANSWER_Q1 = "b"
+ANSWER_Q2 = "b"
+ANSWER_Q3 = "c"
+ANSWER_Q4 = "c"
+ANSWER_Q5 = "b"
+### END SOLUTION
+
+# %% [test id=test_01_quiz points=0.5]
+for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
+    assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
+print("quiz: answers well-formed")
+
+# %% [test id=test_01_quiz_hidden points=2.5]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+_key = {1: "b", 2: "b", 3: "c", 4: "c", 5: "b"}
+_given = {1: ANSWER_Q1, 2: ANSWER_Q2, 3: ANSWER_Q3, 4: ANSWER_Q4, 5: ANSWER_Q5}
+_wrong = [q for q in _key if _given[q] != _key[q]]
+assert not _wrong, f"quiz questions answered incorrectly: {_wrong}"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## Summary
+# - Attention is $\mathrm{softmax}(QK^\top/\sqrt d + M)V$; its KV cache costs $2LH_{kv}d_hTB$ elements and
+#   dominates memory at long context.
+# - The truncated SVD is the best low-rank approximation (Eckart–Young); two factors compress and decompress.
+#   K and V are linear in one hidden vector, so caching them per head is redundant — MLA's starting point.
+# - MoE routes each token to $k$ of $N$ experts; softmax vs sigmoid gating differ in normalisation; load
+#   imbalance costs time (max load) and dropped tokens.
+# - FP8 E4M3/E5M2 trade precision for range; decoding is sign × $2^{e-\text{bias}}$ × (1.m), subnormals at $e=0$;
+#   without scaling small tensors underflow.
+#
+# ## Troubleshooting
+# | symptom | likely cause | fix |
+# |---|---|---|
+# | `NotImplementedError: exercise not implemented yet` | a stub is still in place | replace the `raise` line in that function |
+# | attention weights' rows don't sum to 1 | softmax over the wrong dimension | `softmax(scores, dim=-1)` (keys) |
+# | causal output differs only when `S > T` | mask aligned to the start, not the end | `tril(diagonal=S - T)` |
+# | low-rank error larger than the bound | kept the smallest singular values, or put $\Sigma$ in both factors | `U[:, :r] * S[:r]` and `Vh[:r]` |
+# | `decode_fp8` wrong only for small codes | subnormals decoded with the implicit leading 1 | exponent 0: $2^{1-\text{bias}} \cdot m/2^M$ |
+# | E4M3 codes 0x78–0x7E decode to inf/NaN | treated E4M3 like IEEE | `float8_e4m3fn` has no inf; only `S.1111.111` is NaN |
+# | `ModuleNotFoundError: course_lib` | kernel not started from the course venv | `make lab`, or pick the "DeepSeek-V3 course" kernel |
+#
+# **Next:** Section 2 turns the low-rank idea into Multi-head Latent Attention, with a KV cache of 576
+# numbers per token per layer instead of 32,768.
