@@ -3,12 +3,14 @@
 
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The stamp names a hash of the dependency files: an unchanged venv is reused (also from another clone).
+DEPS_HASH := $(shell cat requirements.txt pyproject.toml | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
 COURSE := $(PY) tools/course.py
 SECTIONS := $(notdir $(wildcard source/[0-9][0-9]_*))
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED := 0
 
@@ -23,7 +25,7 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt

@@ -30,6 +30,8 @@ def _nbgrader_meta(cell) -> dict:
 class StripSolutionMarkers(Preprocessor):
     """Remove solution delimiter lines (the code between them stays)."""
 
+    enabled = True
+
     def preprocess_cell(self, cell, resources, index):
         if cell.cell_type == "code" and BEGIN_SOLUTION in cell.source:
             lines = [ln for ln in cell.source.split("\n") if ln.strip() not in (BEGIN_SOLUTION, END_SOLUTION)]
@@ -39,6 +41,8 @@ class StripSolutionMarkers(Preprocessor):
 
 class HideHiddenTests(Preprocessor):
     """Replace hidden test regions by a note, and tracebacks of graded cells by their last line."""
+
+    enabled = True
 
     def preprocess_cell(self, cell, resources, index):
         if cell.cell_type != "code" or not _nbgrader_meta(cell).get("grade"):

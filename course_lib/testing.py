@@ -231,6 +231,7 @@ def expect_raises(fn: Callable[[], object], exc: type[BaseException], must_menti
         text = str(e)
         for s in must_mention:
             if s not in text:
-                raise AssertionError(f"{what or 'the call'} raised {exc.__name__} but its message {text!r} does not mention {s!r}")
+                who = what or "the call"
+                raise AssertionError(f"{who} raised {exc.__name__} but its message {text!r} does not mention {s!r}") from e
         return
     raise AssertionError(f"{what or 'the call'} should raise {exc.__name__}")

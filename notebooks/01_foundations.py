@@ -267,17 +267,17 @@ import torch as _t
 from course_lib.testing import assert_close as _close, assert_true as _true
 
 _g = _t.Generator().manual_seed(5)
-for (_m, _n, _r) in [(20, 7, 3), (5, 30, 5), (16, 16, 0), (8, 6, 6)]:
-    _W = _t.randn(_m, _n, generator=_g, dtype=_t.float64)
+for (_rows, _n, _r) in [(20, 7, 3), (5, 30, 5), (16, 16, 0), (8, 6, 6)]:
+    _W = _t.randn(_rows, _n, generator=_g, dtype=_t.float64)
     _A, _B = low_rank_factors(_W, _r)
-    _true(tuple(_A.shape) == (_m, _r) and tuple(_B.shape) == (_r, _n),
-          f"shapes for W {(_m, _n)}, r={_r}: got A {tuple(_A.shape)}, B {tuple(_B.shape)}")
+    _true(tuple(_A.shape) == (_rows, _r) and tuple(_B.shape) == (_r, _n),
+          f"shapes for W {(_rows, _n)}, r={_r}: got A {tuple(_A.shape)}, B {tuple(_B.shape)}")
     _S = _t.linalg.svdvals(_W)
     _err = float(_t.linalg.norm(_W - _A @ _B))
     _true(abs(_err - float(_S[_r:].norm())) < 1e-9, f"rank-{_r} error {_err:.6g} != Eckart-Young bound {float(_S[_r:].norm()):.6g}",
           hint="keep the LARGEST r singular values (svd returns them in descending order)")
     # optimality: beats a random rank-r projection of the same size
-    if 0 < _r < min(_m, _n):
+    if 0 < _r < min(_rows, _n):
         _P = _t.linalg.qr(_t.randn(_n, _r, generator=_g, dtype=_t.float64))[0]
         _true(_err <= float(_t.linalg.norm(_W - _W @ _P @ _P.T)) + 1e-12, "a random projection beat your factors")
     # B must have orthonormal rows (it is V_r^T): the compression loses no scale information
@@ -653,7 +653,7 @@ g = torch.randn(4096, dtype=torch.float64) * 1e-4  # gradient-sized values
 for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.abs().max()))):
     q = (g * scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) / scale
     zeros = float((q == 0).double().mean())
-    rel = float(((q - g).norm() / g.norm()))
+    rel = float((q - g).norm() / g.norm())
     print(f"{label:>20}: {100 * zeros:5.1f}% became zero, relative error {rel:.3f}")
 
 # %% [markdown]

@@ -60,11 +60,11 @@ def grading_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_nbgrader(root: Path, *args: str, quiet: bool = True) -> subprocess.CompletedProcess:
+def run_nbgrader(root: Path, *args: str, quiet: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [nbgrader_bin(), *args, f"--CourseDirectory.root={root}"]
     if quiet:
         cmd.append("--log-level=WARN")
-    proc = subprocess.run(cmd, cwd=root, env=grading_env(root), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env={**grading_env(root), **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
     return proc
@@ -176,14 +176,48 @@ def submissions(root: Path, students: list[str] | None = None, names: list[str] 
     return out
 
 
-def autograde(root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None) -> list[GradeRun]:
+def timing_file(root: Path, student: str, a: str) -> Path:
+    return root / "autograded" / ".timing" / f"{student}__{a}.json"
+
+
+def execution_seconds(root: Path, student: str, a: str) -> float | None:
+    """Seconds from the setup cell to the last cell of the latest grading run (None if unknown)."""
+    path = timing_file(root, student, a)
+    if not path.exists():
+        return None
+    t = json.loads(path.read_text())
+    return t["end"] - t["start"]
+
+
+def autograde_one(root: Path, student: str, a: str) -> GradeRun:
+    tfile = timing_file(root, student, a)
+    tfile.parent.mkdir(parents=True, exist_ok=True)
+    tfile.unlink(missing_ok=True)
+    env = {"COURSE_TIMING_FILE": str(tfile), "COURSE_BENCH_LOCK": str(root / "autograded" / ".timing" / "bench.lock")}
+    t0 = time.perf_counter()
+    proc = run_nbgrader(root, "autograde", a, "--student", student, "--force", env=env)
+    if proc.returncode != 0 and "database is locked" in proc.stdout + proc.stderr:
+        proc = run_nbgrader(root, "autograde", a, "--student", student, "--force", env=env)
+    dt = time.perf_counter() - t0
+    return GradeRun(student, a, dt, proc.returncode == 0, proc.stdout + proc.stderr)
+
+
+def autograde(
+    root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None, workers: int | None = None
+) -> list[GradeRun]:
+    """Autograde every submission; ``workers`` notebooks at a time (benchmarks never overlap: see bench.exclusive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = submissions(root, students, names)
+    workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
     runs = []
-    for student, a in submissions(root, students, names):
-        t0 = time.perf_counter()
-        proc = run_nbgrader(root, "autograde", a, "--student", student, "--force")
-        dt = time.perf_counter() - t0
-        runs.append(GradeRun(student, a, dt, proc.returncode == 0, proc.stdout + proc.stderr))
-        print(f"autograded {student}/{a} in {dt:.0f} s{'' if proc.returncode == 0 else ' (FAILED: see log)'}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for run in pool.map(lambda sa: autograde_one(root, *sa), todo):
+            ex = execution_seconds(root, run.student, run.section)
+            note = "" if run.ok else " (FAILED: see log)"
+            timing = f" (notebook {ex:.0f} s)" if ex is not None else ""
+            print(f"autograded {run.student}/{run.section} in {run.seconds:.0f} s{timing}{note}", flush=True)
+            runs.append(run)
     return runs
 
 
@@ -194,7 +228,8 @@ def scores(root: Path, student: str, a: str) -> NotebookScore:
 
 def table(root: Path = ROOT, students: list[str] | None = None) -> str:
     subs = submissions(root, students)
-    studs = sorted({s for s, _ in subs}, key=lambda s: (s not in SAMPLE_STUDENTS, SAMPLE_STUDENTS.index(s) if s in SAMPLE_STUDENTS else 0, s))
+    rank = {s: i for i, s in enumerate(SAMPLE_STUDENTS)}
+    studs = sorted({s for s, _ in subs}, key=lambda s: (rank.get(s, len(rank)), s))
     names = sections(root)
     w = max([len("student")] + [len(s) for s in studs]) + 2
     cols = [max(len(a), 11) + 2 for a in names]
@@ -287,12 +322,10 @@ def check(nb_path: Path, section: str | None = None) -> NotebookScore:
         run_nbgrader(tmp, "generate_assignment", a, "--force")
         dest = _mk(tmp / "submitted" / "self" / a / f"{a}.ipynb")
         shutil.copy(nb_path, dest)
-        t0 = time.perf_counter()
-        run_nbgrader(tmp, "autograde", a, "--student", "self", "--force")
-        dt = time.perf_counter() - t0
+        run = autograde_one(tmp, "self", a)
         run_nbgrader(tmp, "generate_feedback", a, "--student", "self", "--force")
         sc = scores(tmp, "self", a)
-        print_report(sc, dt)
+        print_report(sc, run.seconds)
         fb = tmp / "feedback" / "self" / a / f"{a}.html"
         if fb.exists():
             out = _mk(ROOT / "feedback" / "self-check" / a / f"{a}.html")
@@ -315,11 +348,15 @@ def verify(a: str, keep: bool = False) -> int:
         shutil.copy(tmp / "release" / a / f"{a}.ipynb", _mk(tmp / "submitted" / "blank" / a / f"{a}.ipynb"))
         _save(strip_outputs(_load(tmp / "source" / a / f"{a}.ipynb")), tmp / "submitted" / "reference" / a / f"{a}.ipynb")
         for student in ("reference", "blank"):
-            t0 = time.perf_counter()
-            proc = run_nbgrader(tmp, "autograde", a, "--student", student, "--force")
-            dt = time.perf_counter() - t0
+            run = autograde_one(tmp, student, a)
             sc = scores(tmp, student, a)
-            print_report(sc, dt)
+            print_report(sc, run.seconds)
+            ex = execution_seconds(tmp, student, a)
+            if ex is not None:
+                print(f"  notebook execution: {ex:.1f} s (budget 90 s)")
+                if ex > 90:
+                    status = 1
+                    print("  !! over the 90 s budget")
             if student == "reference" and sc.score < sc.max_score:
                 status = 1
             if student == "blank" and sc.score > 0:

@@ -1,0 +1,127 @@
+"""Static checks of every notebook: metadata, grade ids, stubs, leaks, solutions, authoring sync."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+from conftest import ROOT, graded_cells, load_nb, section_names
+
+import nbsrc
+
+SECTIONS = section_names()
+EXPECTED = ["01_foundations", "02_mla", "03_moe", "04_fp8", "05_integration", "06_production"]
+GRADE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _src(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_section_names_are_the_fixed_ones():
+    assert SECTIONS, "no sections in source/"
+    assert set(SECTIONS) <= set(EXPECTED), f"unexpected section names: {set(SECTIONS) - set(EXPECTED)}"
+    assert "01_foundations" in SECTIONS
+
+
+def test_source_notebooks_match_authoring_scripts():
+    assert nbsrc.main(["check"]) == 0, "source/ is out of date with notebooks/: run `make source`"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_authoring_round_trip(section):
+    text = (ROOT / "notebooks" / f"{section}.py").read_text()
+    nb = nbsrc.script_to_notebook(text)
+    assert nbsrc.script_to_notebook(nbsrc.notebook_to_script(nb)) == nb
+
+
+def test_grade_ids_unique_across_the_course():
+    seen: dict[str, str] = {}
+    for a in SECTIONS:
+        for c in load_nb(ROOT / "source" / a / f"{a}.ipynb")["cells"]:
+            gid = c.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+            if gid:
+                assert gid not in seen, f"grade id {gid} used in {seen[gid]} and {a}"
+                seen[gid] = a
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_metadata_valid(section):
+    nb = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    n_solution = n_hidden = 0
+    for c in nb["cells"]:
+        meta = c.get("metadata", {}).get("nbgrader")
+        if not meta:
+            continue
+        assert meta["schema_version"] == 3
+        assert GRADE_ID.match(meta["grade_id"]), meta["grade_id"]
+        if meta.get("grade"):
+            assert meta.get("points", 0) > 0, f"{meta['grade_id']} has no points"
+            assert meta.get("locked"), f"test cell {meta['grade_id']} must be locked"
+            assert meta["grade_id"].startswith(("test_", "bench_")), meta["grade_id"]
+            n_hidden += "### BEGIN HIDDEN TESTS" in _src(c)
+        if meta.get("solution"):
+            n_solution += 1
+            assert meta["grade_id"].startswith(("ex_", "quiz_")), meta["grade_id"]
+            assert "### BEGIN SOLUTION" in _src(c)
+    assert n_solution >= 3, "a section needs graded exercises"
+    assert n_hidden >= n_solution - 1, "almost every exercise needs hidden tests"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_test_cells_end_with_a_statement(section):
+    """A numeric last expression would be read as partial credit by nbgrader."""
+    for c in graded_cells(load_nb(ROOT / "source" / section / f"{section}.ipynb")):
+        body = _src(c)
+        tree = ast.parse(body)
+        if not tree.body:
+            continue
+        last = tree.body[-1]
+        ok = not isinstance(last, ast.Expr) or (isinstance(last.value, ast.Call))
+        assert ok, f"{c['metadata']['nbgrader']['grade_id']} ends with a bare expression"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_visible_part_never_carries_all_points(section):
+    nb = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    for c in graded_cells(nb):
+        gid = c["metadata"]["nbgrader"]["grade_id"]
+        if gid.startswith("test_") and not gid.endswith("_hidden") and "### BEGIN HIDDEN TESTS" not in _src(c):
+            hidden = [h for h in graded_cells(nb) if h["metadata"]["nbgrader"]["grade_id"] == gid + "_hidden"]
+            assert hidden, f"visible test {gid} has no hidden partner {gid}_hidden"
+            assert hidden[0]["metadata"]["nbgrader"]["points"] >= c["metadata"]["nbgrader"]["points"], gid
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_release_has_no_answers(section):
+    path = ROOT / "release" / section / f"{section}.ipynb"
+    assert path.exists(), f"release/{section} missing: run `make release`"
+    text = path.read_text()
+    for marker in ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS"):
+        assert marker not in text, f"release/{section} leaks {marker!r}"
+    nb = load_nb(path)
+    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), "release notebooks carry no outputs"
+    stubs = sum("raise NotImplementedError" in _src(c) for c in nb["cells"])
+    assert stubs >= 3
+    # every class of the source is still defined in the release (stubs go in method bodies only)
+    src = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    classes = set(re.findall(r"^class (\w+)", "\n".join(_src(c) for c in src["cells"]), re.M))
+    rel_classes = set(re.findall(r"^class (\w+)", "\n".join(_src(c) for c in nb["cells"]), re.M))
+    assert classes == rel_classes, f"classes removed in the release: {classes - rel_classes}"
+    assert not list((ROOT / "release" / section).glob("*.py")), "no helper files with answers in release/"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_solutions_are_clean_and_executed(section):
+    path = ROOT / "solutions" / section / f"{section}.ipynb"
+    assert path.exists(), f"solutions/{section} missing: run `make solutions`"
+    text = path.read_text()
+    for marker in ("### BEGIN SOLUTION", "### END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in text, f"solutions/{section} contains {marker!r}"
+    nb = load_nb(path)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("execution_count") for c in code), "solutions are executed"
+    assert not [c for c in code if any(o.get("output_type") == "error" for o in c["outputs"])], "a solution cell errors"
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in code for o in c["outputs"]), \
+        "solutions show their figures"
