@@ -106,11 +106,14 @@ def create_expert_dashboard(expert_stats: Mapping[str, object], *, title: str = 
     - ``maxvio``: (steps,) MaxVio imbalance over training;
     - ``bias``: (E,) or (steps, E) the balancing bias.
     """
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    load = expert_stats.get("load")
-    ax = axes[0, 0]
-    if load is not None:
-        load = _np(load)
+    panels = [k for k in ("load", "assignments", "maxvio", "bias") if expert_stats.get(k) is not None]
+    if not panels:
+        raise ValueError("expert_stats needs at least one of 'load', 'assignments', 'maxvio', 'bias'")
+    rows, cols = (1, len(panels)) if len(panels) <= 2 else (2, 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    slots = dict(zip(panels, axes.flat))
+    if "load" in slots:
+        ax, load = slots["load"], _np(expert_stats["load"])
         if load.ndim == 2:
             sns.heatmap(load.T, ax=ax, cmap="mako", cbar_kws={"label": "tokens"})
             ax.set_xlabel("step")
@@ -123,24 +126,20 @@ def create_expert_dashboard(expert_stats: Mapping[str, object], *, title: str = 
             ax.set_ylabel("tokens routed")
             ax.set_title("load per expert")
             ax.legend()
-    ax = axes[0, 1]
-    assign = expert_stats.get("assignments")
-    if assign is not None:
-        sns.heatmap(_np(assign)[:64], ax=ax, cmap="rocket_r", cbar_kws={"label": "weight"})
+    if "assignments" in slots:
+        ax = slots["assignments"]
+        sns.heatmap(_np(expert_stats["assignments"])[:64], ax=ax, cmap="rocket_r", cbar_kws={"label": "weight"})
         ax.set_xlabel("expert")
         ax.set_ylabel("token")
         ax.set_title("token-by-expert routing")
-    ax = axes[1, 0]
-    maxvio = expert_stats.get("maxvio")
-    if maxvio is not None:
-        ax.plot(_np(maxvio))
+    if "maxvio" in slots:
+        ax = slots["maxvio"]
+        ax.plot(_np(expert_stats["maxvio"]))
         ax.set_xlabel("step")
         ax.set_ylabel("MaxVio = max load / mean load - 1")
         ax.set_title("imbalance over training")
-    ax = axes[1, 1]
-    bias = expert_stats.get("bias")
-    if bias is not None:
-        b = _np(bias)
+    if "bias" in slots:
+        ax, b = slots["bias"], _np(expert_stats["bias"])
         if b.ndim == 2:
             ax.plot(b)
             ax.set_xlabel("step")
@@ -149,9 +148,8 @@ def create_expert_dashboard(expert_stats: Mapping[str, object], *, title: str = 
             ax.set_xlabel("expert")
         ax.set_ylabel("bias b_i")
         ax.set_title("balancing bias")
-    for a in axes.flat:
-        if not a.has_data():
-            a.axis("off")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -234,7 +232,9 @@ def interactive(fn: Callable[..., object], **controls: Sequence[object]):
         try:
             import ipywidgets as widgets
 
-            return widgets.interact(fn, **{k: list(v) for k, v in controls.items()})
+            widgets.interact(fn, **{k: list(v) for k, v in controls.items()})
+            return None
         except ImportError:
             pass
-    return fn(**defaults)
+    fn(**defaults)
+    return None

@@ -625,18 +625,21 @@ for _fmt, _dt in (("e4m3", _t.float8_e4m3fn), ("e5m2", _t.float8_e5m2)):
 # subnormals keep only absolute precision, and above the max, where values saturate (or overflow).
 
 # %% [code]
-x = torch.logspace(-12, 17, 4000, base=2, dtype=torch.float64)
+x = torch.logspace(-12, 17, 40_000, base=2, dtype=torch.float64)
+bins = torch.arange(-12, 17.001, 0.25)  # quarter-octave bins
 fig, ax = plt.subplots()
 for name, dt in (("E4M3", torch.float8_e4m3fn), ("E5M2", torch.float8_e5m2), ("BF16", torch.bfloat16)):
     fmax = torch.finfo(dt).max
     xr = x.clamp(max=fmax).to(dt).to(torch.float64)  # clamp first: overflow behaviour differs between torch versions
-    rel = ((xr - x).abs() / x).clamp(min=1e-6)
-    ax.plot(x.numpy(), rel.numpy(), label=name, lw=1)
+    rel = (xr - x).abs() / x
+    which = torch.bucketize(torch.log2(x), bins)
+    worst = torch.zeros(len(bins) + 1, dtype=torch.float64).scatter_reduce(0, which, rel, "amax")
+    ax.step(2.0 ** bins.numpy(), worst[1:].clamp(min=1e-6).numpy(), where="pre", label=name)
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
 ax.set_xlabel("|x| (log2 scale)")
-ax.set_ylabel("relative rounding error |fl(x) - x| / |x|")
-ax.set_title("Relative rounding error vs magnitude (clamped to each format's max)")
+ax.set_ylabel("worst relative error |fl(x) - x| / |x|")
+ax.set_title("Relative rounding error vs magnitude (worst per quarter octave)")
 ax.legend()
 plt.show()
 

@@ -57,6 +57,7 @@ def grading_env(root: Path) -> dict[str, str]:
     env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONHASHSEED"] = "0"
+    env["COURSE_HEADLESS"] = "1"  # no widget front end while executing: interactive figures render statically
     return env
 
 
