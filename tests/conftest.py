@@ -39,8 +39,12 @@ def demo_run(tmp_path_factory) -> dict:
     clone.mkdir()
     _fresh_copy(clone)
     venv = ROOT / ".venv"
+    # Share this checkout's venv but skip its install step: installing from the clone would re-point the
+    # editable course_lib at the temporary folder (the CI run installs for real, in its own clone).
+    stamp = venv / ".shared-by-tests"
+    stamp.touch()
     proc = subprocess.run(
-        ["make", "-C", str(clone), "demo", f"VENV={venv}"],
+        ["make", "-C", str(clone), "demo", f"VENV={venv}", f"STAMP={stamp}"],
         capture_output=True, text=True, timeout=1800, env={**os.environ, "MPLBACKEND": "Agg"},
     )
     if proc.returncode != 0:
@@ -58,3 +62,18 @@ def graded_cells(nb: dict) -> list[dict]:
 
 def section_names() -> list[str]:
     return sorted(p.name for p in (ROOT / "source").iterdir() if (p / f"{p.name}.ipynb").exists())
+
+
+@pytest.fixture(scope="session")
+def graded_corpus():
+    """Section 1's bad submissions and attacks graded by the batch (crash, resume, re-runs): see grading_corpus.py."""
+    import course
+    import grading_corpus
+
+    from course_lib.sandbox import sandbox_status
+
+    root = course.temp_course([grading_corpus.SECTION])
+    try:
+        yield grading_corpus.run_corpus(root, course, sandboxed=sandbox_status()[0])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -31,7 +31,7 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0, dtype
     """Rotation angles ``positions[:, None] * theta^(-2i/dim)``, shape (T, dim/2)."""
     if dim % 2:
         raise ValueError(f"RoPE needs an even dimension, got {dim}")
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
     return (positions.to(torch.float64)[:, None] * inv_freq[None, :]).to(dtype)
 
 
