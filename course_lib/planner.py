@@ -1,0 +1,287 @@
+"""Memory planner for DeepSeek-V3 (671B): parameters, KV cache, optimiser state, per-GPU memory.
+
+Everything is counted from the configuration (``inference/configs/config_671B.json``), so the
+published totals come out instead of going in:
+
+- parameters per component (embedding, MLA attention, dense MLPs, shared and routed experts,
+  router, norms, output head); total 671.0B, active per token 36.6B ("671B total, 37B activated");
+- KV cache per token: MLA caches ``d_c + d_h^R = 576`` elements per layer, standard MHA
+  ``2 n_h d_h = 32768`` (56.9x more); in BF16 over 61 layers that is 70,272 bytes (~70 KB) vs
+  ~4 MB per token, 8.6 GiB vs 488 GiB for one 128K-token sequence;
+- model states per GPU (weights, gradients, FP32 master weights, Adam moments) under a
+  parallel layout of EP/TP/PP/DP degrees, with ZeRO-1 sharding of the optimiser state.
+
+Counting conventions (stated once, used everywhere):
+
+- ``active_params`` counts the weights one token multiplies with: everything except the routed
+  experts it did not pick and except the embedding table (a token reads one of its rows). This
+  convention reproduces all three published pairs: V3 671.0B/36.6B ("671B/37B"), V2 235.7B/20.9B
+  ("236B/21B"), V2-Lite 15.7B/2.45B ("15.7B/2.4B").
+- The router's per-expert bias (256 numbers per layer, no gradient) is counted with the router.
+- The multi-token-prediction module (one extra block, ~11.6B, plus copies of embedding and head in
+  the released checkpoint: 685B in all) is excluded unless ``include_mtp=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "ModelConfig",
+    "COMPONENTS",
+    "mla_params_per_layer",
+    "expert_params",
+    "count_params",
+    "total_params",
+    "active_params",
+    "kv_cache_elements_per_token",
+    "kv_cache_bytes_per_token",
+    "kv_cache_bytes",
+    "Precision",
+    "BF16_MIXED",
+    "DEEPSEEK_V3",
+    "Parallelism",
+    "V3_TRAINING",
+    "per_gpu_memory",
+    "concurrent_requests",
+    "training_flops_per_token",
+    "GiB",
+]
+
+GiB = 1024**3
+
+COMPONENTS = ("embedding", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "norms", "head")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3's shape; the defaults are the 671B model (DeepSeek-V3 Table/config_671B.json)."""
+
+    vocab_size: int = 129280
+    dim: int = 7168
+    n_layers: int = 61
+    n_dense_layers: int = 3
+    n_heads: int = 128
+    q_lora_rank: int = 1536  # d_c' (0: no query compression)
+    kv_lora_rank: int = 512  # d_c
+    qk_nope_head_dim: int = 128  # d_h
+    qk_rope_head_dim: int = 64  # d_h^R
+    v_head_dim: int = 128
+    inter_dim: int = 18432  # dense MLP
+    moe_inter_dim: int = 2048  # each expert
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8
+    n_expert_groups: int = 8
+    n_limited_groups: int = 4
+    router_bias: bool = True  # V3's selection bias (auxiliary-loss-free balancing); V2 has none
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @classmethod
+    def v3(cls) -> ModelConfig:
+        return cls()
+
+    @classmethod
+    def v2(cls) -> ModelConfig:
+        """DeepSeek-V2 (236B total, 21B active)."""
+        return cls(vocab_size=102400, dim=5120, n_layers=60, n_dense_layers=1, inter_dim=12288, moe_inter_dim=1536,
+                   n_routed_experts=160, n_shared_experts=2, n_activated_experts=6, n_expert_groups=8, n_limited_groups=3,
+                   router_bias=False)
+
+    @classmethod
+    def v2_lite(cls) -> ModelConfig:
+        """DeepSeek-V2-Lite (15.7B total, 2.4B active): no query compression, 16 heads."""
+        return cls(vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1, n_heads=16, q_lora_rank=0, inter_dim=10944,
+                   moe_inter_dim=1408, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
+                   n_limited_groups=1, router_bias=False)
+
+    def scaled(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def mla_params_per_layer(cfg: ModelConfig) -> int:
+    """Weights of one MLA block: W_DQ, q_norm, W_UQ(+W_QR), W_DKV(+W_KR), kv_norm, W_UK/W_UV, W_O."""
+    H, qk = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.q_lora_rank:
+        q = cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk  # wq_a, q_norm, wq_b
+    else:
+        q = cfg.dim * H * qk  # wq
+    kv_a = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # wkv_a, kv_norm
+    kv_b = cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # wkv_b
+    o = H * cfg.v_head_dim * cfg.dim  # wo
+    return q + kv_a + kv_b + o
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """One SwiGLU expert: w1, w3 (dim -> moe_inter_dim) and w2 (back)."""
+    return 3 * cfg.dim * cfg.moe_inter_dim
+
+
+def count_params(cfg: ModelConfig, *, include_mtp: bool = False) -> dict[str, int]:
+    """Parameters per component (keys ``COMPONENTS``, plus ``"mtp"`` when ``include_mtp``)."""
+    n_moe = cfg.n_moe_layers
+    out = {
+        "embedding": cfg.vocab_size * cfg.dim,
+        "attention": cfg.n_layers * mla_params_per_layer(cfg),
+        "dense_mlp": cfg.n_dense_layers * 3 * cfg.dim * cfg.inter_dim,
+        "shared_experts": n_moe * cfg.n_shared_experts * expert_params(cfg),
+        "routed_experts": n_moe * cfg.n_routed_experts * expert_params(cfg),
+        "router": n_moe * cfg.n_routed_experts * (cfg.dim + cfg.router_bias),  # gate weight (+ balancing bias)
+        "norms": cfg.n_layers * 2 * cfg.dim + cfg.dim,  # attn_norm, ffn_norm per layer; final norm
+        "head": cfg.vocab_size * cfg.dim,
+    }
+    if include_mtp:
+        block = (mla_params_per_layer(cfg) + (cfg.n_routed_experts + cfg.n_shared_experts) * expert_params(cfg)
+                 + cfg.n_routed_experts * (cfg.dim + cfg.router_bias) + 2 * cfg.dim)
+        # enorm, hnorm, eh_proj (2d -> d), the block, its final norm; the checkpoint repeats embedding and head
+        out["mtp"] = 2 * cfg.dim + 2 * cfg.dim * cfg.dim + block + cfg.dim + 2 * cfg.vocab_size * cfg.dim
+    return out
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return sum(count_params(cfg).values())
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies with: all but the unchosen routed experts and the embedding table."""
+    c = count_params(cfg)
+    routed_active = cfg.n_moe_layers * cfg.n_activated_experts * expert_params(cfg)
+    return sum(c.values()) - c["routed_experts"] + routed_active - c["embedding"]
+
+
+def kv_cache_elements_per_token(cfg: ModelConfig, kind: str = "mla") -> int:
+    """Cached elements per token per layer: ``mla`` d_c + d_h^R; ``mla_naive`` n_h (d_h + d_h^R + d_v);
+    ``mha`` 2 n_h d_h (standard attention with 128-dim heads for keys and values)."""
+    if kind == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if kind == "mla_naive":
+        return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    if kind == "mha":
+        return 2 * cfg.n_heads * cfg.qk_nope_head_dim
+    raise ValueError(f"kind must be 'mla', 'mla_naive' or 'mha', got {kind!r}")
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, kind: str = "mla", bytes_per_element: float = 2) -> float:
+    """Bytes one token adds to the cache over all layers (BF16 by default)."""
+    return kv_cache_elements_per_token(cfg, kind) * cfg.n_layers * bytes_per_element
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: int, kind: str = "mla", bytes_per_element: float = 2, batch: int = 1) -> float:
+    """Cache bytes of ``batch`` sequences of ``tokens`` tokens each."""
+    return kv_cache_bytes_per_token(cfg, kind, bytes_per_element) * tokens * batch
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter of each model state."""
+
+    weights: float = 2.0  # BF16 working copy (FP8 GEMM inputs are cast from it on the fly)
+    grads: float = 4.0  # FP32 gradient accumulation
+    master: float = 4.0  # FP32 master weights
+    optimizer: float = 8.0  # Adam first and second moments
+
+    @property
+    def states(self) -> float:
+        """Bytes per parameter that ZeRO-1 shards: master weights and optimiser moments."""
+        return self.master + self.optimizer
+
+
+#: Classic mixed precision: BF16 weights, FP32 grads, FP32 master, FP32 Adam moments (18 bytes/param).
+BF16_MIXED = Precision(2.0, 4.0, 4.0, 8.0)
+#: DeepSeek-V3's recipe: FP32 master weights and gradients, Adam moments kept in BF16 (14 bytes/param).
+DEEPSEEK_V3 = Precision(2.0, 4.0, 4.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """A parallel layout: ``world = dp * tp * pp`` GPUs; expert parallelism ``ep`` is carved out of ``dp * tp``.
+
+    - PP splits the layers (the planner assumes an even split of the parameters over stages);
+    - TP splits every non-routed-expert weight (attention, dense MLPs, shared experts, router,
+      embedding, head) ``tp`` ways;
+    - EP splits the routed experts ``ep`` ways; the ``dp * tp / ep`` groups holding the same experts
+      are the experts' data-parallel replicas;
+    - ZeRO-1 shards master weights and optimiser moments over each parameter's data-parallel replicas.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    zero1: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def check(self, cfg: ModelConfig) -> None:
+        if min(self.dp, self.tp, self.pp, self.ep) < 1:
+            raise ValueError(f"parallel degrees must be >= 1, got {self}")
+        if (self.dp * self.tp) % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp*tp={self.dp * self.tp} (experts live inside the data-parallel group)")
+        if cfg.n_routed_experts % self.ep:
+            raise ValueError(f"ep={self.ep} must divide n_routed_experts={cfg.n_routed_experts}")
+
+
+#: DeepSeek-V3 pre-training on 2048 H800s: 16-way PP, 64-way EP (over 8 nodes), ZeRO-1 DP, no TP.
+V3_TRAINING = Parallelism(dp=128, tp=1, pp=16, ep=64, zero1=True)
+
+
+def per_gpu_memory(cfg: ModelConfig, par: Parallelism, prec: Precision = DEEPSEEK_V3) -> dict[str, float]:
+    """Bytes of model states on one GPU (activations and buffers not included).
+
+    With ``E`` the routed-expert parameters and ``O`` all others::
+
+        params/GPU  P = O / (tp pp) + E / (ep pp)
+        weights     P * prec.weights
+        grads       P * prec.grads
+        states      (O + E) * prec.states / (dp tp pp)      with ZeRO-1 (every GPU holds 1/world)
+                    P * prec.states                         without
+
+    Returns ``params``, ``weights``, ``grads``, ``states`` (master + moments) and ``total`` (bytes).
+    """
+    par.check(cfg)
+    c = count_params(cfg)
+    E = c["routed_experts"]
+    O = sum(c.values()) - E
+    P = O / (par.tp * par.pp) + E / (par.ep * par.pp)
+    states = (O + E) * prec.states / par.world if par.zero1 else P * prec.states
+    weights, grads = P * prec.weights, P * prec.grads
+    return {"params": P, "weights": weights, "grads": grads, "states": states, "total": weights + grads + states}
+
+
+def concurrent_requests(cfg: ModelConfig, context: int, free_bytes: float, kind: str = "mla",
+                        bytes_per_element: float = 2) -> int:
+    """How many sequences of ``context`` tokens fit their KV caches into ``free_bytes``."""
+    return int(free_bytes // kv_cache_bytes(cfg, context, kind, bytes_per_element))
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int = 4096) -> float:
+    """Forward + backward FLOPs per trained token: ``6 N_active`` plus causal attention scores and sums.
+
+    Attention per layer and token (average causal context ``seq_len / 2``): the forward takes
+    ``2 n_h (d_h + d_h^R) s`` for ``q k^T`` and ``2 n_h d_v s`` for ``p v``; backward doubles it (x3).
+    For V3 at 4K this gives ~250 GFLOP per token.
+    """
+    s = seq_len / 2
+    attn = 3 * 2 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * s * cfg.n_layers
+    return 6 * active_params(cfg) + attn
+
+
+def _fmt(n: float) -> str:  # pragma: no cover - display helper
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cfg = ModelConfig()
+    for k, v in count_params(cfg).items():
+        print(f"{k:>15}: {_fmt(v)}")
+    print(f"total {_fmt(total_params(cfg))}, active {_fmt(active_params(cfg))}")
+    for kind in ("mla", "mha"):
+        print(kind, kv_cache_bytes_per_token(cfg, kind), "B/token;", kv_cache_bytes(cfg, 128 * 1024, kind) / GiB, "GiB at 128K")
+    m = per_gpu_memory(cfg, V3_TRAINING)
+    print({k: round(v / GiB, 2) for k, v in m.items()}, math.nan)

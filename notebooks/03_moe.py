@@ -1,0 +1,1371 @@
+# %% [markdown]
+# # Section 3 — DeepSeekMoE
+#
+# In a Transformer, the feed-forward layers hold about two thirds of the parameters, and every token uses
+# all of them. A **Mixture of Experts (MoE)** splits that layer into many small feed-forward networks, the
+# *experts*, and lets a learned *router* send each token to only a few. Parameters then grow with the number
+# of experts while the compute per token stays fixed. DeepSeek-V3 has 256 routed experts and one shared
+# expert in each of its 58 MoE layers. Each token uses 8 routed experts plus the shared one: 37B of the
+# model's 671B parameters are active per token. This section builds DeepSeekMoE's router and layer, makes
+# the layer fast with a vectorised dispatch, and then studies the hard part, **load balancing**: keeping the
+# experts evenly used without damaging what the model learns.
+#
+# **Learning objectives.** After this section you can
+# - implement the SwiGLU expert and count a MoE layer's total and active parameters;
+# - implement DeepSeek-V3's router: sigmoid affinities, a bias that only selects, group-limited top-k, and
+#   normalised combine weights;
+# - implement a MoE layer that groups tokens by expert instead of looping over tokens, and measure the gain;
+# - implement auxiliary-loss-free balancing, the sequence-wise balance loss, MaxVio and a capacity limit, and
+#   compare them on skewed data;
+# - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
+#
+# **Time:** about 45 minutes (3.1: 10, 3.2: 15, 3.3: 20), plus 15 for balancing and the experiments.
+# **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
+#
+# **Notation.** Symbols follow the DeepSeek-V3 report (section 2.1.2); DeepSeek's code names are in brackets.
+#
+# | | $d$ [`dim`] | expert width [`moe_inter_dim`] | routed $N_r$ [`n_routed_experts`] | shared $N_s$ | active $K_r$ [`n_activated_experts`] | groups [`n_expert_groups`] | kept groups $M$ [`n_limited_groups`] | [`route_scale`] |
+# |---|---|---|---|---|---|---|---|---|
+# | DeepSeek-V3 | 7168 | 2048 | 256 | 1 | 8 | 8 | 4 | 2.5 |
+#
+# *For instructors:* the template is followed. The seed's three classes (`ExpertNetwork`, `ExpertRouter`,
+# `MixtureOfExperts`) are the exercises 3.1-3.3. Load balancing gets its own exercise (3.4), because the
+# experiments after it depend on it. The routing bookkeeping (`RoutingInfo`, `expert_load`, `expert_capacity`)
+# comes from `course_lib.deepseek.moe`; the reference `MoE` in that module is what the hidden tests compare against.
+
+# %% [given]
+import math
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib import viz
+from course_lib.bench import compare, ratio, threads
+from course_lib.data import make_cluster_regression
+from course_lib.deepseek.moe import MoEConfig, RoutingInfo, expert_capacity, expert_load
+from course_lib.utils import env_report, setup, sizes
+
+ENV = setup(seed=0)
+ENV = env_report(threads=1)  # the experts here are small: a second thread only adds synchronisation
+print(ENV)
+
+# A tiny configuration for tests and figures: 8 experts in 4 groups of 2, keep 2 groups, 2 active + 1 shared.
+TINY = MoEConfig(dim=16, moe_inter_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                 n_expert_groups=4, n_limited_groups=2, route_scale=2.5)
+V3 = MoEConfig.deepseek_v3()
+print(TINY)
+
+# %% [markdown]
+# ### Tools you are given
+# - `MoEConfig`: the fields in the notation table, plus `score_func` (`"sigmoid"` for V3, `"softmax"` for
+#   V2-style routing), `capacity_factor` (None: no limit), and balancing constants you will use in 3.4.
+# - `RoutingInfo(weights, indices, scores, load, kept=None)`: what a MoE forward returns next to its output.
+#   `weights` (N, K) combine weights, `indices` (N, K) chosen experts, `scores` (N, E) affinities, `load` (E,)
+#   assignments per expert, `kept` (N, K) the capacity mask or None.
+# - `expert_load(indices, n_experts)`: assignments per expert as a float32 (E,) tensor (a `bincount`).
+# - `expert_capacity(n_tokens, top_k, n_experts, capacity_factor)`: $\lceil c \cdot N K / E \rceil$ slots per expert.
+
+# %% [markdown]
+# ## 3.1 The expert network
+#
+# Every expert, routed or shared, is the same SwiGLU feed-forward network as DeepSeek's dense layers, only
+# narrower: $\mathrm{FFN}(x) = W_2\big(\mathrm{SiLU}(W_1 x) \odot W_3 x\big)$ with $W_1, W_3 \in \mathbb{R}^{I\times d}$,
+# $W_2 \in \mathbb{R}^{d \times I}$, no biases, and $\mathrm{SiLU}(z) = z\,\sigma(z)$. $W_1 x$ is the *gate*, $W_3 x$
+# the *up* projection, $W_2$ the *down* projection. DeepSeek-V3's dense layers have $I$ = 18432, its experts
+# $I$ = 2048. This is DeepSeekMoE's *fine-grained* expert segmentation: many narrow experts instead of a few wide
+# ones, so that a token can combine more, and more specialised, pieces. The $N_s$ shared experts run on
+# every token. DeepSeek fuses them into one SwiGLU of width $N_s I$.
+#
+# Parameters of one MoE layer: the gate ($N_r d$), the shared experts ($3 d N_s I$) and the routed experts
+# ($3 d I$ each). A token *uses* the gate, the shared experts and $K_r$ routed experts.
+#
+# **Intuition.** A dense FFN is one large committee that reviews every token. A MoE is a pool of small
+# specialist committees plus a dispatcher that sends each token to a few of them. One generalist committee
+# (the shared expert) still sees everything.
+
+# %% [solution id=ex_03_1_expert]
+class ExpertNetwork(nn.Module):
+    """One SwiGLU expert: FFN(x) = w2(silu(w1 x) * w3 x), no biases (DeepSeek-V3 eq. 12's FFN_i)."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection W_1
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection W_2
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection W_3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
+        ### BEGIN SOLUTION
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        ### END SOLUTION
+
+
+def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
+    """Parameters of one MoE layer: {"total": all of them, "active": those one token uses}.
+
+    total  = gate (N_r * dim) + shared experts (3 * dim * N_s * moe_inter_dim) + N_r routed experts (3 * dim * moe_inter_dim each)
+    active = gate + shared experts + K_r routed experts.
+    """
+    ### BEGIN SOLUTION
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    gate = cfg.n_routed_experts * cfg.dim
+    shared = cfg.n_shared_experts * per_expert
+    return {"total": gate + shared + cfg.n_routed_experts * per_expert,
+            "active": gate + shared + cfg.n_activated_experts * per_expert}
+    ### END SOLUTION
+
+
+# %% [test id=test_03_1_expert points=1]
+import torch
+import torch.nn.functional as F
+from course_lib.testing import assert_close, assert_shape, assert_true
+
+torch.manual_seed(0)
+_e = ExpertNetwork(16, 12).double()
+_x = torch.randn(3, 5, 16, dtype=torch.float64)
+_y = _e(_x)
+assert_shape(_y, (3, 5, 16), "expert output")
+_want = _e.w2.weight @ (F.silu(_e.w1.weight @ _x[0, 0]) * (_e.w3.weight @ _x[0, 0]))
+assert_close(_y[0, 0], _want, atol=1e-12, name="expert output for one token", hint="w2(silu(w1 x) * w3 x)")
+_c = moe_param_counts(TINY)
+assert_true(isinstance(_c, dict) and set(_c) == {"total", "active"}, "moe_param_counts must return {'total': ..., 'active': ...}")
+assert_true(_c["total"] == 8 * 16 + 9 * 3 * 16 * 12, f"TINY total parameters: got {_c['total']}, expected {8 * 16 + 9 * 3 * 16 * 12}")
+print("ExpertNetwork and moe_param_counts: visible tests passed")
+
+# %% [test id=test_03_1_expert_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+import torch.nn.functional as _F
+from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+for (_d, _i, _seed) in [(8, 5, 1), (24, 40, 2), (16, 1, 3)]:
+    _t.manual_seed(_seed)
+    _e = ExpertNetwork(_d, _i).double()
+    _x = _t.randn(7, _d, dtype=_t.float64)
+    with _t.no_grad():
+        _y = _e(_x)
+        _g, _u = _x @ _e.w1.weight.T, _x @ _e.w3.weight.T
+        _want = (_F.silu(_g) * _u) @ _e.w2.weight.T
+        _wrong = {
+            "SiLU applied to w3 x instead of w1 x (w1 is the gate)": (_F.silu(_u) * _g) @ _e.w2.weight.T,
+            "ReLU instead of SiLU": (_F.relu(_g) * _u) @ _e.w2.weight.T,
+            "sigmoid instead of SiLU (SiLU(z) = z * sigmoid(z))": (_t.sigmoid(_g) * _u) @ _e.w2.weight.T,
+            "the up projection w3 x is missing (no gating product)": _F.silu(_g) @ _e.w2.weight.T,
+        }
+    for _name, _w in _wrong.items():
+        _true(not _t.allclose(_y, _w, atol=1e-10) or _t.allclose(_w, _want, atol=1e-10), f"ExpertNetwork: {_name}")
+    _close(_y, _want, atol=1e-12, name=f"ExpertNetwork(dim={_d}, inter={_i}) in float64", hint="w2(silu(w1 x) * w3 x)")
+    _true(all(_m.bias is None for _m in (_e.w1, _e.w2, _e.w3)), "DeepSeek's experts have no biases")
+
+# parameter counts: DeepSeek-V3 exactly, shared width, no shared expert, and a real module
+_v3 = moe_param_counts(_Cfg.deepseek_v3())
+_true(_v3["total"] == 11_320_164_352, f"V3 MoE layer total: got {_v3['total']:,}, expected 11,320,164,352",
+      hint="gate 256*7168 + (256 routed + 1 shared) * 3 * 7168 * 2048")
+_true(_v3["active"] == 398_196_736, f"V3 MoE layer active: got {_v3['active']:,}, expected 398,196,736",
+      hint="active = gate + shared expert + 8 routed experts (the gate and the shared expert run for every token)")
+for _kw in [dict(n_shared_experts=2), dict(n_shared_experts=0), dict(n_routed_experts=12, n_expert_groups=3, n_activated_experts=3)]:
+    _cfg = _Cfg(dim=16, moe_inter_dim=8, **_kw)
+    _c = moe_param_counts(_cfg)
+    _true(_c["total"] == sum(_p.numel() for _p in _RefMoE(_cfg).parameters()),
+          f"total parameters for {_kw}: got {_c['total']}, a real layer has {sum(_p.numel() for _p in _RefMoE(_cfg).parameters())}",
+          hint="shared experts hold n_shared_experts * moe_inter_dim hidden units")
+    _per = 3 * 16 * 8
+    _true(_c["active"] == 16 * _cfg.n_routed_experts + (_cfg.n_shared_experts + _cfg.n_activated_experts) * _per,
+          f"active parameters for {_kw}: got {_c['active']}", hint="gate + shared + K_r routed experts")
+print("ExpertNetwork: hidden tests passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint.** One DeepSeek-V3 MoE layer holds 11.32 B parameters, of which 0.40 B (3.5 %) act on each token.
+# 58 such layers make up about 657 B of the model's 671 B.
+
+# %% [markdown]
+# ## 3.2 The router
+#
+# The router scores every expert for every token and keeps the best $K_r$. DeepSeek-V3 (eqs. 13-16) does it in five steps:
+#
+# 1. **Affinity** $s_{i,t} = \sigma(u_t^\top e_i)$, a sigmoid of the token $u_t$ against expert $i$'s centroid
+#    $e_i$ (a row of the gate weight $W \in \mathbb{R}^{N_r \times d}$). DeepSeek-V2 used a softmax over experts.
+# 2. **Selection score** $s_{i,t} + b_i$, with a per-expert bias $b_i$ that load balancing adjusts (3.4).
+#    The bias only decides *which* experts are chosen. It never enters the weights and gets no gradient.
+# 3. **Group limit.** The $N_r$ experts form $G$ groups (in V3 a group is the experts on one node). A group's
+#    score is the **sum of its two largest** selection scores. Only the best $M$ groups stay candidates. The
+#    others are masked with $-\infty$, so they can never be chosen. V3 keeps 4 of 8 groups, so a token's
+#    experts sit on at most 4 nodes, which bounds its network traffic.
+# 4. **Top-$K_r$** experts by selection score among the candidates.
+# 5. **Weights** from the *unbiased* affinities of the chosen experts, normalised to sum to one and scaled:
+#    $g_{i,t} = \text{route\_scale}\cdot s_{i,t} / \sum_{j \in \text{TopK}} s_{j,t}$.
+#
+# ```
+#  u_t ─► s = sigmoid(W u_t) ───────────────────────────────────────────────┐ (weights)
+#            │ + b (selection only)                                         │
+#            ▼                                                              ▼
+#         s + b ─► view (G, N_r/G) ─► top-2 sum per group ─► keep best M    gather s at the K_r chosen
+#            │                                                │             ÷ their sum, × route_scale
+#            ▼                                                ▼             │
+#         experts of dropped groups := -inf ──────────► top-K_r indices ────┘──► (weights, indices)
+# ```
+#
+# **Why $-\infty$ and not 0?** After a few balancing steps, biases can be negative enough that every
+# $s + b$ is below zero. A masked expert set to 0 would then outrank all candidates, and the token would go
+# to experts *outside* its kept groups. transformers 4.x had exactly this (`masked_fill(..., 0.0)`);
+# DeepSeek's code and transformers 5 use $-\infty$.
+#
+# **Why sigmoid?** Softmax affinities compete: raising one expert lowers all others, and the scale of each
+# weight depends on how many experts there are. Sigmoid scores each expert on its own, and the normalisation
+# over the chosen $K_r$ sets the scale. With `score_func="softmax"`, implement V2 style: softmax affinities,
+# no bias, a group's score is its **max**, and the top-$K_r$ weights are **not** renormalised (times `route_scale`).
+
+# %% [solution id=ex_03_2_router]
+class ExpertRouter(nn.Module):
+    """DeepSeek-V3's gate (eqs. 13-16): sigmoid affinities, selection bias, group-limited top-k, normalised weights.
+
+    weight (E, dim) holds the expert centroids e_i; bias (E,) is a float32 buffer used only to select experts.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # the default init of nn.Linear
+
+    def affinities(self, x: torch.Tensor) -> torch.Tensor:
+        """s = sigmoid(x W^T) (softmax over experts if cfg.score_func == "softmax").
+
+        x (N, dim) -> s (N, E), computed in float32, or float64 when x is float64 (promote x's dtype with float32).
+        """
+        ### BEGIN SOLUTION
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = x.to(dtype) @ self.weight.to(dtype).T  # (N, E)
+        if self.cfg.score_func == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+        ### END SOLUTION
+
+    def group_limit(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask the experts outside the cfg.n_limited_groups best groups with -inf.
+
+        choice (N, E) selection scores; groups are contiguous blocks of E / G experts. A group's score is the
+        sum of its 2 largest selection scores (sigmoid) or its max (softmax). Returns (N, E); with one group,
+        choice unchanged.
+        """
+        ### BEGIN SOLUTION
+        cfg = self.cfg
+        G = cfg.n_expert_groups
+        if G == 1:
+            return choice
+        N, E = choice.shape
+        grouped = choice.view(N, G, E // G)  # (N, G, E/G)
+        if cfg.score_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        else:
+            group_scores = grouped.amax(dim=-1)  # (N, G)
+        best = group_scores.topk(cfg.n_limited_groups, dim=-1).indices  # (N, M)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).reshape(N, E)  # (N, E)
+        ### END SOLUTION
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens x (N, dim).
+
+        Returns weights (N, K) (dtype of the scores), indices (N, K) int64 and the unbiased affinities
+        scores (N, E). Sigmoid: weights = route_scale * s / (sum of the chosen s); softmax: route_scale * s.
+        """
+        if x.dim() != 2 or x.shape[1] != self.cfg.dim:
+            raise ValueError(f"ExpertRouter expects x of shape (N, {self.cfg.dim}), got {tuple(x.shape)}")
+        ### BEGIN SOLUTION
+        cfg = self.cfg
+        scores = self.affinities(x)  # (N, E)
+        v3 = cfg.score_func == "sigmoid"
+        choice = scores + self.bias.to(scores.dtype) if v3 else scores  # (N, E) selection only
+        indices = self.group_limit(choice).topk(cfg.n_activated_experts, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)  # (N, K) unbiased
+        if v3:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * cfg.route_scale, indices, scores
+        ### END SOLUTION
+
+
+# %% [test id=test_03_2_router points=2]
+import torch
+from course_lib.testing import assert_close, assert_shape, assert_true
+
+torch.manual_seed(0)
+_r = ExpertRouter(TINY).double()
+_h = torch.randn(40, 16, dtype=torch.float64)
+_s = _r.affinities(_h)
+assert_shape(_s, (40, 8), "affinities s")
+assert_close(_s, torch.sigmoid(_h @ _r.weight.T), atol=1e-12, name="affinities", hint="V3 uses a sigmoid, not a softmax")
+_w, _i, _sc = _r(_h)
+assert_shape(_w, (40, 2), "weights")
+assert_shape(_i, (40, 2), "indices")
+assert_true(_i.dtype == torch.int64, f"indices must be int64, got {_i.dtype}")
+assert_close(_w.sum(-1), torch.full((40,), 2.5, dtype=torch.float64), atol=1e-12, name="sum of each token's weights",
+             hint="normalise the chosen affinities to sum to 1, then multiply by route_scale")
+# one token, 4 groups of 2: groups 1 and 3 have the best top-2 sums
+_choice = torch.tensor([[0.9, 0.0, 0.5, 0.6, 0.1, 0.2, 0.7, 0.3]], dtype=torch.float64)
+_m = _r.group_limit(_choice)
+assert_true(torch.isinf(_m[0, [0, 1, 4, 5]]).all() and torch.equal(_m[0, [2, 3, 6, 7]], _choice[0, [2, 3, 6, 7]]),
+            f"group_limit kept the wrong experts: got {_m.tolist()}",
+            hint="group scores: 0.9+0.0, 0.5+0.6, 0.1+0.2, 0.7+0.3; keep the 2 best groups (1 and 3), -inf elsewhere")
+print("ExpertRouter: visible tests passed")
+
+# %% [test id=test_03_2_router_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import math as _math
+
+import torch as _t
+from course_lib.deepseek.moe import Gate as _RefGate, MoEConfig as _Cfg
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+
+
+def _oracle_route(_s, _b, _cfg):
+    """One token, plain Python: chosen experts (sorted) and their weights."""
+    _E, _G, _K = _cfg.n_routed_experts, _cfg.n_expert_groups, _cfg.n_activated_experts
+    _m = _E // _G
+    _v3 = _cfg.score_func == "sigmoid"
+    _c = [_s[e] + (_b[e] if _v3 else 0.0) for e in range(_E)]
+    if _G > 1:
+        _gs = [sum(sorted(_c[g * _m:(g + 1) * _m], reverse=True)[:2]) if _v3 else max(_c[g * _m:(g + 1) * _m]) for g in range(_G)]
+        _kept = sorted(range(_G), key=lambda g: -_gs[g])[: _cfg.n_limited_groups]
+        _c = [_c[e] if e // _m in _kept else -_math.inf for e in range(_E)]
+    _ch = sorted(sorted(range(_E), key=lambda e: -_c[e])[:_K])
+    _w = [_s[e] for e in _ch]
+    _tot = sum(_w) if _v3 else 1.0
+    return _ch, [_cfg.route_scale * w / _tot for w in _w]
+
+
+def _sorted_routing(_w, _i):
+    _o = _i.sort(dim=-1)
+    return _w.gather(1, _o.indices), _o.values
+
+
+# pitfalls, each named
+_t.manual_seed(1)
+_r = ExpertRouter(TINY).double()
+_h = _t.randn(64, 16, dtype=_t.float64)
+with _t.no_grad():
+    _r.bias.copy_(_t.tensor([0.3, -0.2, 0.1, 0.4, -0.3, 0.2, 0.0, -0.1]))
+_logits = _h @ _r.weight.T
+_s = _r.affinities(_h)
+_true(_s.dtype == _t.float64, f"float64 input must give float64 affinities, got {_s.dtype}",
+      hint="compute in torch.promote_types(x.dtype, torch.float32)")
+_true(not _t.allclose(_s, _t.softmax(_logits, -1)), "softmax instead of sigmoid: V3 affinities are sigmoid(x W^T)")
+_close(_s, _t.sigmoid(_logits), atol=1e-12, name="sigmoid affinities")
+_w, _i, _ = _r(_h)
+_w, _i = _sorted_routing(_w, _i)
+_sel = _s.gather(1, _i)
+_true(not _t.allclose(_w, 2.5 * (_sel + _r.bias.double()[_i]) / (_sel + _r.bias.double()[_i]).sum(-1, keepdim=True), atol=1e-9),
+      "bias in weights: the combine weights use the biased scores s + b; use the unbiased s")
+_true(not _t.allclose(_w, 2.5 * _sel, atol=1e-9), "top-k weights not renormalised: divide the chosen s by their sum")
+_true(not _t.allclose(_w.sum(-1), _t.ones(64, dtype=_t.float64), atol=1e-9), "route_scale forgotten: the weights must sum to route_scale (2.5)")
+_close(_w, 2.5 * _sel / _sel.sum(-1, keepdim=True), atol=1e-12, name="weights = route_scale * s / sum(chosen s)")
+
+# group score: top-2 sum, not max
+# top-2 sums 0.95, 1.2, 1.0, 0.8 keep groups 1 and 2; maxima 0.95, 0.6, 0.5, 0.7 would keep groups 0 and 3
+_choice = _t.tensor([[0.95, 0.0, 0.6, 0.6, 0.5, 0.5, 0.7, 0.1]], dtype=_t.float64)
+_m = _r.group_limit(_choice)
+_true(_m.shape == (1, 8), f"group_limit must return the (N, E) scores, got shape {tuple(_m.shape)}")
+_kept_groups = (_m == _choice).view(4, 2).all(-1).tolist()  # a group is kept when its scores pass unchanged
+_true(_kept_groups != [True, False, False, True], "group score as max instead of top-2 sum: groups 1 (0.6+0.6) and 2 (0.5+0.5) must be kept")
+_true(_kept_groups == [False, True, True, False], f"group_limit kept groups {_kept_groups}, expected groups 1 and 2 (top-2 sums 1.2 and 1.0)")
+_true(not bool((_m[0, [0, 6, 7]] == 0).any()), "masking dropped groups with 0 instead of -inf")
+_true(bool(_t.isneginf(_m[0, [0, 1, 6, 7]]).all()), "masked experts must be -inf (not 0, not removed from the tensor)")
+
+# negative biased scores: -inf masking keeps tokens inside their groups, a 0.0 mask would not
+with _t.no_grad():
+    _r.bias.fill_(-1.0)  # every s + b < 0
+_w2, _i2, _ = _r(_h)
+_cb = (_s - 1.0).view(64, 4, 2)
+_kept = _cb.topk(2, -1).values.sum(-1).topk(2, -1).indices  # (N, 2)
+_inside = (_i2.div(2, rounding_mode="floor").unsqueeze(-1) == _kept.unsqueeze(1)).any(-1)
+_true(bool(_inside.all()), "negative biased scores: masking dropped groups with 0 instead of -inf sends tokens to dropped groups",
+      hint="masked_fill(..., float('-inf'))")
+with _t.no_grad():
+    _r.bias.zero_()
+_w3, _i3, _ = _r(_h)
+_true(_t.equal(_i2.sort(-1).values, _i3.sort(-1).values), "a constant bias shift must not change the selection")
+
+# the bias changes which experts are chosen, never the weights' formula, and gets no gradient
+_t.manual_seed(2)
+_r = ExpertRouter(TINY).double()
+_h = _t.randn(200, 16, dtype=_t.float64)
+_w0, _i0, _s0 = _r(_h)
+with _t.no_grad():
+    _r.bias[_i0[:, 0].mode().values] -= 10.0
+_w1, _i1, _s1 = _r(_h)
+_true(not _t.equal(_i0, _i1), "a large negative bias must push the most popular expert out of the selection")
+_close(_s1, _s0, atol=0, rtol=0, name="affinities (must not depend on the bias)")
+_w1, _i1 = _sorted_routing(_w1, _i1)
+_sel = _s1.gather(1, _i1)
+_close(_w1, 2.5 * _sel / _sel.sum(-1, keepdim=True), atol=1e-12, name="weights after a bias change", hint="bias in weights")
+_true("bias" in dict(_r.named_buffers()) and not _r.bias.requires_grad, "the bias is a buffer without gradient")
+_r.float()
+_w, _i, _s = _r(_h.float())
+_true(_w.dtype == _t.float32 and _s.dtype == _t.float32, "float32 input: float32 scores and weights")
+_true(_w.requires_grad, "the weights must keep their graph to the gate weight (no .detach(), no torch.no_grad())")
+(_w * _t.randn_like(_w)).sum().backward()
+_true(_r.weight.grad is not None and _r.weight.grad.abs().sum() > 0, "the gate weight must get a gradient through the weights")
+# every token against a plain-Python oracle, and agreement with course_lib on shared weights
+_cfgs = [
+    TINY,
+    _Cfg(dim=12, moe_inter_dim=4, n_routed_experts=12, n_shared_experts=1, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1),
+    _Cfg(dim=10, moe_inter_dim=4, n_routed_experts=6, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
+    _Cfg(dim=16, moe_inter_dim=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, route_scale=1.5,
+         score_func="softmax"),
+]
+for _k, _cfg in enumerate(_cfgs):
+    _t.manual_seed(10 + _k)
+    _r = ExpertRouter(_cfg).double()
+    _ref = _RefGate(_cfg).double()
+    with _t.no_grad():
+        _r.bias.normal_(0.0, 0.1)
+    _copy(_r, _ref)
+    _h = _t.randn(30, _cfg.dim, dtype=_t.float64)
+    _w, _i, _s = _r(_h)
+    _w, _i = _sorted_routing(_w, _i)
+    _true(_s.dtype == _t.float64 and _w.dtype == _t.float64, "float64 input must give float64 scores and weights",
+          hint="compute in torch.promote_types(x.dtype, torch.float32)")
+    _b = _r.bias.double().tolist()
+    for _n in range(30):
+        _ch, _ow = _oracle_route(_s[_n].tolist(), _b, _cfg)
+        _true(_i[_n].tolist() == _ch, f"{_cfg.score_func} router, config {_k}, token {_n}: chose {_i[_n].tolist()}, expected {_ch}",
+              hint="selection = s + bias; group score = top-2 sum (max for softmax); keep the best groups; top-k")
+        _close(_w[_n], _t.tensor(_ow, dtype=_t.float64), atol=1e-12, name=f"config {_k}, token {_n} weights")
+    _rw, _ri, _rs = _ref(_h)
+    _rw, _ri = _sorted_routing(_rw, _ri)
+    _close(_w, _rw, atol=1e-12, name=f"weights vs course_lib.deepseek.moe.Gate (config {_k})")
+
+print("ExpertRouter: hidden tests passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint.** With 8 groups and 4 kept, each V3 token chooses its 8 experts among 128 candidates, and the
+# weights of those 8 always add up to 2.5.
+#
+# ### Looking at routing decisions
+# Left: one token's selection scores $s + b$, coloured by group. Grey bars are experts in dropped groups; stars
+# mark the chosen experts. Right: the combine weights of 24 tokens (a row per token). A random router
+# already spreads tokens over many experts, but not evenly.
+
+# %% [code]
+torch.manual_seed(0)
+demo_cfg = MoEConfig(dim=16, moe_inter_dim=8, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+demo_router = ExpertRouter(demo_cfg)
+with torch.no_grad():
+    demo_router.bias.normal_(0.0, 0.05)
+    h_demo = torch.randn(24, 16)
+    w_demo, i_demo, s_demo = demo_router(h_demo)
+    sel = (s_demo + demo_router.bias)[0]
+    kept = torch.isfinite(demo_router.group_limit((s_demo + demo_router.bias)[:1]))[0]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+per_group = demo_cfg.n_routed_experts // demo_cfg.n_expert_groups
+palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+colors = [palette[e // per_group] if kept[e] else "lightgrey" for e in range(demo_cfg.n_routed_experts)]
+ax1.bar(range(demo_cfg.n_routed_experts), sel.numpy(), color=colors)
+ax1.scatter(i_demo[0].numpy(), sel[i_demo[0]].numpy() + 0.02, marker="*", s=120, color="k", label="chosen")
+ax1.set_xlabel("expert (4 groups of 4)")
+ax1.set_ylabel("selection score s + b")
+ax1.set_title("One token: kept groups in colour, dropped in grey")
+ax1.legend()
+dense_w = torch.zeros(24, demo_cfg.n_routed_experts).scatter_(1, i_demo, w_demo)
+im = ax2.imshow(dense_w.numpy(), aspect="auto", cmap="rocket_r" if "rocket_r" in plt.colormaps() else "viridis")
+ax2.grid(False)
+fig.colorbar(im, ax=ax2, label="combine weight g")
+ax2.set_xticks(range(0, demo_cfg.n_routed_experts, 2))
+ax2.set_xlabel("expert")
+ax2.set_ylabel("token")
+ax2.set_title("Combine weights (each row sums to 2.5)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 3.3 The MoE layer
+#
+# The layer adds the shared experts and the weighted routed experts (V3 eq. 12, without the residual that the
+# block adds):
+# $$h'_t = \sum_{i=1}^{N_s} \mathrm{FFN}^{(s)}_i(u_t) + \sum_{i=1}^{N_r} g_{i,t}\, \mathrm{FFN}^{(r)}_i(u_t),
+# \qquad g_{i,t} = 0 \text{ unless } i \in \text{TopK}.$$
+#
+# The obvious implementation loops over tokens and calls $K$ experts for each: $N K$ tiny matrix-vector
+# products, each paying Python and kernel-launch overhead. Instead, **group the work by expert**. Flatten the
+# $N \times K$ (token, expert) assignments, sort them by expert with a *stable* `argsort`, and count each
+# expert's assignments with `bincount`. The sorted assignments now form one contiguous slice per expert:
+# split them by the counts, let each expert gather its tokens' rows and run once on all of them, scale the
+# outputs by their weights, and add them back to their tokens with `index_add_`. The only Python loop runs
+# over the $E$ experts, never over the tokens.
+#
+# ```
+#  indices (N=4, K=2)   flat, token-major        stable argsort by expert     split by counts [2, 2, 3, 1]
+#   t0: [2, 0]          [2, 0, 1, 2, 0, 3, 2, 1]  expert 0: slots 1, 4 (t0, t2)   E0(x[[0, 2]])
+#   t1: [1, 2]          token of slot j = j // K  expert 1: slots 2, 7 (t1, t3)   E1(x[[1, 3]])
+#   t2: [0, 3]                                    expert 2: slots 0, 3, 6         E2(x[[0, 1, 3]])
+#   t3: [2, 1]                                    expert 3: slot 5 (t2)           E3(x[[2]])
+#   for each expert e:  y.index_add_(0, tokens of e, E_e(x[tokens of e]) * weights of e)
+# ```
+#
+# `dispatch` also takes an optional `kept` mask (N, K): assignments marked False (dropped by a capacity
+# limit, 3.4) are skipped entirely. `forward` builds it with your `capacity_mask` from 3.4 only when
+# `cfg.capacity_factor` is set. Until you have written 3.4, leave `capacity_factor=None`.
+
+# %% [solution id=ex_03_3_moe]
+class MixtureOfExperts(nn.Module):
+    """DeepSeekMoE layer: shared experts + routed experts chosen by ExpertRouter (DeepSeek-V3 eq. 12).
+
+    Parameter names match course_lib.deepseek.moe.MoE: gate.weight, gate.bias, experts.{i}.w1/w2/w3, shared_experts.w1/w2/w3.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = ExpertRouter(cfg)
+        self.experts = nn.ModuleList(ExpertNetwork(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        # the N_s shared experts fused into one SwiGLU of width N_s * moe_inter_dim (as DeepSeek's code)
+        self.shared_experts = ExpertNetwork(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed output y_t = sum_k weights[t, k] * experts[indices[t, k]](x_t), grouped by expert.
+
+        x (N, dim); weights, indices (N, K); kept (N, K) bool or None (False: skip that assignment).
+        Returns (N, dim) in x's dtype. Calls each expert at most once; no Python loop over tokens.
+        """
+        ### BEGIN SOLUTION
+        K = indices.shape[1]
+        flat = indices.reshape(-1)  # (N*K,) expert of each assignment, token-major
+        order = torch.argsort(flat, stable=True)  # (N*K,) assignments grouped by expert
+        if kept is not None:
+            order = order[kept.reshape(-1)[order]]  # (S,) drop the skipped assignments
+        counts = torch.bincount(flat[order], minlength=len(self.experts)).tolist()  # (E,)
+        token = order // K  # (S,) the token each sorted assignment serves
+        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (S, 1)
+        y = torch.zeros_like(x)  # (N, dim)
+        for e, (tok_e, w_e) in enumerate(zip(token.split(counts), w.split(counts))):  # experts, not tokens
+            if tok_e.numel():
+                y.index_add_(0, tok_e, self.experts[e](x[tok_e]) * w_e)  # (n_e, dim) rows back to their tokens
+        return y
+        ### END SOLUTION
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        """x (B, T, dim) or (N, dim) -> (y of x's shape, RoutingInfo for the N = B*T tokens).
+
+        y = shared_experts(x) + routed output. The RoutingInfo holds the router's weights, indices and scores,
+        load = expert_load(indices, E) (before any capacity dropping) and kept (None without capacity_factor).
+        """
+        if x.dim() not in (2, 3) or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"MixtureOfExperts expects x of shape (B, T, {self.cfg.dim}) or (N, {self.cfg.dim}), got {tuple(x.shape)}")
+        ### BEGIN SOLUTION
+        cfg = self.cfg
+        h = x.reshape(-1, cfg.dim)  # (N, dim)
+        weights, indices, scores = self.gate(h)  # (N, K), (N, K), (N, E)
+        kept = None
+        if cfg.capacity_factor is not None:
+            cap = expert_capacity(h.shape[0], cfg.n_activated_experts, cfg.n_routed_experts, cfg.capacity_factor)
+            kept = capacity_mask(indices, cfg.n_routed_experts, cap)  # (N, K)
+        y = self.dispatch(h, weights, indices, kept)  # (N, dim)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)
+        info = RoutingInfo(weights=weights, indices=indices, scores=scores, load=expert_load(indices, cfg.n_routed_experts), kept=kept)
+        return y.view(x.shape), info
+        ### END SOLUTION
+
+
+# %% [test id=test_03_3_moe points=2]
+import torch
+from course_lib.testing import assert_close, assert_shape, assert_true
+
+torch.manual_seed(0)
+_moe = MixtureOfExperts(TINY).double()
+_x = torch.randn(2, 5, 16, dtype=torch.float64)
+_y, _info = _moe(_x)
+assert_shape(_y, (2, 5, 16), "MoE output")
+assert_shape(_info.indices, (10, 2), "info.indices (N = B*T tokens, K)")
+assert_true(_info.load.tolist() == torch.bincount(_info.indices.flatten(), minlength=8).float().tolist(), "info.load must count assignments per expert")
+# token 3 by hand, with your router's choice
+_h = _x.reshape(10, 16)[3]
+_want = _moe.shared_experts(_h) + sum(_info.weights[3, k] * _moe.experts[int(_info.indices[3, k])](_h) for k in range(2))
+assert_close(_y.reshape(10, 16)[3], _want, atol=1e-12, name="token 3",
+             hint="y_t = shared(x_t) + sum_k weights[t, k] * experts[indices[t, k]](x_t)")
+print("MixtureOfExperts: visible tests passed")
+
+# %% [test id=test_03_3_moe_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import math as _math
+
+import torch as _t
+import torch.nn.functional as _F
+from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+
+
+def _ffn(_e, _x):
+    return _F.linear(_F.silu(_F.linear(_x, _e.w1.weight)) * _F.linear(_x, _e.w3.weight), _e.w2.weight)
+
+
+def _oracle(_moe, _x, _drop=None):
+    """Per-token loop MoE written here: routes each token in plain Python, then mixes its experts (differentiable)."""
+    _cfg = _moe.cfg
+    _E, _G, _K = _cfg.n_routed_experts, _cfg.n_expert_groups, _cfg.n_activated_experts
+    _m = _E // _G
+    _b = _moe.gate.bias.double().tolist()
+    _rows = []
+    for _n, _xt in enumerate(_x.reshape(-1, _cfg.dim)):
+        _s = _t.sigmoid(_moe.gate.weight.to(_xt.dtype) @ _xt)
+        _sd = _s.detach().tolist()
+        _c = [_sd[e] + _b[e] for e in range(_E)]
+        if _G > 1:
+            _gs = [sum(sorted(_c[g * _m:(g + 1) * _m], reverse=True)[:2]) for g in range(_G)]
+            _kg = sorted(range(_G), key=lambda g: -_gs[g])[: _cfg.n_limited_groups]
+            _c = [_c[e] if e // _m in _kg else -_math.inf for e in range(_E)]
+        _ch = sorted(range(_E), key=lambda e: -_c[e])[:_K]
+        _tot = sum(_s[e] for e in _ch)
+        _y = _ffn(_moe.shared_experts, _xt) if _moe.shared_experts is not None else _t.zeros_like(_xt)
+        for _k, _e in enumerate(_ch):
+            if _drop is not None and (_n, _e) in _drop:
+                continue
+            _y = _y + _cfg.route_scale * _s[_e] / _tot * _ffn(_moe.experts[_e], _xt)
+        _rows.append(_y)
+    return _t.stack(_rows).view(_x.shape)
+
+
+# shared expert always contributes, even when every routed expert is silent
+_t.manual_seed(4)
+_moe = MixtureOfExperts(_Cfg(dim=12, moe_inter_dim=6, n_routed_experts=12, n_shared_experts=2, n_activated_experts=3,
+                             n_expert_groups=3, n_limited_groups=1)).double()
+with _t.no_grad():
+    for _e in _moe.experts:
+        _e.w2.weight.zero_()
+    _x = _t.randn(6, 12, dtype=_t.float64)
+    _close(_moe(_x)[0], _ffn(_moe.shared_experts, _x), atol=1e-12, name="output with silent routed experts (the shared expert's)",
+           hint="add the shared expert's output for every token")
+_true(_moe.shared_experts.w1.weight.shape == (12, 12), "n_shared_experts=2 must give one shared SwiGLU of width 2 * moe_inter_dim")
+
+_cfgs = [
+    TINY,
+    _Cfg(dim=12, moe_inter_dim=6, n_routed_experts=12, n_shared_experts=2, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1),
+    _Cfg(dim=10, moe_inter_dim=4, n_routed_experts=6, n_shared_experts=0, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1,
+         route_scale=1.0),
+]
+for _k, _cfg in enumerate(_cfgs):
+    _t.manual_seed(20 + _k)
+    _moe = MixtureOfExperts(_cfg).double()
+    with _t.no_grad():
+        _moe.gate.bias.normal_(0.0, 0.1)
+    for _shape in [(3, 7, _cfg.dim), (9, _cfg.dim)]:
+        _x = _t.randn(*_shape, dtype=_t.float64)
+        with _t.no_grad():
+            _y, _info = _moe(_x)
+            _close(_y, _oracle(_moe, _x), atol=1e-12, name=f"MoE vs per-token loop oracle (config {_k}, input {_shape})",
+                   hint="shared(x) + sum over the K chosen experts of weight * expert(x); after sorting, token = order // K "
+                        "and the weights must be permuted with the same order")
+    _true(_info.load.sum().item() == 9 * _cfg.n_activated_experts and _info.kept is None, "info.load / info.kept are wrong")
+    _ref = _RefMoE(_cfg).double()
+    _copy(_moe, _ref)
+    with _t.no_grad():
+        _close(_moe(_x)[0], _ref(_x)[0], atol=1e-12, name=f"MoE vs course_lib.deepseek.moe.MoE on shared weights (config {_k})")
+
+# each expert is called at most once, with exactly its tokens: no loop over tokens
+_t.manual_seed(3)
+_moe = MixtureOfExperts(TINY).double()
+_calls = {}
+_hooks = [_e.register_forward_pre_hook(lambda mod, args, i=i: _calls.setdefault(i, []).append(args[0].shape[0]))
+          for i, _e in enumerate(_moe.experts)]
+try:
+    _x = _t.randn(40, 16, dtype=_t.float64)
+    with _t.no_grad():
+        _y, _info = _moe(_x)
+finally:
+    for _hk in _hooks:
+        _hk.remove()
+for _e, _n in enumerate(_info.load.long().tolist()):
+    _got = _calls.get(_e, [])
+    _true(len(_got) <= 1, f"expert {_e} was called {len(_got)} times in one forward",
+          hint="group the tokens by expert (argsort + bincount) and call each expert once; no loop over tokens")
+    _true(sum(_got) in (0, _n) and (_n == 0 or len(_got) in (0, 1)), f"expert {_e} saw {sum(_got)} rows but has {_n} assignments")
+
+# experts that receive no tokens
+_t.manual_seed(5)
+_moe = MixtureOfExperts(TINY).double()
+with _t.no_grad():
+    _moe.gate.bias[:] = -100.0
+    _moe.gate.bias[4:6] = 0.0  # only experts 4 and 5 can win
+_x = _t.randn(5, 16, dtype=_t.float64, requires_grad=True)
+_y, _info = _moe(_x)
+_true(_info.load.tolist() == [0, 0, 0, 0, 5, 5, 0, 0], f"load with only experts 4, 5 reachable: {_info.load.tolist()}")
+_close(_y, _oracle(_moe, _x), atol=1e-12, name="output when 6 of 8 experts receive no tokens")
+
+# gradients: reach the gate and every used expert, match the oracle's, and leave idle experts alone
+_t.manual_seed(6)
+_moe = MixtureOfExperts(TINY).double()
+with _t.no_grad():
+    _moe.gate.bias[:2] = -100.0  # experts 0 and 1 never chosen
+_x = _t.randn(12, 16, dtype=_t.float64, requires_grad=True)
+_r = _t.randn(12, 16, dtype=_t.float64)
+_y, _info = _moe(_x)
+_used = set(_info.indices.flatten().tolist())
+_params = [_x, _moe.gate.weight] + [p for i in sorted(_used) for p in _moe.experts[i].parameters()]
+_g_mine = _t.autograd.grad((_y * _r).sum(), _params, allow_unused=True)
+_g_ref = _t.autograd.grad((_oracle(_moe, _x) * _r).sum(), _params, allow_unused=True)
+_names = ["input x", "gate.weight"] + [f"experts.{i}.{n}" for i in sorted(_used) for n in ("w1", "w2", "w3")]
+for _n, _a, _b in zip(_names, _g_mine, _g_ref):
+    _true(_a is not None and _a.abs().sum() > 0, f"no gradient reaches {_n}",
+          hint="keep the graph: weights come from the gate's scores; don't detach or use .data")
+    _close(_a, _b, atol=1e-10, name=f"gradient of {_n}")
+(_moe(_x)[0] * _r).sum().backward()
+for _i in (0, 1):
+    for _p in _moe.experts[_i].parameters():
+        _true(_p.grad is None or _p.grad.abs().max() == 0, f"expert {_i} received no tokens but got a gradient")
+
+# dispatch honours the kept mask: skipped assignments contribute nothing
+_t.manual_seed(7)
+_moe = MixtureOfExperts(TINY).double()
+_h = _t.randn(10, 16, dtype=_t.float64)
+with _t.no_grad():
+    _w, _i, _ = _moe.gate(_h)
+    _kept = _t.rand(10, 2) > 0.4
+    _drop = {(n, int(_i[n, k])) for n in range(10) for k in range(2) if not _kept[n, k]}
+    _got = _moe.dispatch(_h, _w, _i, _kept) + _ffn(_moe.shared_experts, _h)
+    _close(_got, _oracle(_moe, _h, _drop), atol=1e-12, name="dispatch with a kept mask", hint="skip the assignments where kept is False")
+    _true(_t.equal(_moe.dispatch(_h, _w, _i, _t.ones(10, 2, dtype=_t.bool)), _moe.dispatch(_h, _w, _i)),
+          "an all-True kept mask must not change the output")
+print("MixtureOfExperts: hidden tests passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint.** Your layer calls each expert once per forward, whatever the number of tokens.
+
+# %% [markdown]
+# ## 3.4 Load balancing
+#
+# Nothing in the task loss asks the router to use the experts evenly. Early in training some experts happen
+# to get more tokens, they improve faster, and the router sends them even more: **routing collapse**. The idle
+# experts waste parameters, and with experts spread over GPUs the busiest one sets everyone's pace. We measure
+# imbalance with **MaxVio** (Wang et al., 2024) over a batch's loads $\text{load}_i$ (assignments per expert):
+# $$\text{MaxVio} = \frac{\max_i \text{load}_i}{\overline{\text{load}}} - 1 \qquad (0 = \text{perfect balance}).$$
+#
+# **Auxiliary-loss-free balancing (V3).** Earlier MoEs added a balance loss to the task loss. The loss
+# balances, but its gradient competes with the task's. DeepSeek-V3 instead nudges the selection bias after
+# every training step, with no gradient involved:
+# $$b_i \leftarrow b_i + \gamma\, \mathrm{sign}\big(\overline{\text{load}} - \text{load}_i\big),$$
+# so an overloaded expert becomes a little less attractive and an idle one a little more. V3 used
+# $\gamma$ = 0.001 for most of training and 0 at the end. Because the bias only selects (3.2), the weights,
+# and hence the gradients, never see it.
+#
+# **Complementary sequence-wise balance loss (V3 eqs. 17-20).** A tiny loss (α = 1e-4) keeps single sequences
+# from piling onto a few experts. For one sequence of $T$ tokens:
+# $$\mathcal{L}_{\text{Bal}} = \alpha \sum_{i=1}^{N_r} f_i P_i,\quad
+# f_i = \frac{N_r}{K_r T}\sum_{t=1}^{T} \mathbb{1}\big(i \in \text{TopK}_t\big),\quad
+# s'_{i,t} = \frac{s_{i,t}}{\sum_{j=1}^{N_r} s_{j,t}},\quad P_i = \frac{1}{T}\sum_{t=1}^{T} s'_{i,t}.$$
+# $f_i$ counts hits (no gradient) and is 1 for every expert under perfect balance; $P_i$ carries the gradient.
+# With a batch of sequences, compute the loss per sequence and average.
+#
+# **Capacity factor (for comparison).** GShard and Switch Transformer give each expert a fixed number of slots,
+# $C = \lceil c \cdot N K / E \rceil$, and *drop* the assignments beyond it (first come, first served, in
+# token order). Static shapes suit accelerators, but dropped tokens lose that expert's contribution.
+# DeepSeek-V3 drops no tokens, in training or inference. Its balancing makes the limit unnecessary.
+#
+# **Intuition.** The bias works like a price: busy experts get more expensive and quiet ones cheaper, until
+# demand evens out. The balance loss is more like a tax in the loss, and every gradient step pays it.
+
+# %% [solution id=ex_03_4_balance]
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = max_i load_i / mean(load) - 1, as a Python float (load: (E,) counts, any numeric dtype)."""
+    ### BEGIN SOLUTION
+    load = load.to(torch.float64)
+    return float(load.max() / load.mean() - 1.0)
+    ### END SOLUTION
+
+
+def bias_update(load: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The auxiliary-loss-free step: returns delta (E,) float32 with delta_i = gamma * sign(mean(load) - load_i).
+
+    Add it to the router's bias after each training step: router.bias += bias_update(load, gamma).
+    """
+    ### BEGIN SOLUTION
+    load = load.to(torch.float32)
+    return gamma * torch.sign(load.mean() - load)
+    ### END SOLUTION
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss (V3 eqs. 17-20), computed per sequence and averaged over the batch.
+
+    scores (B, T, E) unbiased affinities s (normalised over the E experts inside: s' = s / sum_j s_j);
+    indices (B, T, K) chosen experts. Returns a scalar tensor; gradients flow through P (the scores) only.
+    """
+    ### BEGIN SOLUTION
+    B, T, E = scores.shape
+    K = indices.shape[-1]
+    P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    hits = torch.zeros(B, E, dtype=scores.dtype).scatter_add_(1, indices.reshape(B, T * K),
+                                                             torch.ones(B, T * K, dtype=scores.dtype))  # (B, E)
+    f = hits * E / (K * T)  # (B, E)
+    return alpha * (f * P).sum(dim=-1).mean()
+    ### END SOLUTION
+
+
+def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit: kept (N, K) bool, True for the first `capacity` assignments of each expert.
+
+    "First" means token order, then slot order (the flattened, token-major order of indices). Vectorised.
+    """
+    ### BEGIN SOLUTION
+    N, K = indices.shape
+    onehot = F.one_hot(indices.reshape(-1), n_experts)  # (N*K, E)
+    rank = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # (N*K,) place in its expert's queue
+    return (rank < capacity).view(N, K)
+    ### END SOLUTION
+
+
+# %% [test id=test_03_4_balance points=2]
+import torch
+from course_lib.testing import assert_close, assert_true
+
+assert_true(abs(max_violation(torch.tensor([10.0, 0.0, 5.0, 5.0])) - 1.0) < 1e-12, "MaxVio of loads [10, 0, 5, 5] is 10/5 - 1 = 1")
+assert_true(isinstance(max_violation(torch.tensor([3, 3])), float), "max_violation must return a Python float")
+assert_close(bias_update(torch.tensor([10.0, 0.0, 5.0, 5.0]), 0.001), torch.tensor([-0.001, 0.001, 0.0, 0.0]), atol=1e-9,
+             name="bias_update([10, 0, 5, 5], 0.001)")
+_s = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])
+assert_true(abs(sequence_balance_loss(_s, torch.tensor([[[0], [0]]]), 0.1).item() - 0.15) < 1e-6,
+            "sequence_balance_loss of the 2-token example: f = [4, 0, 0, 0], P = [0.375, 0.375, 0.125, 0.125] -> 0.1 * 1.5")
+assert_true(capacity_mask(torch.tensor([[0, 1], [0, 2], [0, 1]]), 3, 2).tolist() == [[True, True], [True, True], [False, True]],
+            "capacity_mask: expert 0's third assignment (token 2) must be dropped with capacity 2")
+print("load balancing: visible tests passed")
+
+# %% [test id=test_03_4_balance_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.moe import MoEConfig as _Cfg, expert_capacity as _cap
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+# MaxVio
+for _load, _want in [([8, 8, 8, 8], 0.0), ([1, 2, 3, 6], 1.0), ([1, 1, 1, 5], 1.5), ([0, 0, 0, 12], 3.0)]:
+    for _dt in (_t.int64, _t.float32):
+        _got = max_violation(_t.tensor(_load, dtype=_dt))
+        _true(isinstance(_got, float) and abs(_got - _want) < 1e-9, f"max_violation({_load}, {_dt}) = {_got}, expected {_want}",
+              hint="max(load) / mean(load) - 1, in floating point")
+
+# bias update: sign, magnitude, ties, no mutation
+_load = _t.tensor([40.0, 10.0, 25.0, 25.0, 0.0, 50.0])  # mean 25
+_before = _load.clone()
+_d = bias_update(_load, 0.01)
+_true(_t.equal(_load, _before), "bias_update must not modify load")
+_true(_d.shape == (6,) and _d.dtype == _t.float32, f"bias_update returns a (E,) float32 tensor, got {tuple(_d.shape)} {_d.dtype}")
+_true(not _t.allclose(_d, 0.01 * (_load - 25.0).sign()), "bias update sign flipped: overloaded experts must get a LOWER bias")
+_true(not _t.allclose(_d, 0.01 * (25.0 - _load)), "the bias update uses the sign of (mean - load), not the difference itself")
+_close(_d, _t.tensor([-0.01, 0.01, 0.0, 0.0, 0.01, -0.01]), atol=1e-9, name="bias_update(load, 0.01)",
+       hint="gamma * sign(mean_load - load_i); experts at exactly the mean get 0")
+_close(bias_update(_t.tensor([3, 1, 2]), 0.5), _t.tensor([-0.5, 0.5, 0.0]), atol=1e-9, name="bias_update on integer loads")
+
+
+# sequence-wise balance loss vs hand computation and an oracle
+def _seq_oracle(_s, _i, _a):
+    _B, _T, _E = _s.shape
+    _K = _i.shape[-1]
+    _tot = 0.0
+    for _b in range(_B):
+        _P = (_s[_b] / _s[_b].sum(-1, keepdim=True)).mean(0)
+        _f = _t.bincount(_i[_b].flatten(), minlength=_E).to(_s.dtype) * _E / (_K * _T)
+        _tot = _tot + _a * (_f * _P).sum()
+    return _tot / _B
+
+
+_s = _t.tensor([[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])
+_one, _two = (sequence_balance_loss(_c * _s, _t.tensor([[[0], [0]]]), 0.1).item() for _c in (1.0, 2.0))
+_true(abs(_one - _two) < 1e-9, f"sequence balance loss: normalise s over the experts first (s' = s / sum_j s_j); "
+      f"doubling s changed the loss from {_one:.4f} to {_two:.4f}")
+_u = _t.full((1, 4, 4), 0.3)
+_bal = sequence_balance_loss(_u, _t.tensor([[[0], [1], [2], [3]]]), 0.1).item()
+_true(abs(_bal - 0.1) < 1e-6, f"perfect balance must give f_i = 1 and P_i = 1/E, so the loss is alpha (0.1); got {_bal:.4f}",
+      hint="f_i = E / (K T) * (number of tokens that chose expert i)")
+_true(abs(_one - 0.15) < 1e-6, f"the 2-token example gives 0.1 * 1.5 = 0.15, got {_one:.4f}")
+_a = _t.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(4, 1)
+_b = _t.tensor([[0.1, 0.7, 0.1, 0.1]]).repeat(4, 1)
+_got = sequence_balance_loss(_t.stack([_a, _b]), _t.tensor([[[0]] * 4, [[1]] * 4]), 0.1).item()
+_true(abs(_got - 0.28) < 1e-6, f"sequence balance loss of two collapsed sequences: got {_got:.4f}, expected 0.28 "
+      "(pooling all tokens of the batch would give 0.16: compute the loss per sequence, then average)")
+_t.manual_seed(0)
+for (_B, _T, _E, _K) in [(3, 7, 8, 2), (2, 16, 12, 3), (1, 5, 6, 4)]:
+    _logits = _t.randn(_B, _T, _E, dtype=_t.float64, requires_grad=True)
+    _sc = _t.sigmoid(_logits)
+    _ix = _sc.detach().topk(_K, -1).indices
+    _mine = sequence_balance_loss(_sc, _ix, 0.01)
+    _ref = _seq_oracle(_sc, _ix, 0.01)
+    _close(_mine, _ref, atol=1e-14, name=f"sequence balance loss (B={_B}, T={_T}, E={_E}, K={_K})",
+           hint="f_i = E / (K T) * hits_i per sequence; P_i = mean over t of s'_{i,t}")
+    _g1, = _t.autograd.grad(_mine, _logits, retain_graph=True)
+    _g2, = _t.autograd.grad(_ref, _logits)
+    _close(_g1, _g2, atol=1e-14, name="gradient of the balance loss w.r.t. the gate logits")
+
+# capacity mask vs a loop
+_t.manual_seed(1)
+for (_N, _K, _E, _C) in [(20, 2, 4, 6), (33, 3, 8, 5), (10, 4, 6, 100), (12, 2, 3, 1)]:
+    _ix = _t.randint(0, _E, (_N, _K))
+    _seen = [0] * _E
+    _want = _t.zeros(_N, _K, dtype=_t.bool)
+    for _n in range(_N):
+        for _k in range(_K):
+            _e = int(_ix[_n, _k])
+            _want[_n, _k] = _seen[_e] < _C
+            _seen[_e] += 1
+    _got = capacity_mask(_ix, _E, _C)
+    _true(_got.dtype == _t.bool and _got.shape == (_N, _K), f"capacity_mask must return a (N, K) bool tensor, got {_got.dtype} {tuple(_got.shape)}")
+    _true(_t.equal(_got, _want), f"capacity_mask (N={_N}, K={_K}, E={_E}, capacity {_C}) differs from first-come-first-served",
+          hint="rank each assignment within its expert in token-major order; keep rank < capacity")
+
+# the layer with a capacity factor: every token routed to experts 4 and 5, only 3 slots each
+_cfg = _Cfg(dim=16, moe_inter_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+            n_limited_groups=2, capacity_factor=1.0)
+_t.manual_seed(2)
+_moe = MixtureOfExperts(_cfg).double()
+with _t.no_grad():
+    _moe.gate.bias[:] = -100.0
+    _moe.gate.bias[4:6] = 0.0
+    _x = _t.randn(12, 16, dtype=_t.float64)
+    _y, _info = _moe(_x)
+    _true(_info.kept is not None and _t.equal(_info.kept, capacity_mask(_info.indices, 8, _cap(12, 2, 8, 1.0))),
+          "with capacity_factor set, info.kept must be capacity_mask(indices, E, expert_capacity(N, K, E, factor))")
+    _true(bool(_info.kept[:3].all()) and not bool(_info.kept[3:].any()), "tokens 0-2 fill the 3 slots of experts 4 and 5")
+    _close(_y[3:], _moe.shared_experts(_x[3:]), atol=1e-12, name="tokens 3-11 lost both experts: only the shared expert remains")
+    _close(_y[:3], _moe.shared_experts(_x[:3]) + _moe.dispatch(_x[:3], _info.weights[:3], _info.indices[:3]), atol=1e-12,
+           name="tokens 0-2 keep both experts")
+print("load balancing: hidden tests passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint.** An expert with 3x the mean load loses exactly $\gamma$ of bias per step, however overloaded
+# it is: the update is a sign, not a gradient.
+#
+# ## 3.5 Experiments: balancing, collapse, specialisation, cost
+#
+# **The task.** Tokens come from 8 clusters, and a token's target applies its cluster's own random map,
+# $y = \tanh(A_c x)$ (`course_lib.data.make_cluster_regression`). The cluster mix is skewed (Zipf, skew 1.5):
+# the largest cluster supplies about half of the tokens. The model is one of your MoE layers (16 routed experts in
+# 4 groups, 2 kept, top-2, one shared expert) trained with AdamW on the mean squared error. We train it three
+# ways, from the same initialisation and on the same batches:
+#
+# | run | what balances the load |
+# |---|---|
+# | `none` | nothing |
+# | `seq_loss` | the sequence-wise balance loss, with α = 0.1 (V3's 1e-4 is far too weak for 100 steps of a toy) |
+# | `bias` | the auxiliary-loss-free bias update, with γ = 0.01 (V3: 0.001 over hundreds of thousands of steps) |
+
+# %% [code]
+EXP = MoEConfig(dim=32, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=4, n_limited_groups=2, route_scale=2.5)
+TASK = make_cluster_regression(n_clusters=8, dim=EXP.dim, skew=1.5, noise=0.5, seed=0)
+STEPS = sizes(100, 150)
+BATCH, SEQ = 8, 32
+x_eval, y_eval, c_eval = TASK.sample(16, 64, generator=torch.Generator().manual_seed(1234))  # held-out tokens
+
+
+def train(model: nn.Module, steps: int = STEPS, mode: str = "none", alpha: float = 0.1, gamma: float = 0.01,
+          task=TASK, lr: float = 3e-3, seed: int = 0) -> dict:
+    """Train `model` (your MixtureOfExperts, or any module mapping x to y) on `task`; record loss and routing.
+
+    mode: "none", "seq_loss" (add sequence_balance_loss * alpha) or "bias" (bias_update with gamma after each step).
+    """
+    gen = torch.Generator().manual_seed(seed)  # the same batches for every run
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    hist = {"loss": [], "maxvio": [], "load": [], "bias": [], "step_s": []}
+    for _ in range(steps):
+        x, y, _ = task.sample(BATCH, SEQ, generator=gen)
+        t0 = time.perf_counter()
+        out = model(x)
+        out, info = out if isinstance(out, tuple) else (out, None)
+        loss = F.mse_loss(out, y)
+        total = loss
+        if info is not None and mode == "seq_loss":
+            E, K = model.cfg.n_routed_experts, model.cfg.n_activated_experts
+            total = total + sequence_balance_loss(info.scores.view(BATCH, SEQ, E), info.indices.view(BATCH, SEQ, K), alpha)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if info is not None and mode == "bias":
+            with torch.no_grad():
+                model.gate.bias += bias_update(info.load, gamma)
+        hist["step_s"].append(time.perf_counter() - t0)
+        hist["loss"].append(loss.item())
+        if info is not None:
+            hist["maxvio"].append(max_violation(info.load))
+            hist["load"].append(info.load.clone())
+            hist["bias"].append(model.gate.bias.detach().clone())
+    model.eval()
+    with torch.no_grad():
+        out = model(x_eval)
+        out, info = out if isinstance(out, tuple) else (out, None)
+        hist["eval_loss"] = F.mse_loss(out, y_eval).item()
+        hist["eval_maxvio"] = max_violation(info.load) if info is not None else float("nan")
+    model.train()
+    return hist
+
+
+runs, models = {}, {}
+for mode in ("none", "seq_loss", "bias"):
+    torch.manual_seed(0)  # the same initial weights for every run
+    models[mode] = MixtureOfExperts(EXP)
+    runs[mode] = train(models[mode], mode=mode)
+    print(f"{mode:9s} held-out MSE {runs[mode]['eval_loss']:.4f} | held-out MaxVio {runs[mode]['eval_maxvio']:.2f} | "
+          f"MaxVio over the last 20 steps {np.mean(runs[mode]['maxvio'][-20:]):.2f}")
+
+# %% [markdown]
+# ### Load balancing: no balancing vs sequence-wise loss vs bias update
+
+# %% [code]
+def smooth(v, k: int = 5):
+    v = np.asarray(v, dtype=float)
+    return np.convolve(v, np.ones(k) / k, mode="valid")
+
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+for mode, h in runs.items():
+    axes[0].plot(smooth(h["maxvio"]), label=mode)
+    axes[1].plot(smooth(h["loss"]), label=mode)
+axes[0].set_xlabel("training step")
+axes[0].set_ylabel("MaxVio (5-step mean)")
+axes[0].set_title("Imbalance during training")
+axes[0].legend()
+axes[1].set_xlabel("training step")
+axes[1].set_ylabel("training MSE (5-step mean)")
+axes[1].set_yscale("log")
+axes[1].set_title("Task loss")
+axes[1].legend()
+width = 0.27
+for j, (mode, h) in enumerate(runs.items()):
+    final = torch.stack(h["load"][-10:]).mean(0)
+    axes[2].bar(np.arange(EXP.n_routed_experts) + (j - 1) * width, final.numpy(), width=width, label=mode)
+axes[2].axhline(BATCH * SEQ * EXP.n_activated_experts / EXP.n_routed_experts, color="k", ls="--", lw=1, label="balanced")
+axes[2].set_xticks(range(0, EXP.n_routed_experts, 2))
+axes[2].set_xlabel("expert")
+axes[2].set_ylabel("assignments per step (last 10 steps)")
+axes[2].set_title("Final load per expert")
+axes[2].legend(fontsize=8)
+fig.suptitle("Balancing 16 experts on skewed clusters (same data, same initialisation)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **What to look for.** Without balancing, a few experts take most of the assignments and some get none: the
+# router has collapsed onto the experts that serve the dominant cluster. The balance loss at α = 0.1 evens the
+# load, but its gradient pulls the router away from the task, and the task loss rises. The bias update reaches
+# a similar balance with a smaller loss penalty, because it never touches the gradients. On this toy, the
+# unbalanced model fits best: nothing here charges for an overloaded expert. With expert parallelism the
+# busiest expert sets the step time, and with a capacity limit (try the explorer below) the overflow is
+# dropped: those are the costs that balancing avoids. Numbers come from one seed and 100 steps (150
+# interactively); expect run-to-run spread.
+#
+# ### Expert utilisation dashboard (bias-update run)
+# Load per expert over training (top left), which experts the held-out tokens use, sorted by cluster (top
+# right), the MaxVio curve (bottom left) and each expert's bias (bottom right). The largest cluster's
+# experts are pushed down and the idle ones pulled up, until the load evens out.
+
+# %% [code]
+with torch.no_grad():
+    _, info_eval = models["bias"](x_eval.reshape(-1, EXP.dim))
+order = torch.argsort(c_eval.flatten(), stable=True)[:: max(1, c_eval.numel() // 64)][:64]  # 64 tokens, sorted by cluster
+assign = torch.zeros(c_eval.numel(), EXP.n_routed_experts).scatter_(1, info_eval.indices, info_eval.weights)[order]
+fig = viz.create_expert_dashboard(
+    {"load": torch.stack(runs["bias"]["load"]), "assignments": assign, "maxvio": runs["bias"]["maxvio"],
+     "bias": torch.stack(runs["bias"]["bias"])},
+    title="Auxiliary-loss-free balancing: 16 experts, skewed clusters",
+)
+plt.show()
+
+# %% [markdown]
+# ### Expert specialisation
+# For each cluster (row), the share of its held-out tokens' expert slots that each expert (column) takes.
+# Without balancing, each cluster sends nearly all its tokens to the same two experts, so the two experts of
+# the dominant cluster carry about half of all assignments. With the bias update, the dominant cluster spreads
+# thinly over many experts, and the smaller clusters still go to a few experts each. Specialisation survives
+# balancing.
+
+# %% [code]
+def routing_matrix(model: MixtureOfExperts, x: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """(C, E): share of each cluster's expert slots taken by each expert."""
+    with torch.no_grad():
+        _, info = model(x.reshape(-1, model.cfg.dim))
+    C, E = int(clusters.max()) + 1, model.cfg.n_routed_experts
+    hits = torch.zeros(C, E)
+    hits.index_put_((clusters.flatten().repeat_interleave(info.indices.shape[1]), info.indices.flatten()),
+                    torch.ones(info.indices.numel()), accumulate=True)
+    return hits / hits.sum(1, keepdim=True).clamp_min(1)
+
+
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+for ax, mode in zip(axes, ("none", "bias")):
+    im = ax.imshow(routing_matrix(models[mode], x_eval, c_eval).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(0, EXP.n_routed_experts, 2))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("cluster (0 = most frequent)")
+    ax.set_title(f"{mode}: share of each cluster's slots per expert")
+    ax.grid(False)
+fig.colorbar(im, ax=axes, label="share of slots")
+plt.show()
+share = (torch.bincount(c_eval.flatten(), minlength=8).float() / c_eval.numel()).tolist()
+print("cluster frequencies (held-out):", [f"{p:.2f}" for p in share])
+
+# %% [markdown]
+# ### MoE vs a dense FFN with the same active parameters
+# A dense SwiGLU of width $(K_r + N_s) \cdot I$ = 96 uses as many parameters per token as the MoE (minus its
+# 512-parameter gate), but holds 6x fewer parameters in total. Same data, same optimiser, same number of steps.
+
+# %% [code]
+torch.manual_seed(0)
+dense = ExpertNetwork(EXP.dim, (EXP.n_activated_experts + EXP.n_shared_experts) * EXP.moe_inter_dim)
+runs["dense"] = train(dense)
+n_dense = sum(p.numel() for p in dense.parameters())
+counts = moe_param_counts(EXP)
+step_ratio = np.median(runs["bias"]["step_s"]) / np.median(runs["dense"]["step_s"])
+print(f"dense FFN : {n_dense:6d} parameters (all active) | held-out MSE {runs['dense']['eval_loss']:.4f}")
+print(f"MoE (bias): {counts['total']:6d} parameters, {counts['active']} active | held-out MSE {runs['bias']['eval_loss']:.4f}")
+print(f"a MoE training step takes {step_ratio:.1f}x as long as a dense one on this CPU (median of {STEPS} steps)")
+fig, ax = plt.subplots()
+ax.plot(smooth(runs["dense"]["loss"]), label=f"dense FFN ({n_dense:,} params)")
+ax.plot(smooth(runs["bias"]["loss"]), label=f"MoE, bias balancing ({counts['active']:,} active of {counts['total']:,})")
+ax.set_yscale("log")
+ax.set_xlabel("training step")
+ax.set_ylabel("training MSE (5-step mean)")
+ax.set_title("Equal active parameters: MoE vs dense FFN")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# **What to look for.** The MoE fits the eight cluster maps better: each token gets experts that only need to
+# learn one or two maps, while the dense network must fit all eight with the same per-token budget. On a CPU
+# the MoE step is slower than its FLOPs suggest: sorting, gathering and sixteen small matrix products cost
+# more than one large one. Production MoEs win back that overhead with grouped GEMM kernels and large batches
+# per expert.
+#
+# ### Scaling with the number of experts
+# Keep $K_r$ = 2 and the expert width fixed, and grow $N_r$ (no groups). Total parameters grow linearly,
+# active parameters and FLOPs per token barely move (only the gate grows). The forward time of your layer
+# grows slowly with the per-expert overhead. A dense FFN holding the same *total* parameters grows linearly.
+
+# %% [code]
+n_tok = sizes(512, 1024)
+expert_counts = sizes([4, 8, 16, 32], [4, 8, 16, 32, 64])
+rows = []
+with torch.no_grad(), threads(1):
+    x_s = torch.randn(n_tok, EXP.dim)
+    for E in expert_counts:
+        cfg_e = MoEConfig(dim=EXP.dim, moe_inter_dim=EXP.moe_inter_dim, n_routed_experts=E, n_shared_experts=1,
+                          n_activated_experts=2, n_expert_groups=1, n_limited_groups=1)
+        torch.manual_seed(0)
+        moe_e = MixtureOfExperts(cfg_e).eval()
+        dense_total = ExpertNetwork(EXP.dim, (E + 1) * EXP.moe_inter_dim)
+        t = compare({"moe": lambda m=moe_e: m(x_s), "dense_same_total": lambda d=dense_total: d(x_s)}, warmup=1, repeats=5)
+        c = moe_param_counts(cfg_e)
+        rows.append((E, c["total"], c["active"], 2 * c["active"], 1e6 * t["moe"].median / n_tok, 1e6 * t["dense_same_total"].median / n_tok))
+rows = np.array(rows, dtype=float)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+ax1.plot(rows[:, 0], rows[:, 1], marker="o", label="total parameters")
+ax1.plot(rows[:, 0], rows[:, 2], marker="o", label="active parameters")
+ax1.plot(rows[:, 0], rows[:, 3], marker="s", ls="--", label="FLOPs per token (2 x active)")
+ax1.set_xscale("log", base=2)
+ax1.set_yscale("log")
+ax1.set_xlabel("routed experts N_r (K_r = 2)")
+ax1.set_ylabel("count")
+ax1.set_title("Parameters grow, compute per token does not")
+ax1.legend()
+ax2.plot(rows[:, 0], rows[:, 4], marker="o", label="your MoE layer")
+ax2.plot(rows[:, 0], rows[:, 5], marker="o", label="dense FFN, same total parameters")
+ax2.set_xscale("log", base=2)
+ax2.set_xlabel("routed experts N_r")
+ax2.set_ylabel("forward time per token (µs, 1 thread)")
+ax2.set_title(f"Forward time, {n_tok} tokens (this CPU)")
+ax2.legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### Interactive: balancing explorer
+# Choose the bias update speed γ, the skew of the cluster mix, and a capacity factor. A short training run
+# (50 steps) shows how fast the load evens out, and how many assignments a capacity limit drops without
+# balancing and with it. γ = 0 is the unbalanced baseline. In JupyterLab you get dropdowns; otherwise the
+# first choice is drawn.
+
+# %% [code]
+def balance_explorer(gamma: float = 0.01, skew: float = 1.5, capacity_factor: float = 1.25):
+    task = make_cluster_regression(n_clusters=8, dim=EXP.dim, skew=skew, noise=0.5, seed=0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
+    for g in sorted({0.0, gamma}):
+        torch.manual_seed(0)
+        model = MixtureOfExperts(EXP)
+        h = train(model, steps=50, mode="bias", gamma=g, task=task)
+        model.cfg = MoEConfig(**{**vars(EXP), "capacity_factor": capacity_factor})  # limit only for the evaluation
+        with torch.no_grad():
+            _, info = model(x_eval.reshape(-1, EXP.dim))
+        model.cfg = EXP
+        ax1.plot(smooth(h["maxvio"]), label=f"gamma = {g}")
+        ax2.bar(f"gamma = {g}", 100 * info.n_dropped / info.indices.numel())
+    ax1.set_xlabel("training step")
+    ax1.set_ylabel("MaxVio (5-step mean)")
+    ax1.set_title(f"Imbalance, skew {skew}")
+    ax1.legend()
+    ax2.set_ylabel("assignments dropped (%)")
+    ax2.set_title(f"Held-out tokens dropped at capacity factor {capacity_factor}")
+    fig.tight_layout()
+    plt.show()
+
+
+viz.interactive(balance_explorer, gamma=[0.01, 0.001, 0.03], skew=[1.5, 0.0, 3.0], capacity_factor=[1.25, 1.0, 2.0])
+
+# %% [markdown]
+# ### Graded benchmark: grouped dispatch vs a per-token loop
+# Your `MixtureOfExperts` against the same layer evaluated token by token (`dispatch_per_token` from
+# `course_lib.deepseek.moe`, which calls your experts one token and one slot at a time), at 16 experts, top-4,
+# 512 tokens (1024 when run interactively). Points require that the two outputs agree, and that your layer agrees
+# with the course's reference `MoE` on the same weights. Then the grouped dispatch must be at least **10x**
+# faster. A correct solution measures about 40-50x on the course's 2-core CPU (one thread).
+
+# %% [test id=bench_03_dispatch points=2]
+import torch as _t
+from course_lib.bench import compare as _compare, ratio as _ratio, threads as _threads
+from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg, dispatch_per_token as _per_token
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+from course_lib.utils import sizes as _sizes
+
+_cfg = _Cfg(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4,
+            n_limited_groups=2)
+_n = _sizes(512, 1024)
+_t.manual_seed(0)
+_moe = MixtureOfExperts(_cfg).eval()
+_ref = _RefMoE(_cfg).eval()
+with _t.no_grad():
+    _moe.gate.bias.normal_(0.0, 0.05)
+    _copy(_moe, _ref)
+    _x = _t.randn(_n, _cfg.dim)
+
+    def _loop():
+        _w, _i, _ = _moe.gate(_x)
+        return _per_token(_moe.experts, _x, _w, _i) + _moe.shared_experts(_x)
+
+    _fast = lambda: _moe(_x)[0]
+    # correctness gate (float32): measured max abs difference ~2e-7 (row-by-row vs batched matmuls)
+    _close(_fast(), _loop(), atol=1e-5, rtol=1e-4, name="grouped dispatch vs per-token loop (no points unless outputs agree)")
+    _close(_fast(), _ref(_x)[0], atol=1e-5, rtol=1e-4, name="your MoE vs course_lib.deepseek.moe.MoE (no points unless outputs agree)")
+    with _threads(1):
+        _r = _compare({"per_token_loop": _loop, "grouped": _fast}, warmup=1, repeats=5)
+_speedup = _ratio(_r["per_token_loop"], _r["grouped"])
+print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; grouped dispatch is {_speedup:.1f}x faster")
+_true(_speedup >= 10.0, f"grouped dispatch is only {_speedup:.1f}x faster than the per-token loop (need >= 10x)",
+      hint="sort the assignments by expert, call each expert once on its slice, index_add_ the weighted rows back")
+
+# %% [markdown]
+# **Beyond this notebook.** `course_lib.deepseek.moe` is the production version of this layer.
+# `python -m course_lib.deepseek.moe` times it at 64 experts, top-6 and 4096 tokens against a `torch.where` loop
+# over experts (DeepSeek's own inference code does this) and against HF transformers' `DeepseekV3MoE`, whose
+# outputs it matches on the same weights (`tests/test_moe.py`). With many tokens per expert all three spend
+# their time in the same matrix products, so the grouped dispatch wins by little. The large win is over the
+# per-token loop.
+#
+# ## Optional challenge (ungraded)
+# 1. **Grouped GEMM.** Stack the expert weights into (E, I, d) tensors and replace the loop over experts with
+#    `torch._grouped_mm` (offsets = `counts.cumsum(0)`). Compare it with your `dispatch` at 4 and at 4096 tokens.
+# 2. **Device-limited routing.** Put 4 experts on each of 4 "devices" (groups) and count, per token, how many
+#    devices its experts sit on, with and without the group limit. How does the group limit change the traffic?
+# 3. **γ schedule.** V3 sets γ to 0 for the last 500B tokens. Train with γ = 0.01 and then γ = 0: does the load
+#    stay balanced once the bias stops moving?
+#
+# ## Quiz
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+#
+# **Q1.** In DeepSeek-V3, the expert bias $b_i$ changes (a) the combine weights only; (b) which experts are
+# selected, but not the combine weights; (c) both the selection and the weights; (d) the gate's gradient.
+
+# %% [solution id=quiz_03_1]
+### BEGIN SOLUTION
+ANSWER_Q1 = "b"
+### END SOLUTION
+
+# %% [test id=test_03_quiz_1 points=1]
+assert ANSWER_Q1 in ("a", "b", "c", "d"), f"ANSWER_Q1 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q1!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q1 == "b", "Q1: the bias only selects; weights use the unbiased affinities"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q2.** DeepSeek-V3 routes among 256 experts in 8 groups, keeps 4 groups and activates 8 experts. Among how
+# many experts does a token's top-8 choose? (a) 256; (b) 128; (c) 32; (d) 8.
+
+# %% [solution id=quiz_03_2]
+### BEGIN SOLUTION
+ANSWER_Q2 = "b"
+### END SOLUTION
+
+# %% [test id=test_03_quiz_2 points=1]
+assert ANSWER_Q2 in ("a", "b", "c", "d"), f"ANSWER_Q2 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q2!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q2 == "b", "Q2: 4 kept groups x 32 experts per group = 128 candidates"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q3.** Why are the experts of dropped groups masked with $-\infty$ rather than 0?
+# (a) $-\infty$ is faster to compute;
+# (b) biased scores $s + b$ can be negative, so a masked 0 would outrank kept experts and route tokens outside their kept groups;
+# (c) sigmoid scores can exceed 1;
+# (d) a 0 would break the renormalisation of the weights.
+
+# %% [solution id=quiz_03_3]
+### BEGIN SOLUTION
+ANSWER_Q3 = "b"
+### END SOLUTION
+
+# %% [test id=test_03_quiz_3 points=1]
+assert ANSWER_Q3 in ("a", "b", "c", "d"), f"ANSWER_Q3 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q3!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q3 == "b", "Q3: with negative biased scores a 0 mask wins the top-k"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q4.** After a training step, expert 7's load is 3x the mean. With γ = 0.001, its bias changes by
+# (a) −0.003; (b) −0.001; (c) +0.001; (d) −0.002.
+
+# %% [solution id=quiz_03_4]
+### BEGIN SOLUTION
+ANSWER_Q4 = "b"
+### END SOLUTION
+
+# %% [test id=test_03_quiz_4 points=1]
+assert ANSWER_Q4 in ("a", "b", "c", "d"), f"ANSWER_Q4 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q4!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q4 == "b", "Q4: b_i += gamma * sign(mean - load_i) = -0.001, whatever the size of the excess"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## Summary
+# - A DeepSeekMoE layer = shared expert(s) on every token + $K_r$ of $N_r$ fine-grained SwiGLU experts. V3: 1 + 8 of
+#   256, width 2048; 11.3 B parameters per layer, 0.40 B active per token.
+# - Router: $s = \sigma(W u)$; select with $s + b$; group score = sum of the top-2 selection scores; keep $M$ groups,
+#   mask the rest with $-\infty$; top-$K_r$; weights $= 2.5 \cdot s / \sum_{\text{TopK}} s$, from the *unbiased* $s$.
+# - Dispatch: stable `argsort` of the assignments by expert, `bincount`, one call per expert on a contiguous slice,
+#   `index_add_` back. Never loop over tokens.
+# - Balancing: $b_i \mathrel{+}= \gamma\,\mathrm{sign}(\overline{\text{load}} - \text{load}_i)$ after each step, no gradient; a
+#   tiny sequence-wise loss $\alpha \sum_i f_i P_i$ as a backstop; MaxVio to measure. V3 drops no tokens.
+#
+# ## Troubleshooting
+# | symptom | likely cause | fix |
+# |---|---|---|
+# | `NotImplementedError: exercise not implemented yet` | a stub is still in place | replace the `raise` line in that method |
+# | weights do not sum to 2.5 | not renormalised, or `route_scale` forgotten | divide the chosen $s$ by their sum, then multiply by `route_scale` |
+# | "bias in weights" | gathered the weights from `s + b` | gather from the unbiased `scores` |
+# | tokens routed outside their kept groups | masked with 0 (or a large negative number that biased scores can undercut) | `masked_fill(..., float("-inf"))` |
+# | wrong groups kept | group score = max | sum of each group's two largest selection scores (`topk(2).values.sum(-1)`) |
+# | `RuntimeError: split_with_sizes expects split_sizes to sum exactly to ...` | counts taken before dropping masked assignments | `bincount` the *kept* sorted assignments |
+# | output right for one token, wrong for others | `order // K` vs `order % K` mixed up, or the weights not permuted with `order` | token = `order // K`; weight = `weights.reshape(-1)[order]` |
+# | "expert e was called n times" | a loop over tokens, or over (token, slot) pairs | one call per expert on its contiguous slice |
+# | MaxVio grows with the bias update on | sign flipped | `sign(mean - load)`: overloaded experts go *down* |
+# | benchmark speedup ≈ 1x | per-token loop inside `dispatch` | sort once, slice per expert |
+#
+# **Next:** Section 4 takes the expert GEMMs to FP8. Section 5 puts `course_lib.deepseek.moe.MoE` (the reference
+# version of your layer) after MLA in every block, with the bias updated once per training step.

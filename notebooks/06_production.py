@@ -1,0 +1,1340 @@
+# %% [markdown]
+# # Section 6 — Production and scale
+#
+# DeepSeek-V3 has 671B parameters. In BF16 the weights alone are 1.34 TB, about 17 H800s' worth of memory
+# before a single activation, gradient or cache entry. It was trained on 2048 GPUs and is served from units of 32
+# (prefill) and 320 (decode) GPUs. This section covers what changes between a model that runs in a notebook
+# and one that runs at that scale: code that can be trusted because its tests catch subtle bugs, measured
+# memory and compute trade-offs, a memory plan for the full model, and **expert parallelism**, where each
+# process holds a slice of the experts and tokens travel between processes. The distributed code is real
+# `torch.distributed`: two processes on this CPU with the gloo backend, and the same module under
+# `torchrun` with NCCL on GPUs.
+#
+# **Learning objectives.** After this section you can
+# - write a test that passes every correct implementation and fails subtly wrong ones;
+# - measure what activation checkpointing, fused kernels and `torch.compile` buy on this machine, and
+#   estimate model FLOPs utilisation (MFU);
+# - count DeepSeek-V3's parameters, active parameters, KV cache and per-GPU memory from its configuration;
+# - implement expert-parallel dispatch and combine with `all_to_all_single` and check them against a
+#   single-process MoE, gradients included;
+# - quantify node-limited routing, expert capacity and the KV-cache memory of each concurrent request.
+#
+# **Time:** about 75 minutes (6.1: 10, 6.2: 15, 6.3: 15, 6.4: 25, 6.5: 10). **Prerequisites:** Sections 2 (MLA,
+# latent cache) and 3 (DeepSeekMoE routing), autograd, `pytest`-style asserts.
+#
+# *For instructors:* the seed's three subsections (organisation, performance, scaling) become five. The memory
+# planner (6.3) and serving (6.5) get their own headings because each answers a separate production question
+# ("does it fit?", "how many users?"). The three graded exercises are a test-writing exercise (graded by
+# running the learner's test against hidden correct and wrong implementations), the planner and expert-parallel
+# dispatch/combine. The distributed cells spawn two worker processes once per kernel, which takes a few seconds.
+
+# %% [given]
+import torch
+from course_lib.utils import setup, sizes
+ENV = setup(seed=0)
+print(ENV)
+
+# %% [given]
+import functools
+import math
+import os
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from course_lib import distributed as cdist
+from course_lib import planner as ref_planner  # the course's reference planner, used by figures
+from course_lib import viz
+from course_lib.bench import compare, peak_memory, ratio
+from course_lib.deepseek.common import RMSNorm, SwiGLU
+from course_lib.deepseek.mla import MLA, MLAConfig, MultiHeadAttention
+from course_lib.deepseek.moe import route as moe_route
+from course_lib.distributed import DispatchPlan, all_to_all, get_cluster, run_local_experts
+from course_lib.planner import (BF16_MIXED, COMPONENTS, DEEPSEEK_V3, GiB, V3_TRAINING, ModelConfig, Parallelism,
+                                Precision)
+from course_lib.utils import env_report
+
+# One thread: this section's tensors are small, a second thread mostly adds cross-core synchronisation and makes
+# timings noisy on a shared machine. The two distributed workers use one thread each.
+ENV = env_report(threads=1)
+V3 = ModelConfig()  # DeepSeek-V3 671B (inference/configs/config_671B.json)
+print(ENV)
+print(V3)
+
+# %% [markdown]
+# ## 6.1 Code organisation, interfaces and tests
+#
+# The course's code lives in one installed package, `course_lib`, with **one concern per module**:
+#
+# ```
+# course_lib/
+#   utils.py        seeding, light/full sizes, environment report      <- every notebook's setup cell
+#   testing.py      assert_close, assert_shape, gradcheck_fd ...       <- every test cell
+#   bench.py        compare (interleaved timing), peak_memory          <- every measurement
+#   viz.py          figures, interactive explorers
+#   deepseek/
+#     common.py     RMSNorm, RoPE, SwiGLU              (no dependencies inside the package)
+#     mla.py        MLA + latent cache                 (uses common)
+#     moe.py        Gate, route, MoE                   (uses common)
+#     fp8.py        formats, block quantisation, FP8 GEMM
+#   distributed.py  process groups, DP, EP dispatch/combine   (uses deepseek.moe)   <- this section
+#   planner.py      parameter, cache and memory counts         (no torch needed)     <- this section
+# ```
+#
+# Three habits make this code usable at scale:
+#
+# - **Configs are data.** `MLAConfig`, `MoEConfig` and `ModelConfig` are dataclasses. A module is built
+#   from a config, so the 671B model and a 64-wide test model run the same code, and a planner can count a
+#   model without building it.
+# - **Narrow interfaces.** `route(scores, bias, ...)` is a pure function from tensors to tensors; the MoE
+#   layer, the expert-parallel layer and the statistics in 6.4 all call it. Pure functions are easy to test
+#   and to distribute: any process can recompute them.
+# - **Tests with oracles.** `tests/test_<module>.py` checks each module against an *independent* oracle
+#   (a per-token loop, float64, a real module with the same weights) and against invariants (weights sum to
+#   `route_scale`). Slow or special tests carry markers (`@pytest.mark.distributed` spawns processes).
+#
+# A test is only worth something if it **fails for the bugs you fear and passes for every correct
+# implementation**. The second half is easy to forget. DeepSeek's router may return a token's $K$ experts in any
+# order, so a test that compares index tensors position by position rejects correct code.
+
+# %% [given]
+import ast
+from pathlib import Path
+
+import course_lib
+
+root = Path(course_lib.__file__).parent
+for path in sorted(root.rglob("*.py")):
+    if path.name.startswith("_") and path.name != "__init__.py":
+        continue
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    name = ".".join(("course_lib",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    print(f"{name:28s} {doc.splitlines()[0][:95] if doc else ''}")
+
+# %% [markdown]
+# ### Exercise 6.1 — a test that tells right from subtly wrong
+#
+# Write `test_router(route_fn)`, a pytest-style test (plain `assert`s, or `course_lib.testing` helpers) for
+# an implementation of DeepSeek-V3's routing with this contract:
+#
+# `route_fn(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale) -> (weights, indices)`, with
+# `logits` (N, E) and `bias` (E,), returning `weights` (N, K) (same dtype as `logits`) and `indices` (N, K) int64:
+#
+# 1. affinities $s_{i,t} = \sigma(\text{logit}_{i,t})$;
+# 2. selection scores $s_{i,t} + b_i$;
+# 3. experts form `n_groups` equal contiguous groups; a group's score is the **sum of its two largest selection
+#    scores**; only the best `n_limited_groups` groups stay eligible (the others can never be chosen);
+# 4. `indices`: the `top_k` eligible experts with the largest selection scores, **in any order**;
+# 5. `weights[t, k]` $= \text{route\_scale}\cdot s_{\text{indices}[t,k],t} / \sum_{k'} s_{\text{indices}[t,k'],t}$:
+#    unbiased affinities, renormalised over the chosen experts.
+#
+# Your test must **return normally** for every correct implementation and **raise** (e.g. `AssertionError`) for
+# implementations that break any rule above. It is graded by running it against a correct implementation
+# and against several wrong ones, some of which you have not seen.
+#
+# Hints: write your own oracle from the rules (a loop over tokens is fine; do not import one); compare sets of
+# experts, not positions; pick inputs that make the rules matter: several groups, a bias large enough to
+# change choices, biases that make some selection scores negative, more than one configuration.
+
+# %% [solution id=ex_06_1_router_test]
+def test_router(route_fn) -> None:
+    """Check `route_fn` against the routing rules 1-5 above; raise AssertionError on any violation.
+
+    route_fn(logits (N, E), bias (E,), *, top_k, n_groups, n_limited_groups, route_scale)
+        -> weights (N, K), indices (N, K) int64 (any order of the K experts).
+    """
+    ### BEGIN SOLUTION
+    def oracle(logits, bias, top_k, n_groups, n_limited_groups, route_scale):
+        """Rules 1-5, one token at a time, in float64. Returns per token the sorted experts and their weights."""
+        s = torch.sigmoid(logits.double())  # (N, E)
+        sel = s + bias.double()
+        N, E = s.shape
+        per = E // n_groups
+        out = []
+        for t in range(N):
+            group_score = [sorted(sel[t, g * per : (g + 1) * per].tolist())[-2:] for g in range(n_groups)]
+            group_score = [sum(v) for v in group_score]
+            kept = sorted(range(n_groups), key=lambda g: group_score[g])[-n_limited_groups:]
+            eligible = [e for e in range(E) if e // per in kept]
+            chosen = sorted(sorted(eligible, key=lambda e: float(sel[t, e]))[-top_k:])
+            w = s[t, chosen]
+            out.append((chosen, (w / w.sum() * route_scale).tolist()))
+        return out
+
+    cases = [  # (N, E, top_k, n_groups, n_limited_groups, route_scale, bias scale, bias shift)
+        (48, 16, 4, 4, 2, 2.5, 0.5, 0.0),
+        (48, 16, 6, 4, 2, 1.0, 1.0, -0.8),  # many negative selection scores: masked groups must stay out
+        (32, 12, 3, 3, 1, 2.5, 0.3, 0.0),
+        (32, 8, 2, 1, 1, 1.5, 2.0, 0.0),  # no group limit, bias decides
+    ]
+    for i, (N, E, K, G, M, scale, b_scale, b_shift) in enumerate(cases):
+        for dtype in (torch.float32, torch.float64):
+            gen = torch.Generator().manual_seed(100 + i)
+            logits = torch.randn(N, E, generator=gen).to(dtype)
+            bias = (b_scale * torch.randn(E, generator=gen) + b_shift).to(dtype)
+            weights, indices = route_fn(logits.clone(), bias.clone(), top_k=K, n_groups=G, n_limited_groups=M,
+                                        route_scale=scale)
+            assert weights.shape == (N, K) and indices.shape == (N, K), f"case {i}: shapes {weights.shape}, {indices.shape}"
+            assert weights.dtype == dtype, f"case {i}: weights dtype {weights.dtype}, expected {dtype}"
+            assert indices.dtype == torch.int64, f"case {i}: indices dtype {indices.dtype}"
+            want = oracle(logits, bias, K, G, M, scale)
+            order = torch.argsort(indices, dim=1)
+            got_idx = torch.gather(indices, 1, order)
+            got_w = torch.gather(weights, 1, order).double()
+            for t, (chosen, w) in enumerate(want):
+                assert got_idx[t].tolist() == chosen, f"case {i}, token {t}: experts {got_idx[t].tolist()}, expected {chosen}"
+                assert torch.allclose(got_w[t], torch.tensor(w, dtype=torch.float64), atol=1e-5, rtol=1e-5), \
+                    f"case {i}, token {t}: weights {got_w[t].tolist()}, expected {w}"
+            assert torch.allclose(weights.double().sum(1), torch.full((N,), scale, dtype=torch.float64), atol=1e-5), \
+                f"case {i}: weights do not sum to route_scale"
+    ### END SOLUTION
+
+
+# %% [given]
+def route_correct(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    """A correct implementation: course_lib's route() on sigmoid affinities."""
+    scores = torch.sigmoid(logits)
+    return moe_route(scores, bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups,
+                     route_scale=route_scale)
+
+
+def passes(test_fn, impl) -> bool:
+    """True when `test_fn(impl)` returns normally (a pytest 'pass')."""
+    try:
+        test_fn(impl)
+    except NotImplementedError:
+        raise
+    except Exception:
+        return False
+    return True
+
+
+# %% [test id=test_06_1_router_test points=1]
+import torch
+from course_lib.deepseek.moe import route as _route
+from course_lib.testing import assert_true
+
+
+def _correct(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    return _route(torch.sigmoid(logits), bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups,
+                  route_scale=route_scale)
+
+
+def _bias_in_weights(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    s = torch.sigmoid(logits)
+    _, idx = _route(s, bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups, route_scale=1.0)
+    w = (s + bias).gather(1, idx)  # wrong: the bias leaks into the combine weights
+    return w / w.sum(-1, keepdim=True) * route_scale, idx
+
+
+def _no_renorm(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    s = torch.sigmoid(logits)
+    _, idx = _route(s, bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups, route_scale=1.0)
+    return s.gather(1, idx) * route_scale, idx  # wrong: not divided by the sum over the chosen experts
+
+
+try:
+    test_router(_correct)
+except NotImplementedError:
+    raise
+except Exception as _e:
+    raise AssertionError(f"your test rejects a correct implementation: {type(_e).__name__}: {_e}") from None
+for _name, _bad in [("bias in the combine weights", _bias_in_weights), ("weights not renormalised", _no_renorm)]:
+    _caught = False
+    try:
+        test_router(_bad)
+    except Exception:
+        _caught = True
+    assert_true(_caught, f"your test passes a wrong implementation: {_name}")
+print("test_router: passes the correct router and catches 2 of the wrong ones shown here")
+
+# %% [test id=test_06_1_router_test_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.moe import route as _rr
+from course_lib.testing import assert_true as _true
+
+
+def _ok_sorted(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    """Correct, written differently: float64 inside, experts returned in ascending id order."""
+    s = _t.sigmoid(logits.double())
+    sel = s + bias.double()
+    N, E = s.shape
+    g = sel.view(N, n_groups, E // n_groups).topk(min(2, E // n_groups), -1).values.sum(-1)  # (N, G)
+    keep = g.topk(n_limited_groups, -1).indices
+    mask = _t.ones(N, n_groups, dtype=_t.bool).scatter_(1, keep, False).repeat_interleave(E // n_groups, 1)
+    idx = sel.masked_fill(mask, float("-inf")).topk(top_k, -1).indices.sort(-1).values
+    w = s.gather(1, idx)
+    return (w / w.sum(-1, keepdim=True) * route_scale).to(logits.dtype), idx
+
+
+def _ok_reversed(logits, bias, **kw):
+    """Correct: the reference with each token's experts in reverse order."""
+    w, i = _rr(_t.sigmoid(logits), bias, **kw)
+    return w.flip(-1), i.flip(-1)
+
+
+def _wrong(kind):
+    def impl(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+        s = logits.softmax(-1) if kind == "softmax" else _t.sigmoid(logits)
+        b = _t.zeros_like(bias) if kind == "no bias in selection" else bias
+        if kind == "group max":
+            N, E = s.shape
+            sel = (s + b).view(N, n_groups, E // n_groups)
+            keep = sel.amax(-1).topk(n_limited_groups, -1).indices
+            mask = _t.ones(N, n_groups, dtype=_t.bool).scatter_(1, keep, False).unsqueeze(-1)
+            idx = sel.masked_fill(mask, float("-inf")).flatten(1).topk(top_k, -1).indices
+        elif kind == "group on unbiased scores":
+            N, E = s.shape
+            keep = s.view(N, n_groups, -1).topk(2, -1).values.sum(-1).topk(n_limited_groups, -1).indices
+            mask = _t.ones(N, n_groups, dtype=_t.bool).scatter_(1, keep, False).unsqueeze(-1)
+            idx = (s + b).view(N, n_groups, -1).masked_fill(mask, float("-inf")).flatten(1).topk(top_k, -1).indices
+        elif kind == "masked with 0":
+            _, idx = _rr(s, b, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups, group_mask_fill=0.0)
+        elif kind == "no group limit":
+            _, idx = _rr(s, b, top_k=top_k)
+        else:
+            _, idx = _rr(s, b, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups)
+        w = s.gather(1, idx)
+        w = w / w.sum(-1, keepdim=True)
+        return (w if kind == "route_scale forgotten" else w * route_scale), idx
+    return impl
+
+
+def _ok_reference(logits, bias, **kw):
+    return _rr(_t.sigmoid(logits), bias, **kw)
+
+
+for _name, _impl in [("reference", _ok_reference), ("ascending ids, float64 inside", _ok_sorted), ("reversed order", _ok_reversed)]:
+    try:
+        test_router(_impl)
+    except Exception as _e:
+        raise AssertionError(f"your test rejects a correct implementation ({_name}): {type(_e).__name__}: {_e}") from None
+for _kind in ["softmax", "no bias in selection", "group max", "group on unbiased scores", "masked with 0", "no group limit",
+              "route_scale forgotten"]:
+    _caught = False
+    try:
+        test_router(_wrong(_kind))
+    except Exception:
+        _caught = True
+    _true(_caught, f"your test passes a wrong router: {_kind}",
+          hint="use several groups, a bias that changes choices (some selection scores negative) and compare to your own oracle")
+print("test_router: hidden checks passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your test accepts the experts of a token in any order and rejects every broken rule.
+# Run it against the course's router: `passes(test_router, route_correct)` should be `True`.
+
+# %% [code]
+try:
+    print("course router passes your test:", passes(test_router, route_correct))
+except NotImplementedError:
+    print("test_router is not written yet")
+
+# %% [markdown]
+# ## 6.2 Performance optimisation
+#
+# ### 6.2.1 Memory: activation checkpointing
+#
+# Backpropagation needs every intermediate activation of the forward pass. A block of width $d$ on $T$ tokens
+# stores a few dozen $T \times d$ tensors: normed inputs, projections, attention probabilities ($H \times T^2$) and the
+# SwiGLU products. A stack of $L$ blocks keeps all of them alive until the backward pass reaches it:
+#
+# $$\text{memory} \approx L \cdot A_{\text{block}} \quad\xrightarrow{\text{checkpoint each block}}\quad L \cdot |x_{\text{block input}}| + A_{\text{block}}.$$
+#
+# With checkpointing, only each block's **input** is saved. During the backward pass the block's forward is run
+# again to rebuild its activations just before they are needed. The cost is one extra forward per block. If
+# backward costs about twice the forward, the step does $4F$ of work instead of $3F$: 33 % more compute. Small,
+# overhead-heavy blocks like ours pay more, since their forward is a larger share of the step. DeepSeek-V3 recomputes only the cheap parts (all RMSNorms and the MLA up-projections) instead of whole
+# blocks. Below, `peak_memory` records the largest number of bytes alive at once while a step runs.
+
+# %% [given]
+class Block(nn.Module):
+    """A pre-norm DeepSeek-style block: x + MLA(norm(x)), then + SwiGLU(norm(x))."""
+
+    def __init__(self, cfg: MLAConfig, inter_dim: int) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.dim), MLA(cfg)
+        self.ffn_norm, self.ffn = RMSNorm(cfg.dim), SwiGLU(cfg.dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Stack(nn.Module):
+    """L blocks; with `ckpt=True` each block's activations are recomputed in the backward pass."""
+
+    def __init__(self, n_layers: int, cfg: MLAConfig, inter_dim: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg, inter_dim) for _ in range(n_layers))
+        self.ckpt = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False) if self.ckpt else b(x)
+        return x
+
+
+L_, B_, T_, D_ = sizes((4, 2, 128, 64), (6, 2, 128, 128))
+torch.manual_seed(0)
+ck_cfg = MLAConfig(dim=D_, n_heads=4, q_lora_rank=D_ // 2, kv_lora_rank=D_ // 4, qk_nope_head_dim=D_ // 4,
+                   qk_rope_head_dim=D_ // 8, v_head_dim=D_ // 4, max_seq_len=T_)
+stack = Stack(L_, ck_cfg, 2 * D_)
+x_ck = torch.randn(B_, T_, D_)
+
+
+def train_step(ckpt: bool) -> None:
+    stack.ckpt = ckpt
+    stack.zero_grad(set_to_none=True)
+    stack(x_ck).pow(2).mean().backward()
+
+
+def grads() -> list[torch.Tensor]:
+    return [p.grad.clone() for p in stack.parameters()]
+
+
+train_step(False)
+g_plain = grads()
+train_step(True)
+g_ckpt = grads()
+ck_err = max(float((a - b).abs().max()) for a, b in zip(g_plain, g_ckpt))
+mem = {ck: peak_memory(lambda ck=ck: train_step(ck)) for ck in (False, True)}
+t_ck = compare({"stored": lambda: train_step(False), "recomputed": lambda: train_step(True)}, warmup=1, repeats=5)
+saved = 1 - mem[True] / mem[False]
+slower = ratio(t_ck["recomputed"], t_ck["stored"])
+print(f"{L_} blocks, B={B_}, T={T_}, d={D_}: gradients agree to {ck_err:.1e}")
+print(f"peak memory {viz.bytes_label(mem[False])} -> {viz.bytes_label(mem[True])} with checkpointing ({100 * saved:.0f}% saved)")
+print(f"step time +{100 * (slower - 1):.0f}% ({t_ck['stored']} vs {t_ck['recomputed']})")
+
+fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+ax[0].bar(["stored", "recomputed"], [mem[False] / 2**20, mem[True] / 2**20], color=["C0", "C1"])
+ax[0].set_ylabel("peak activation memory (MiB)")
+ax[0].set_title("Memory of one training step")
+ax[1].bar(["stored", "recomputed"], [t_ck["stored"].median * 1e3, t_ck["recomputed"].median * 1e3], color=["C0", "C1"])
+ax[1].set_ylabel("median step time (ms)")
+ax[1].set_title("Time of one training step")
+fig.suptitle("Activation checkpointing: memory saved vs time added")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **Checkpoint:** same gradients (to round-off), a large cut in peak memory, a step that takes longer by about
+# one forward pass. The saving grows with depth ($L$ block inputs instead of $L$ blocks' activations), and so do
+# both numbers in interactive mode, which uses more blocks and longer sequences.
+#
+# ### 6.2.2 Compute: fused kernels and `torch.compile`
+#
+# On a CPU (and on a GPU) an operation is either **compute-bound** (matrix products: $2mnk$ FLOPs on
+# $mk + kn + mn$ numbers) or **memory-bound** (elementwise work: one or two FLOPs per number read). Fusing
+# operations helps the memory-bound kind. The intermediate tensors never travel to memory and back, and
+# attention's $T \times T$ score matrix is never stored at all. A lone matrix product gains nothing from fusion:
+# the BLAS kernel already runs at the machine's peak.
+#
+# We time both kinds side by side: attention written out (`softmax(q kᵀ/√d + mask) v`) vs
+# PyTorch's fused `scaled_dot_product_attention`; softmax written out (`exp(x - max) / sum`) vs `torch.softmax`;
+# and SwiGLU's two input projections as two matmuls vs one matmul on the concatenated weight `[w1; w3]`.
+
+# %% [given]
+torch.manual_seed(0)
+T_at = 256
+q_at, k_at, v_at = (torch.randn(1, 4, T_at, 64) for _ in range(3))
+mask_at = torch.full((T_at, T_at), float("-inf")).triu(1)
+x_sm = torch.randn(sizes(1024, 2048), 512)  # rows for softmax
+w_rms = torch.randn(512)
+
+
+def rms_silu_unfused() -> torch.Tensor:
+    """RMSNorm then SiLU, written as five elementwise/reduction passes (what torch.compile can fuse)."""
+    y = x_sm * torch.rsqrt(x_sm.pow(2).mean(-1, keepdim=True) + 1e-6) * w_rms
+    return F.silu(y)
+x_mm = torch.randn(sizes(512, 1024), 256)
+w1, w3 = torch.randn(512, 256), torch.randn(512, 256)
+w13 = torch.cat([w1, w3])  # (1024, 256)
+
+
+def proj_separate() -> torch.Tensor:
+    return F.silu(x_mm @ w1.T) * (x_mm @ w3.T)
+
+
+def proj_fused() -> torch.Tensor:
+    a, b = (x_mm @ w13.T).chunk(2, dim=-1)  # (N, 512) each
+    return F.silu(a) * b
+
+
+pairs = {  # name: (unfused, fused)
+    "attention (memory-bound)": (lambda: torch.softmax(q_at @ k_at.transpose(-1, -2) / 8.0 + mask_at, dim=-1) @ v_at,
+                                 lambda: F.scaled_dot_product_attention(q_at, k_at, v_at, is_causal=True)),
+    "softmax (memory-bound)": (lambda: (lambda e: e / e.sum(-1, keepdim=True))(torch.exp(x_sm - x_sm.amax(-1, keepdim=True))),
+                               lambda: torch.softmax(x_sm, dim=-1)),
+    "gate/up projection (compute-bound)": (proj_separate, proj_fused),
+}
+speed = {}
+for name, (unfused, fused) in pairs.items():
+    err = float((unfused() - fused()).abs().max())
+    t = compare({"unfused": unfused, "fused": fused}, warmup=2, repeats=9)
+    speed[name] = ratio(t["unfused"], t["fused"])
+    print(f"{name:38s} fused runs x{speed[name]:.2f} the speed of unfused (max difference {err:.1e})")
+
+RUN_COMPILE = os.environ.get("COURSE_COMPILE") == "1" and not os.environ.get("NBGRADER_EXECUTION")
+if RUN_COMPILE:
+    try:
+        for name, eager in (("RMSNorm + SiLU (memory-bound)", rms_silu_unfused), ("gate/up projection (compute-bound)", proj_separate)):
+            t0 = time.perf_counter()
+            compiled = torch.compile(eager)
+            compiled()
+            compile_s = time.perf_counter() - t0
+            t_c = compare({"eager": eager, "compiled": compiled}, warmup=2, repeats=7)
+            speed[f"{name.split(' (')[0]}, torch.compile"] = ratio(t_c["eager"], t_c["compiled"])
+            print(f"torch.compile of {name}: first call {compile_s:.1f} s, then x{ratio(t_c['eager'], t_c['compiled']):.2f}")
+    except Exception as e:  # no C++ compiler, unsupported platform ...
+        print(f"torch.compile unavailable here: {type(e).__name__}: {str(e)[:120]}")
+else:
+    print("torch.compile skipped: its first call takes ~1 min on a 2-core CPU. Set COURSE_COMPILE=1 to measure it.")
+
+fig, ax = plt.subplots(figsize=(7, 2.6))
+ax.barh(list(speed), list(speed.values()), color=["C2" if v > 1.5 else "C7" for v in speed.values()])
+ax.axvline(1.0, color="k", lw=1, ls="--")
+ax.set_xlabel("speed-up of the fused version (x)")
+ax.set_title("Fusion pays where memory traffic dominates")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Fused attention and `torch.softmax` should come out clearly faster (one pass over the data instead of several),
+# the concatenated projection near 1x: the two matmuls already run at BLAS speed, and fusing them saves only one
+# read of `x`. A single-call API is not always a fused kernel: on our CPU build `F.rms_norm` ran no faster than the
+# five-operation version, so measure before relying on one.
+#
+# `torch.compile` generates fused kernels for whole functions. On the course's reference machine (2-core AMD EPYC,
+# torch 2.13) a compiled RMSNorm + SiLU elementwise chain ran 2.8–3.5x faster than eager, after a first call of
+# 54 s (11 s with a warm cache); a compiled single `nn.Linear` ran at 0.96–1.01x. Compilation pays for long
+# training runs whose shapes do not change. It does not pay in a notebook that calls a function a few times, or for
+# matmul-dominated code.
+#
+# ### 6.2.3 Hardware utilisation: an MFU estimate
+#
+# **Model FLOPs utilisation** is the FLOPs the model needs divided by what the hardware could do in the same
+# time: $\text{MFU} = \dfrac{\text{FLOPs per step} / \text{step time}}{\text{peak FLOP/s}}$. We count the
+# step's FLOPs with `FlopCounterMode` (every matmul, forward and backward) and take as "peak" the best
+# throughput of a large matrix product on this CPU.
+
+# %% [given]
+with FlopCounterMode(display=False) as fc:
+    train_step(False)
+step_flops = fc.get_total_flops()
+n_mm = 512
+a_mm, b_mm = torch.randn(n_mm, n_mm), torch.randn(n_mm, n_mm)
+t_peak = compare({"matmul": lambda: a_mm @ b_mm}, warmup=2, repeats=7)["matmul"]
+peak = 2 * n_mm**3 / t_peak.best
+achieved = step_flops / t_ck["stored"].median
+print(f"training step: {step_flops / 1e9:.2f} GFLOP in {t_ck['stored']}; achieved {achieved / 1e9:.1f} GFLOP/s")
+print(f"peak (best {n_mm}^3 matmul, {torch.get_num_threads()} thread): {peak / 1e9:.1f} GFLOP/s  ->  MFU-style estimate {100 * achieved / peak:.0f}%")
+
+# DeepSeek-V3 pre-training, from the report: 14.8T tokens in 2664K H800 GPU hours
+flops_tok = ref_planner.training_flops_per_token(V3, seq_len=4096)
+per_gpu = 14.8e12 * flops_tok / (2664e3 * 3600)
+print(f"\nDeepSeek-V3: {flops_tok / 1e9:.0f} GFLOP per token (6 x {ref_planner.active_params(V3) / 1e9:.1f}B active + attention)")
+print(f"-> {per_gpu / 1e12:.0f} TFLOP/s per H800 on average: {100 * per_gpu / 989e12:.0f}% of the dense BF16 peak "
+      f"(989 TFLOP/s), {100 * per_gpu / 1979e12:.0f}% of the dense FP8 peak (1979 TFLOP/s)")
+
+# %% [markdown]
+# Small models on a CPU stay well below the matmul peak because much of the step is not large matmuls. Norms,
+# RoPE, softmax and the Python overhead of many small operations all count as time but not as model FLOPs. The same estimate for
+# DeepSeek-V3 uses $6N_{\text{active}}$ FLOPs per token (forward $2N$, backward $4N$) plus attention: about 250
+# GFLOP per token, i.e. ~390 TFLOP/s per GPU sustained over the whole run (H100/H800 SXM dense peaks assumed).
+# That includes pipeline bubbles, communication and recomputation, so the GEMMs themselves run faster still.
+#
+# ## 6.3 Does it fit? A memory plan for 671B parameters
+#
+# Every number below follows from the configuration. With $d = 7168$, $n_h = 128$, $L = 61$ layers of which the first
+# 3 are dense:
+#
+# | component | parameters per layer |
+# |---|---|
+# | MLA | $d\,d_c' + d_c' + d_c'\,n_h(d_h + d_h^R) + d\,(d_c + d_h^R) + d_c + d_c\,n_h(d_h + d_v) + n_h d_v\, d$ |
+# | dense MLP (3 layers) | $3\, d \cdot 18432$ |
+# | one expert (shared or routed) | $3\, d \cdot 2048$ (SwiGLU: $w_1, w_3: d \to 2048$, $w_2$ back) |
+# | router (58 MoE layers) | $256\, d$ weights $+ 256$ biases |
+# | norms | $2d$ per layer, $+ d$ final |
+# | embedding, output head | $129280 \cdot d$ each (not tied) |
+#
+# **Active parameters** are the weights one token multiplies with: all of the above except the routed experts it
+# did not choose ($256 - 8$ per MoE layer) and except the embedding table, from which a token reads one row.
+# This convention gives DeepSeek-V3's "671B total, 37B activated" and also V2's "236B, 21B".
+#
+# **KV cache** per token per layer: MLA stores $d_c + d_h^R$ numbers; standard MHA with the same heads stores $2 n_h d_h$.
+#
+# **Training memory per GPU** (weights, gradients, FP32 master weights, Adam moments; activations come on top).
+# With $E$ the routed-expert parameters and $O$ all others, under a `Parallelism(dp, tp, pp, ep, zero1)`:
+#
+# $$P_{\text{GPU}} = \frac{O}{tp\cdot pp} + \frac{E}{ep\cdot pp},\qquad
+# \text{weights} = P_{\text{GPU}}\, b_w,\quad \text{grads} = P_{\text{GPU}}\, b_g,\quad
+# \text{states} = \begin{cases}(O+E)\,(b_m + b_o)/(dp\cdot tp\cdot pp) & \text{ZeRO-1}\\ P_{\text{GPU}}\,(b_m + b_o) & \text{otherwise}\end{cases}$$
+#
+# where $b_w, b_g, b_m, b_o$ are `Precision.weights, .grads, .master, .optimizer` bytes per parameter. PP splits the
+# layers (assume an even split of parameters), TP splits every non-expert weight, EP splits the routed experts,
+# and ZeRO-1 shards master weights and moments over the data-parallel replicas. Each GPU then holds 1/world of them.
+#
+# ```
+#  2048 GPUs = 16 pipeline stages x 128 data-parallel ranks       (DeepSeek-V3 pre-training, no TP)
+#  stage s:  [ GPU 0 | GPU 1 | ... | GPU 127 ]   attention, shared experts: replicated on all 128
+#                \_____ 64-way EP ____/ x 2      routed experts: 256/64 = 4 per layer per GPU
+# ```
+
+# %% [given]
+get_cluster(2, wait=False)  # start the two workers of 6.4 now: they import torch in the background meanwhile
+
+# %% [solution id=ex_06_3_planner]
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per component of the model described by `cfg` (MTP module excluded).
+
+    Returns a dict with exactly the keys of COMPONENTS: "embedding", "attention" (all MLA blocks, q_norm and
+    kv_norm included; W_DQ/q_norm replaced by one W_Q when cfg.q_lora_rank == 0), "dense_mlp", "shared_experts",
+    "routed_experts", "router" (gate weights, plus one bias per routed expert when cfg.router_bias), "norms" (two
+    per layer and the final one), "head".
+    """
+    ### BEGIN SOLUTION
+    d, H = cfg.dim, cfg.n_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.q_lora_rank:
+        q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk  # wq_a, q_norm, wq_b
+    else:
+        q = d * H * qk  # wq
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # wkv_a, kv_norm
+    kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # wkv_b
+    o = H * cfg.v_head_dim * d  # wo
+    expert = 3 * d * cfg.moe_inter_dim
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    return {
+        "embedding": cfg.vocab_size * d,
+        "attention": cfg.n_layers * (q + kv + o),
+        "dense_mlp": cfg.n_dense_layers * 3 * d * cfg.inter_dim,
+        "shared_experts": n_moe * cfg.n_shared_experts * expert,
+        "routed_experts": n_moe * cfg.n_routed_experts * expert,
+        "router": n_moe * cfg.n_routed_experts * (d + (1 if cfg.router_bias else 0)),
+        "norms": cfg.n_layers * 2 * d + d,
+        "head": cfg.vocab_size * d,
+    }
+    ### END SOLUTION
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token multiplies with: everything but the unchosen routed experts and the embedding table."""
+    ### BEGIN SOLUTION
+    c = count_params(cfg)
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    inactive = n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim * cfg.moe_inter_dim
+    return sum(c.values()) - inactive - c["embedding"]
+    ### END SOLUTION
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, kind: str = "mla", bytes_per_element: float = 2) -> float:
+    """Bytes one token adds to the cache, summed over all layers.
+
+    kind="mla": the latent c_KV and the shared rotary key; kind="mha": per-head keys and values of standard
+    attention with cfg.n_heads heads of cfg.qk_nope_head_dim. Any other kind raises ValueError.
+    """
+    ### BEGIN SOLUTION
+    if kind == "mla":
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    elif kind == "mha":
+        per_layer = 2 * cfg.n_heads * cfg.qk_nope_head_dim
+    else:
+        raise ValueError(f"kind must be 'mla' or 'mha', got {kind!r}")
+    return per_layer * cfg.n_layers * bytes_per_element
+    ### END SOLUTION
+
+
+def per_gpu_memory(cfg: ModelConfig, par: Parallelism, prec: Precision) -> dict[str, float]:
+    """Bytes of model states on one GPU under `par` (see the formulas above).
+
+    Returns {"params", "weights", "grads", "states", "total"}; total = weights + grads + states.
+    """
+    ### BEGIN SOLUTION
+    c = count_params(cfg)
+    E = c["routed_experts"]
+    O = sum(c.values()) - E
+    P = O / (par.tp * par.pp) + E / (par.ep * par.pp)
+    per_state = prec.master + prec.optimizer
+    states = (O + E) * per_state / (par.dp * par.tp * par.pp) if par.zero1 else P * per_state
+    out = {"params": P, "weights": P * prec.weights, "grads": P * prec.grads, "states": states}
+    out["total"] = out["weights"] + out["grads"] + out["states"]
+    return out
+    ### END SOLUTION
+
+
+# %% [test id=test_06_3_planner points=1]
+from course_lib.planner import BF16_MIXED as _BF16, ModelConfig as _MC, Parallelism as _Par
+from course_lib.testing import assert_true
+
+_v3 = _MC()
+_c = count_params(_v3)
+assert_true(isinstance(_c, dict) and set(_c) == {"embedding", "attention", "dense_mlp", "shared_experts", "routed_experts",
+                                                   "router", "norms", "head"}, f"count_params keys: {sorted(_c) if isinstance(_c, dict) else _c}")
+_total = sum(_c.values())
+assert_true(abs(_total / 1e9 - 671) < 0.5, f"total parameters {_total / 1e9:.2f}B, expected ~671B")
+assert_true(round(active_params(_v3) / 1e9) == 37, f"active parameters {active_params(_v3) / 1e9:.2f}B, expected 36.6B (published: 37B)",
+            hint="keep the shared expert, router and attention; leave out the 248 unchosen routed experts per MoE layer and the embedding table")
+assert_true(kv_cache_bytes_per_token(_v3, "mla") == 70272, f"MLA cache {kv_cache_bytes_per_token(_v3, 'mla')} bytes/token, expected 576 x 61 x 2")
+_m = per_gpu_memory(_v3, _Par(), _BF16)
+assert_true(abs(_m["total"] - 18 * _total) < 1e6, "on one GPU with BF16_MIXED every parameter costs 2 + 4 + 4 + 8 = 18 bytes")
+print(f"planner: {_total / 1e9:.1f}B total, {active_params(_v3) / 1e9:.1f}B active; visible tests passed")
+
+# %% [test id=test_06_3_planner_hidden points=3]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import math as _math
+
+from course_lib import planner as _P
+from course_lib.deepseek.mla import MLA as _MLA, MLAConfig as _MLAC
+from course_lib.deepseek.moe import MoE as _MoE, MoEConfig as _MoEC
+from course_lib.testing import assert_true as _true
+
+_cfgs = {"V3": _P.ModelConfig(), "V2": _P.ModelConfig.v2(), "V2-Lite": _P.ModelConfig.v2_lite(),
+         "odd": _P.ModelConfig(vocab_size=1000, dim=96, n_layers=5, n_dense_layers=2, n_heads=6, q_lora_rank=40, kv_lora_rank=24,
+                               qk_nope_head_dim=10, qk_rope_head_dim=6, v_head_dim=14, inter_dim=200, moe_inter_dim=30,
+                               n_routed_experts=12, n_shared_experts=2, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2)}
+_hints = {"attention": "MLA: wq_a, q_norm, wq_b (H x (d_h + d_h^R)), wkv_a (d_c + d_h^R), kv_norm, wkv_b (H x (d_h + d_v)), wo",
+          "router": "n_moe x n_routed x dim, plus one bias per expert only when router_bias",
+          "norms": "two RMSNorms per layer and the final norm", "shared_experts": "only the MoE layers have shared experts",
+          "dense_mlp": "the first n_dense_layers use a dense SwiGLU of inter_dim"}
+for _name, _cfg in _cfgs.items():
+    _mine, _ref = count_params(_cfg), _P.count_params(_cfg)
+    for _k in _ref:
+        _true(_mine.get(_k) == _ref[_k], f"{_name}: count_params()['{_k}'] = {_mine.get(_k)}, expected {_ref[_k]}", hint=_hints.get(_k))
+    _true(active_params(_cfg) == _P.active_params(_cfg), f"{_name}: active_params = {active_params(_cfg)}, expected {_P.active_params(_cfg)}",
+          hint="count the shared expert and the router; leave out the embedding table and the unchosen routed experts")
+_true(abs(_P.total_params(_cfgs["V2"]) / 1e9 - 236) < 0.5 and round(active_params(_cfgs["V2"]) / 1e9) == 21,
+      "DeepSeek-V2 should come out at 236B total, 21B active")
+# independent oracle: real modules
+_mc = _MLAC(dim=48, n_heads=3, q_lora_rank=0, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+_cfg = _P.ModelConfig(vocab_size=10, dim=48, n_layers=1, n_dense_layers=1, n_heads=3, q_lora_rank=0, kv_lora_rank=12,
+                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, inter_dim=20)
+_true(count_params(_cfg)["attention"] == sum(p.numel() for p in _MLA(_mc).parameters()),
+      "attention count differs from a real MLA module without query compression", hint="q_lora_rank == 0: one wq of dim x H(d_h + d_h^R)")
+_moe = _MoE(_MoEC(dim=24, moe_inter_dim=10, n_routed_experts=8, n_shared_experts=2, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1))
+_cm = count_params(_P.ModelConfig(n_layers=1, n_dense_layers=0, dim=24, moe_inter_dim=10, n_routed_experts=8, n_shared_experts=2))
+_true(_cm["shared_experts"] + _cm["routed_experts"] + _cm["router"] == sum(p.numel() for p in _moe.parameters()) + 8,
+      "expert and router counts differ from a real MoE layer")
+# KV cache
+for _name, _cfg in _cfgs.items():
+    for _kind in ("mla", "mha"):
+        _true(kv_cache_bytes_per_token(_cfg, _kind) == _P.kv_cache_bytes_per_token(_cfg, _kind),
+              f"{_name}: kv_cache_bytes_per_token(kind={_kind!r}) = {kv_cache_bytes_per_token(_cfg, _kind)}, expected {_P.kv_cache_bytes_per_token(_cfg, _kind)}",
+              hint="MLA: (d_c + d_h^R) per layer (k_pe is ONE key shared by all heads); MHA: 2 n_h d_h per layer; times n_layers")
+_true(kv_cache_bytes_per_token(_cfgs["V3"], "mla", 1) == 576 * 61, "bytes_per_element must scale the result (FP8 cache: 1 byte)")
+_true(abs(kv_cache_bytes_per_token(_cfgs["V3"], "mha") / kv_cache_bytes_per_token(_cfgs["V3"], "mla") - 56.9) < 0.05, "MHA/MLA cache ratio should be 56.9")
+_raised = False
+try:
+    kv_cache_bytes_per_token(_cfgs["V3"], "gqa")
+except ValueError:
+    _raised = True
+_true(_raised, "an unknown kind must raise ValueError")
+# per-GPU memory against the formulas, several layouts and precisions
+_layouts = [_P.Parallelism(), _P.V3_TRAINING, _P.Parallelism(dp=8, tp=2, pp=4, ep=16), _P.Parallelism(dp=8, tp=2, pp=4, ep=16, zero1=False),
+            _P.Parallelism(dp=4, tp=8, pp=2, ep=32)]
+for _par in _layouts:
+    for _prec in (_P.BF16_MIXED, _P.DEEPSEEK_V3, _P.Precision(1, 2, 4, 2)):
+        _want = _P.per_gpu_memory(_cfgs["V3"], _par, _prec)
+        _got = per_gpu_memory(_cfgs["V3"], _par, _prec)
+        for _k in ("params", "weights", "grads", "states", "total"):
+            _true(_math.isclose(_got[_k], _want[_k], rel_tol=1e-9), f"per_gpu_memory[{_k!r}] under {_par} / {_prec}: {_got[_k]:.6g}, expected {_want[_k]:.6g}",
+                  hint={"params": "non-expert weights split by tp and pp, routed experts by ep and pp",
+                        "states": "ZeRO-1: (master + optimizer) bytes of ALL parameters / (dp tp pp); without ZeRO-1 per-GPU params x those bytes"}.get(_k))
+print("planner: hidden checks passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** 671.0B parameters, 36.6B active, 70,272 bytes of MLA cache per token (~70 KB), 12 GiB of model
+# states per GPU in DeepSeek-V3's training layout. The figures below use `course_lib.planner`, the reference version of
+# what you wrote.
+
+# %% [code]
+counts = ref_planner.count_params(V3)
+act = ref_planner.active_params(V3)
+fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+names = list(counts)
+ax[0].barh(names, [counts[k] / 1e9 for k in names], color="C0")
+ax[0].set_xscale("log")
+ax[0].set_xlabel("parameters (billions, log scale)")
+ax[0].set_title(f"DeepSeek-V3: {sum(counts.values()) / 1e9:.1f}B total")
+routed_active = (V3.n_layers - V3.n_dense_layers) * V3.n_activated_experts * ref_planner.expert_params(V3)
+parts = {"routed (chosen 8)": routed_active, "attention": counts["attention"], "shared experts": counts["shared_experts"],
+         "dense MLP + head + router + norms": act - routed_active - counts["attention"] - counts["shared_experts"]}
+ax[1].pie(list(parts.values()), labels=list(parts), autopct="%1.0f%%", textprops={"fontsize": 8})
+ax[1].set_title(f"{act / 1e9:.1f}B active per token")
+ctx = np.array([4096, 16384, 32768, 65536, 131072])
+for kind, c in (("mla", "C2"), ("mha", "C3")):
+    ax[2].plot(ctx / 1024, [ref_planner.kv_cache_bytes(V3, int(t), kind) / GiB for t in ctx], "o-", color=c, label=kind.upper())
+ax[2].axhline(80, color="k", ls="--", lw=1, label="one 80 GB GPU")
+ax[2].set_yscale("log")
+ax[2].set_xlabel("context (K tokens)")
+ax[2].set_ylabel("KV cache per sequence (GiB, BF16)")
+ax[2].set_title("KV cache of one request")
+ax[2].legend(fontsize=8)
+fig.suptitle("Where DeepSeek-V3's memory goes")
+fig.tight_layout()
+plt.show()
+print(f"at 128K tokens: MLA {ref_planner.kv_cache_bytes(V3, 131072) / GiB:.2f} GiB vs MHA "
+      f"{ref_planner.kv_cache_bytes(V3, 131072, 'mha') / GiB:.0f} GiB per request")
+
+
+# %% [code]
+def layout_explorer(ep: int = 64, pp: int = 16, dp: int = 128, tp: int = 1, zero1: bool = True) -> None:
+    """Per-GPU model states for DeepSeek-V3 under a parallel layout (course_lib.planner)."""
+    par = Parallelism(dp=dp, tp=tp, pp=pp, ep=ep, zero1=zero1)
+    try:
+        mems = {name: ref_planner.per_gpu_memory(V3, par, prec) for name, prec in
+                (("BF16 mixed (18 B/param)", BF16_MIXED), ("DeepSeek-V3 (14 B/param)", DEEPSEEK_V3))}
+    except ValueError as e:
+        print(f"invalid layout: {e}")
+        return
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    left = np.zeros(len(mems))
+    for key, c in (("weights", "C0"), ("grads", "C1"), ("states", "C2")):
+        vals = np.array([m[key] / GiB for m in mems.values()])
+        ax.barh(list(mems), vals, left=left, color=c, label=key)
+        left += vals
+    ax.axvline(80 * 1e9 / GiB, color="k", ls="--", lw=1, label="80 GB")
+    ax.set_xlabel("GiB per GPU (model states only)")
+    ax.set_title(f"{par.world} GPUs: dp={dp} tp={tp} pp={pp} ep={ep} zero1={zero1}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    plt.show()
+
+
+viz.interactive(layout_explorer, ep=[64, 8, 16, 32, 128], pp=[16, 1, 4, 8], dp=[128, 16, 32, 64, 256], tp=[1, 2, 4, 8],
+                zero1=[True, False])
+
+# %% [markdown]
+# ## 6.4 Scaling: data and expert parallelism on `torch.distributed`
+#
+# A **process group** is a set of processes (ranks $0..W-1$) that can run **collectives** together.
+# `all_reduce` leaves the sum of every rank's tensor on every rank. `all_to_all` gives each rank a
+# different slice of every other rank's data:
+#
+# ```
+#   all_to_all_single(out, inp, output_split_sizes=recv, input_split_sizes=send)
+#
+#   rank 0 inp: [ a0 a0 | b0 ]        send = [2, 1]   ->  rank 0 out: [ a0 a0 | a1 ]        recv = [2, 1]
+#   rank 1 inp: [ a1 | b1 b1 b1 ]     send = [1, 3]   ->  rank 1 out: [ b0 | b1 b1 b1 ]     recv = [1, 3]
+#               to 0   to 1                                           from 0  from 1
+# ```
+#
+# The *backend* moves the bytes: **gloo** over TCP on CPUs (here), **NCCL** over NVLink/InfiniBand on GPUs. The
+# code is the same. `get_cluster(2)` starts two worker processes (start method `spawn`: each imports torch, which
+# takes a few seconds, once per kernel) that join a gloo group. `cluster.run(fn, *args)` runs `fn` on both ranks
+# and returns both results. Functions defined in this notebook travel to the workers as source code. Keep them
+# at the top level of a cell and use only modules, constants and other top-level functions. The same worker
+# code runs under `torchrun --nproc-per-node 8 -m course_lib.distributed` on a GPU node.
+#
+# **Data parallelism (DP).** Every rank holds the whole model and a shard of the batch. With the global loss
+# $\mathcal{L} = \frac{1}{W}\sum_r \mathcal{L}_r$ (equal shards), the gradient is the average of the ranks'
+# gradients, $\nabla\mathcal{L} = \frac1W\sum_r \nabla \mathcal{L}_r$: one `all_reduce` per parameter, and the
+# replicas stay identical.
+
+# %% [given]
+cluster = get_cluster(2)  # started in the background at the top of 6.3; waits until both workers joined
+print(f"2 gloo workers joined after {cluster.startup_seconds:.1f} s; ranks report {cluster.run(cdist.rank)}")
+
+
+def dp_model() -> nn.Module:
+    torch.manual_seed(7)
+    return SwiGLU(16, 32).double()
+
+
+gen = torch.Generator().manual_seed(1)
+x_dp = torch.randn(12, 16, generator=gen, dtype=torch.float64)
+y_dp = torch.randn(12, 16, generator=gen, dtype=torch.float64)
+dp_grads = cluster.run(cdist.dp_job, dp_model, x_dp, y_dp)  # each rank: 6 rows, backward, all_reduce(mean)
+model_1 = dp_model()
+(model_1(x_dp) - y_dp).pow(2).mean().backward()
+dp_err = max(float((g[n] - p.grad).abs().max()) for g in dp_grads for n, p in model_1.named_parameters())
+print(f"data parallel over 2 processes vs one process: max gradient difference {dp_err:.1e}")
+
+# %% [markdown]
+# ### 6.4.1 Expert parallelism: dispatch and combine
+#
+# DeepSeek-V3 trains with 64-way expert parallelism: each GPU of an EP group holds $256/64 = 4$ routed experts per
+# layer, and every token's hidden state travels to the GPUs that own its 8 chosen experts, then back. With $W$ ranks,
+# $E$ experts, rank $r$ owning experts $[rE/W, (r+1)E/W)$, and $N$ local tokens with top-$K$ routing:
+#
+# ```
+#   rank r                                                     rank j (owner of expert e)
+#   x (N, D), topk_idx (N, K)
+#   1. flatten the N*K (token, expert) pairs, sort by expert
+#      -> rows grouped by destination rank, send_counts (W,)
+#   2. all_to_all(send_counts)          ---- counts ---->     recv_counts (W,): how many rows will arrive
+#   3. all_to_all(x[token_of_pair])     ---- rows  ---->      recv_x (R, D), recv_expert (R,) local ids
+#                                                              4. y = expert_e(rows of e)      (run_local_experts)
+#   5. all_to_all(y), splits reversed   <--- results ----
+#   6. out[t] += w_{t,k} * result       (index_add over token_of_pair)
+# ```
+#
+# The counts go first because `all_to_all_single` must know how many rows it receives from each rank before it can
+# allocate the output. The **backward** of an all-to-all is the all-to-all with the splits swapped. `all_to_all(x,
+# send_counts, recv_counts)` from `course_lib.distributed` wraps `dist.all_to_all_single` with that backward.
+# Use it for the rows and the expert ids. For the counts, call `dist.all_to_all_single` yourself on int64 tensors.
+#
+# Given: `all_to_all(x, send_counts, recv_counts, group)` (differentiable for floating tensors),
+# `DispatchPlan(order, token_of, send_counts, recv_counts, n_tokens)` (what combine needs),
+# `run_local_experts(recv_x, recv_expert, experts)`.
+
+# %% [solution id=ex_06_4_expert_parallel]
+def ep_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, group=None):
+    """Send every (token, expert) pair's row to the rank that owns the expert.
+
+    x: (N, D) this rank's tokens; topk_idx: (N, K) global expert ids in [0, n_experts).
+    Rank r owns experts [r * E/W, (r + 1) * E/W). Returns
+      recv_x (R, D): rows this rank's experts must process (grouped by source rank, in rank order),
+      recv_expert (R,): their LOCAL expert ids in [0, E/W),
+      plan: DispatchPlan(order, token_of, send_counts, recv_counts, n_tokens=N), where `order` sorts
+            topk_idx.flatten() by expert, token_of[i] is the token of the i-th sorted pair, and
+            send_counts/recv_counts are lists of W ints.
+    Exchange the counts first (dist.all_to_all_single on int64 tensors), then rows and expert ids (all_to_all).
+    """
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    ### BEGIN SOLUTION
+    N, K = topk_idx.shape
+    per = n_experts // W
+    flat = topk_idx.reshape(-1)  # (N*K,)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert -> by destination rank
+    token_of = order // K  # (N*K,)
+    send_counts = torch.bincount(flat[order] // per, minlength=W)  # (W,)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    recv_x = all_to_all(x[token_of], send, recv, group)  # (R, D)
+    recv_expert = all_to_all(flat[order], send, recv, group) - r * per  # (R,)
+    return recv_x, recv_expert, DispatchPlan(order, token_of, send, recv, N)
+    ### END SOLUTION
+
+
+def ep_combine(y: torch.Tensor, plan: DispatchPlan, topk_weight: torch.Tensor, group=None) -> torch.Tensor:
+    """Return expert outputs to their tokens and sum them: out[t] = sum_k topk_weight[t, k] * E_k(x_t).
+
+    y: (R, D) outputs for the rows this rank received, in recv_x's order; topk_weight: (N, K).
+    Returns out (N, D) without the shared expert (the caller adds it).
+    """
+    ### BEGIN SOLUTION
+    back = all_to_all(y, plan.recv_counts, plan.send_counts, group)  # (N*K, D) in sorted-pair order
+    w = topk_weight.reshape(-1)[plan.order].to(back.dtype)  # (N*K,)
+    out = back.new_zeros(plan.n_tokens, back.shape[-1])  # (N, D)
+    return out.index_add(0, plan.token_of, back * w[:, None])
+    ### END SOLUTION
+
+
+# %% [test id=test_06_4_expert_parallel points=1]
+import functools
+
+import torch
+from course_lib.distributed import compare_ep, ep_job, get_cluster, make_moe, single_process_reference
+from course_lib.testing import assert_close, assert_true
+
+_moe_fn = functools.partial(make_moe, 0, dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2,
+                            n_expert_groups=2, n_limited_groups=2)
+_g = torch.Generator().manual_seed(0)
+_x = torch.randn(10, 16, generator=_g, dtype=torch.float64)
+_probe = torch.randn(10, 16, generator=_g, dtype=torch.float64)
+_res = get_cluster(2).run(ep_job, _moe_fn, _x, _probe, dispatch=ep_dispatch, combine=ep_combine, backward=False, timeout=60)
+_ref = single_process_reference(_moe_fn(), _x, _probe)
+assert_close(torch.cat([r["out"] for r in _res]), _ref["out"], atol=1e-12, rtol=0, name="EP output over 2 ranks vs one process",
+             hint="weights must follow the same sorted order as the rows (topk_weight.flatten()[order])")  # measured 3e-17
+for _rk in range(2):
+    assert_true(_res[_rk]["recv_counts"] == [_res[_j]["send_counts"][_rk] for _j in range(2)],
+                f"rank {_rk} recv_counts {_res[_rk]['recv_counts']} do not match what the ranks sent it",
+                hint="exchange send_counts with dist.all_to_all_single before sending rows")
+print("expert parallel forward: visible tests passed")
+
+# %% [test id=test_06_4_expert_parallel_hidden points=3]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import functools as _ft
+
+import torch as _t
+from course_lib.distributed import ep_job as _job, get_cluster as _gc, make_moe as _mk, single_process_reference as _sp
+from course_lib.testing import assert_close as _close, assert_true as _true
+
+_cl = _gc(2)
+
+
+def _check(moe_kw, n, sizes=None, seed=0, label=""):
+    _fn = _ft.partial(_mk, seed, **moe_kw)
+    _gg = _t.Generator().manual_seed(seed)
+    _xx = _t.randn(n, moe_kw["dim"], generator=_gg, dtype=_t.float64)
+    _pp = _t.randn(n, moe_kw["dim"], generator=_gg, dtype=_t.float64)
+    _rs = _cl.run(_job, _fn, _xx, _pp, sizes=sizes, dispatch=ep_dispatch, combine=ep_combine, backward=True, timeout=60)
+    _rf = _sp(_fn(), _xx, _pp)
+    # tolerance: float64; course_lib's EP vs the single-process MoE on these cases: max error 8e-17 (outputs), 9e-16 (gradients)
+    _close(_t.cat([r["out"] for r in _rs]), _rf["out"], atol=1e-12, rtol=0, name=f"{label}: EP output")
+    _close(_t.cat([r["x_grad"] for r in _rs]), _rf["x_grad"], atol=1e-12, rtol=0, name=f"{label}: gradient of the input tokens",
+           hint="use the given all_to_all (differentiable) for the rows, in dispatch and in combine")
+    for _r in _rs:
+        for _n, _g in _r["expert_grads"].items():
+            _close(_g, _rf["grads"][_n], atol=1e-12, rtol=0, name=f"{label}: gradient of {_n} on rank {_r['rank']}",
+                   hint="every row must reach the owner of its expert with the right LOCAL id")
+        for _n, _g in _r["replicated_grads"].items():
+            _close(_g, _rf["grads"][_n], atol=1e-12, rtol=0, name=f"{label}: all-reduced gradient of {_n} on rank {_r['rank']}",
+                   hint="router gradients flow through topk_weight: index it with plan.order, do not detach it")
+    # split sizes: against an independent count, and consistent across ranks
+    _per = moe_kw["n_routed_experts"] // 2
+    for _r in _rs:
+        _want = _t.bincount(_r["topk_idx"].reshape(-1) // _per, minlength=2).tolist()
+        _true(list(_r["send_counts"]) == _want, f"{label}: rank {_r['rank']} send_counts {_r['send_counts']}, expected {_want}",
+              hint="send_counts[j] = number of (token, expert) pairs whose expert lives on rank j")
+        _true(list(_r["recv_counts"]) == [_rs[j]["send_counts"][_r["rank"]] for j in range(2)],
+              f"{label}: rank {_r['rank']} recv_counts {_r['recv_counts']} disagree with what the ranks sent it")
+    return _rs
+
+
+_base = dict(dim=12, moe_inter_dim=6, n_routed_experts=8, n_activated_experts=3, n_expert_groups=2, n_limited_groups=2)
+_check(_base, 14, seed=1, label="balanced routing")
+_check(_base, 11, sizes=[8, 3], seed=2, label="uneven token shards")
+_check(_base, 7, sizes=[7, 0], seed=3, label="a rank with no tokens of its own")
+# skewed: +10 bias on rank 0's experts, one kept group of 4 = rank 0: rank 1 and experts 4..7 receive nothing
+_sk = _check(dict(_base, n_activated_experts=2, n_limited_groups=1, bias=[10.0] * 4 + [0.0] * 4), 9, seed=4,
+             label="all tokens routed to rank 0")
+_true(_sk[1]["recv_counts"] == [0, 0], f"skewed routing: rank 1 should receive nothing, got {_sk[1]['recv_counts']}")
+# skewed the other way with an idle expert inside the busy rank, top-1 routing
+_check(dict(_base, n_activated_experts=1, n_limited_groups=1, bias=[0.0] * 4 + [5.0, 5.0, 5.0, -50.0]), 10, seed=5,
+       label="top-1, all tokens on rank 1, expert 7 idle")
+_check(dict(dim=10, moe_inter_dim=4, n_routed_experts=4, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+            n_shared_experts=0), 9, seed=6, label="4 experts, no shared expert")
+print("expert parallel: hidden checks passed")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** two processes, each holding half the experts, compute the same outputs and gradients as one
+# process holding all of them, to float64 round-off. That holds even when one rank receives no tokens.
+#
+# Below, the course's reference dispatch runs the same layer with balanced and with skewed routing. Each matrix
+# shows the rows rank $i$ sent to rank $j$ (its `send_counts`). Off-diagonal entries cross between processes:
+# on a GPU cluster they go over NVLink inside a node or InfiniBand between nodes.
+
+# %% [code]
+torch.manual_seed(0)
+moe_kw = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=2)
+x_ep = torch.randn(sizes(64, 256), 16, dtype=torch.float64)
+probe_ep = torch.randn_like(x_ep)
+runs = {
+    "balanced (bias 0)": functools.partial(cdist.make_moe, 0, **moe_kw),
+    "skewed (bias +1 on rank 0's experts)": functools.partial(cdist.make_moe, 0, bias=[1.0] * 4 + [0.0] * 4, **moe_kw),
+}
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+for ax, (label, fn) in zip(axes, runs.items()):
+    res = cluster.run(cdist.ep_job, fn, x_ep, probe_ep)
+    err = cdist.compare_ep(res, cdist.single_process_reference(fn(), x_ep, probe_ep))
+    M = np.array([r["send_counts"] for r in res])
+    im = ax.imshow(M, cmap="Blues", vmin=0)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, int(M[i, j]), ha="center", va="center", color="k")
+    ax.set_xticks([0, 1], ["rank 0", "rank 1"])
+    ax.set_yticks([0, 1], ["rank 0", "rank 1"])
+    ax.set_xlabel("destination (expert owner)")
+    ax.set_ylabel("source (token owner)")
+    ax.set_title(label, fontsize=10)
+    print(f"{label}: max |EP - single process| over outputs and gradients = {max(err.values()):.1e}")
+fig.suptitle("Rows sent between ranks by one MoE layer (send_counts)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### 6.4.2 Node-limited routing
+#
+# Inside a node, GPUs talk over NVLink (~160 GB/s per GPU on H800); between nodes over InfiniBand (~50 GB/s), about
+# 3.2x slower. DeepSeek-V3 therefore sends each token to **at most 4 nodes**. Its 256 experts form 8 groups, one
+# group per node of the 64-way EP group (8 nodes x 8 GPUs). Group-limited routing keeps the 4 best groups per
+# token. A token is sent **once per node** and forwarded to its experts over NVLink inside the node, so the
+# InfiniBand traffic per token is bounded by the number of distinct nodes, not by $K = 8$.
+#
+# We measure both quantities on DeepSeek-V3's router shape (sigmoid affinities, top-8 of 256, 8 groups):
+# *rows* (one per token-expert pair on another node) and *copies* (one per distinct remote node). Then the same
+# with the real 2-process layer, whose two ranks play the two "nodes".
+
+# %% [code]
+torch.manual_seed(0)
+N_tok = sizes(2048, 8192)
+scores_v3 = torch.sigmoid(torch.randn(N_tok, 256) * 0.5 + 0.3 * torch.randn(256))  # experts differ in popularity
+bias_v3 = 0.02 * torch.randn(256)
+token_node = torch.randint(0, 8, (N_tok,))  # each token lives on one of 8 nodes
+stats = {}
+for label, groups in (("no group limit", dict(n_groups=1, n_limited_groups=1)), ("4 of 8 groups (V3)", dict(n_groups=8, n_limited_groups=4))):
+    _, idx = moe_route(scores_v3, bias_v3, top_k=8, route_scale=2.5, **groups)
+    stats[label] = (idx, cdist.routing_traffic(idx, 256, 8, token_node))
+fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+for (label, (idx, st)), c in zip(stats.items(), ("C3", "C2")):
+    nodes = torch.zeros(N_tok, 8, dtype=torch.bool).scatter_(1, idx // 32, True).sum(1)
+    ax[0].hist(nodes.numpy(), bins=np.arange(0.5, 9.5), alpha=0.6, color=c, label=label)
+    print(f"{label:20s}: nodes per token mean {st['mean_ranks_per_token']:.2f} (max {st['max_ranks_per_token']}); "
+          f"remote rows per token {st['rows_remote_per_token']:.2f}, remote copies per token {st['copies_remote_per_token']:.2f}")
+ax[0].set_xlabel("nodes a token's 8 experts live on")
+ax[0].set_ylabel("tokens")
+ax[0].set_title("Nodes per token (256 experts, top-8)")
+ax[0].legend(fontsize=8)
+lbl = list(stats)
+x_pos = np.arange(2)
+ax[1].bar(x_pos - 0.2, [stats[k][1]["rows_remote_per_token"] for k in lbl], 0.4, label="rows (one per pair)")
+ax[1].bar(x_pos + 0.2, [stats[k][1]["copies_remote_per_token"] for k in lbl], 0.4, label="copies (one per node)")
+ax[1].set_xticks(x_pos, lbl)
+ax[1].set_ylabel("cross-node transfers per token")
+ax[1].set_title("Inter-node traffic per token")
+ax[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+crossing = {}
+for label, n_lim in (("no group limit", 2), ("1 of 2 groups", 1)):
+    fn = functools.partial(cdist.make_moe, 0, dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=3,
+                           n_expert_groups=2, n_limited_groups=n_lim)
+    res = cluster.run(cdist.ep_job, fn, x_ep, probe_ep, backward=False)
+    rows = sum(r["send_counts"][1 - r["rank"]] for r in res)
+    copies = sum(cdist.routing_traffic(r["topk_idx"], 8, 2, r["rank"])["copies_remote"] for r in res)
+    crossing[label] = (rows, copies)
+    print(f"2 processes, {label:15s}: {rows} rows and {copies} token copies crossed ranks for {len(x_ep)} tokens x 3 experts")
+
+# %% [markdown]
+# Group-limited routing barely changes the number of *rows* that leave a node (the 8 experts still sit somewhere
+# else), but it caps the number of distinct nodes, and with them the deduplicated *copies* that cross
+# InfiniBand. The quality cost is small because the 4 kept groups are the ones with the best experts.
+#
+# ### 6.4.3 Capacity and token dropping at scale
+#
+# A fixed-size buffer per expert (or per device) makes the computation static: each expert processes at most
+# $C = \lceil \text{cf} \cdot NK/E \rceil$ pairs, and the rest are **dropped** (their contribution is zero, the
+# residual carries the token on). Statistics work against large $E$. With more experts, each expert's load is a
+# smaller sample and fluctuates more relative to its mean, and the busiest of many experts overflows
+# more often. Capacity per *device* (DeepSeek-V2's device-level dropping) pools the experts of a device
+# and overflows less. DeepSeek-V3 drops **no** tokens in training or inference: its bias-based balancing keeps the
+# load even enough to do without.
+
+# %% [code]
+def drop_curves(n_tokens: int = 1024, skew: float = 0.3, seed: int = 0) -> None:
+    """Fraction of dropped (token, expert) pairs vs capacity factor, per expert and per device, for 3 model sizes."""
+    g = torch.Generator().manual_seed(seed)
+    cfs = [1.0, 1.1, 1.25, 1.5, 2.0]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    for E, K, c in ((16, 2, "C0"), (64, 6, "C1"), (256, 8, "C2")):
+        popularity = skew * torch.randn(E, generator=g)  # some experts are more attractive than others
+        s = torch.sigmoid(torch.randn(n_tokens, E, generator=g) + popularity)
+        _, idx = moe_route(s, None, top_k=K)
+        per_exp = [cdist.capacity_drop(idx, E, cf)["drop_fraction"] for cf in cfs]
+        per_dev = [cdist.capacity_drop(idx, E, cf, world=8)["drop_fraction"] for cf in cfs]
+        ax[0].plot(cfs, per_exp, "o-", color=c, label=f"E={E}, K={K}: per expert")
+        ax[0].plot(cfs, per_dev, "s--", color=c, label=f"E={E}, K={K}: per device (8)")
+        # auxiliary-loss-free balancing (gamma 0.01 here, 50 steps) on the same tokens
+        bias = torch.zeros(E)
+        for _ in range(50):
+            _, idx_b = moe_route(s, bias, top_k=K)
+            bias += 0.01 * torch.sign(torch.bincount(idx_b.flatten(), minlength=E).float().mean()
+                                      - torch.bincount(idx_b.flatten(), minlength=E).float())
+        ax[1].bar(f"E={E}\nno bias", cdist.capacity_drop(idx, E, 1.25)["drop_fraction"], color=c, alpha=0.5)
+        ax[1].bar(f"E={E}\nbalanced", cdist.capacity_drop(idx_b, E, 1.25)["drop_fraction"], color=c)
+    ax[0].set_xlabel("capacity factor")
+    ax[0].set_ylabel("fraction of pairs dropped")
+    ax[0].set_title(f"Dropping vs capacity ({n_tokens} tokens, popularity skew {skew})")
+    ax[0].legend(fontsize=7)
+    ax[1].set_ylabel("fraction dropped at cf = 1.25")
+    ax[1].set_title("After bias balancing (per expert)")
+    fig.tight_layout()
+    plt.show()
+
+
+viz.interactive(drop_curves, n_tokens=sizes([512, 256, 2048], [2048, 512, 8192]), skew=[0.3, 0.0, 0.6, 1.0])
+
+# %% [markdown]
+# ## 6.5 Serving: the latent cache and concurrent requests
+#
+# At inference the model runs once over the prompt (**prefill**, compute-bound) and then one token per step for
+# every active request (**decode**, memory-bound: each step reads all active weights and every request's cache).
+# Batching many requests into one decode step reuses each weight read across them, so throughput grows with
+# concurrency until the caches fill the memory. MLA's absorbed path attends directly over the cached latent $c^{KV}$
+# and the shared rotary key. The per-head keys and values are never rebuilt.
+#
+# Below, 4 requests of different prompt lengths are decoded together with `course_lib.deepseek.mla.MLA`
+# (absorbed path, `LatentKVCache`). The outputs are checked against a full recomputation of each sequence, and
+# decode throughput is timed at several batch sizes.
+
+# %% [code]
+torch.manual_seed(0)
+srv_cfg = MLAConfig(dim=64, n_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                    v_head_dim=16, max_seq_len=128)
+srv = MLA(srv_cfg).double().eval()
+n_req, prompt, n_new = 4, 24, sizes(8, 32)
+seqs = torch.randn(n_req, prompt + n_new, srv_cfg.dim, dtype=torch.float64)  # hidden states entering the layer
+cache = srv.new_cache(batch=n_req, max_seq_len=prompt + n_new)
+with torch.no_grad():
+    outs = [srv(seqs[:, :prompt], 0, cache, absorb=True)]  # prefill all requests
+    for t in range(prompt, prompt + n_new):
+        outs.append(srv(seqs[:, t : t + 1], t, cache, absorb=True))  # one decode step for every request
+    full = srv(seqs)  # naive path, whole sequences, no cache
+serve_err = float((torch.cat(outs, 1) - full).abs().max())
+mha = MultiHeadAttention(srv_cfg.dim, srv_cfg.n_heads, srv_cfg.qk_nope_head_dim, max_seq_len=128).double()
+mha_cache = mha.new_cache(batch=n_req, max_seq_len=prompt + n_new)
+print(f"{n_req} requests, {prompt}-token prompts, {n_new} decode steps: cached absorbed decode vs full recompute {serve_err:.1e}")
+print(f"cache per token per layer: latent {cache.elements_per_token} numbers, MHA with the same heads "
+      f"{mha_cache.elements_per_token}; cache of this batch: {viz.bytes_label(cache.nbytes)} vs {viz.bytes_label(mha_cache.nbytes)}")
+
+srv32 = MLA(MLAConfig(dim=128, n_heads=8, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, max_seq_len=256)).eval()
+throughput = {}
+for bsz in sizes([1, 4, 16, 64], [1, 4, 16, 64, 128]):
+    c = srv32.new_cache(batch=bsz, max_seq_len=256)
+    xb = torch.randn(bsz, 128, 128)
+    with torch.no_grad():
+        srv32(xb, 0, c, absorb=True)
+        step = torch.randn(bsz, 1, 128)
+
+        def one_step(c=c, step=step) -> None:
+            c.length = 128  # decode position 128 again each time: same cost per call
+            srv32(step, 128, c, absorb=True)
+
+        t = compare({"step": one_step}, warmup=3, repeats=7, number=3)["step"]
+    throughput[bsz] = bsz / t.median
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+ax[0].plot(list(throughput), list(throughput.values()), "o-")
+ax[0].set_xscale("log", base=2)
+ax[0].set_xlabel("concurrent requests (batch)")
+ax[0].set_ylabel("decoded tokens / s")
+ax[0].set_title("Decode throughput grows with batching")
+free = 60 * GiB  # memory left for caches on an 80 GB GPU after weights and buffers (assumed)
+ctxs = [4096, 16384, 32768, 65536, 131072]
+for kind, c in (("mla", "C2"), ("mha", "C3")):
+    ax[1].plot([t // 1024 for t in ctxs], [ref_planner.concurrent_requests(V3, t, free, kind) for t in ctxs], "o-", color=c,
+               label=kind.upper())
+ax[1].set_xlabel("context per request (K tokens)")
+ax[1].set_ylabel("requests whose cache fits in 60 GiB")
+ax[1].set_yscale("symlog")
+ax[1].set_title("DeepSeek-V3 KV cache per GPU")
+ax[1].legend()
+fig.tight_layout()
+plt.show()
+print("decode tokens/s by batch:", {b: round(v) for b, v in throughput.items()})
+print(f"DeepSeek-V3 at 128K tokens: {ref_planner.kv_cache_bytes(V3, 131072) / GiB:.2f} GiB per request with MLA -> "
+      f"{ref_planner.concurrent_requests(V3, 131072, free)} requests in 60 GiB; MHA needs "
+      f"{ref_planner.kv_cache_bytes(V3, 131072, 'mha') / GiB:.0f} GiB for one")
+
+# %% [markdown]
+# In DeepSeek-V3's deployment, decoding runs on units of 40 nodes (320 GPUs): attention with 4-way tensor
+# parallelism plus sequence parallelism and 80-way data parallelism, and the MoE with 320-way expert parallelism.
+# Prefilling runs on units of 4 nodes (32 GPUs), with TP4 + SP and DP8 for attention and EP32 for the MoE. The
+# latent cache cannot be split by heads, because all heads share $c^{KV}$. Under tensor parallelism every TP rank
+# keeps a copy of it. That is one reason attention is mostly *data*-parallel at decode: each rank serves its own
+# requests and their caches.
+#
+# ## Optional challenge (ungraded)
+# 1. **Deduplicated dispatch.** Change `ep_dispatch` to send each token once per destination rank, with the list of
+#    its local experts, and fan out on the receiving side. Measure the rows sent against `copies_remote`.
+# 2. **Capacity in EP.** Add a per-expert capacity to your dispatch: drop the pairs beyond capacity *before* the
+#    all-to-all (first come first served), and check the result against `course_lib.deepseek.moe.dispatch_sorted`
+#    with the same capacity.
+# 3. **Selective recomputation.** Checkpoint only the RMSNorms and MLA up-projections (as DeepSeek-V3 does) instead
+#    of whole blocks, and place the result on the memory/time plane of 6.2.1.
+#
+# ## Quiz
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+#
+# **Q1.** In expert-parallel dispatch, why are the counts exchanged before the tokens?
+# (a) gloo requires a barrier before every all-to-all; (b) each rank must know how many rows it will receive from
+# every other rank to size its receive buffer and the output splits; (c) to check that routing is balanced;
+# (d) the counts decide which experts are chosen.
+
+# %% [solution id=quiz_06_1]
+### BEGIN SOLUTION
+ANSWER_Q1 = "b"
+### END SOLUTION
+
+# %% [test id=test_06_quiz_1 points=1]
+assert ANSWER_Q1 in ("a", "b", "c", "d"), f"ANSWER_Q1 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q1!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q1 == "b", "Q1: all_to_all_single needs the receive split sizes before it can allocate its output"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q2.** With ZeRO-1 data parallelism over $W$ GPUs, which model states are divided by $W$?
+# (a) weights, gradients and optimiser states; (b) only the weights; (c) the FP32 master weights and the Adam moments;
+# (d) only the gradients.
+
+# %% [solution id=quiz_06_2]
+### BEGIN SOLUTION
+ANSWER_Q2 = "c"
+### END SOLUTION
+
+# %% [test id=test_06_quiz_2 points=1]
+assert ANSWER_Q2 in ("a", "b", "c", "d"), f"ANSWER_Q2 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q2!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q2 == "c", "Q2: ZeRO stage 1 shards the optimiser states (master weights and moments); stage 2 adds gradients, stage 3 weights"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q3.** Group-limited (node-limited) routing with 4 of 8 groups mainly reduces
+# (a) the number of (token, expert) pairs; (b) the FLOPs of each expert; (c) the number of distinct nodes each token
+# must be sent to, hence inter-node traffic when tokens are sent once per node; (d) the KV cache.
+
+# %% [solution id=quiz_06_3]
+### BEGIN SOLUTION
+ANSWER_Q3 = "c"
+### END SOLUTION
+
+# %% [test id=test_06_quiz_3 points=1]
+assert ANSWER_Q3 in ("a", "b", "c", "d"), f"ANSWER_Q3 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q3!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q3 == "c", "Q3: each token still has 8 experts; what shrinks is the number of nodes it visits"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Q4.** Activation checkpointing of every block of a model trades
+# (a) about one extra forward pass per step for storing only each block's input;
+# (b) lower numerical precision for speed; (c) more memory for less time; (d) nothing: PyTorch recomputes for free.
+
+# %% [solution id=quiz_06_4]
+### BEGIN SOLUTION
+ANSWER_Q4 = "a"
+### END SOLUTION
+
+# %% [test id=test_06_quiz_4 points=1]
+assert ANSWER_Q4 in ("a", "b", "c", "d"), f"ANSWER_Q4 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q4!r})"
+### BEGIN HIDDEN TESTS
+assert ANSWER_Q4 == "a", "Q4: recomputing each block's forward in the backward pass costs ~1 forward (up to +33%)"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## Summary
+# - A good test has an independent oracle, checks invariants, compares what the contract fixes (sets of experts,
+#   not their order) and chooses inputs that make every rule matter. Graded here by a zoo of wrong routers.
+# - Checkpointing cuts activation memory to one block's worth plus the block inputs, for about one extra forward
+#   pass. Fusion pays for memory-bound work (attention, elementwise chains), not for lone matmuls. `torch.compile`
+#   pays only when its compile time is amortised.
+# - DeepSeek-V3: 671.0B parameters, 36.6B active (all but 248 routed experts per MoE layer and the embedding),
+#   ~250 GFLOP per trained token; MLA caches 70,272 bytes per token (8.6 GiB per 128K request) vs 3.8 MiB for MHA.
+# - Per-GPU model states $= P_{\text{GPU}}(b_w + b_g) + $ states; TP and PP split everything, EP splits the experts,
+#   ZeRO-1 spreads master weights and moments over all GPUs. ~12 GiB per GPU in the 2048-GPU training layout.
+# - Expert parallelism = route, count, all-to-all counts, all-to-all rows, local experts, all-to-all back, weighted
+#   sum. The backward is the same exchange reversed. Replicated parameters need a DP all-reduce.
+# - Node-limited routing bounds nodes per token (4 of 8), hence deduplicated inter-node traffic. Capacity limits
+#   drop more tokens as experts multiply, which balanced routing avoids.
+#
+# ## Troubleshooting
+# | symptom | likely cause | fix |
+# |---|---|---|
+# | `TimeoutError: ... did not finish on rank(s) [...]` | ranks disagree on a collective: mismatched split sizes, or one rank skipped an `all_to_all` | every rank must call the same collectives in the same order; `recv_counts` must come from the counts exchange |
+# | `WorkerError: ... raised NotImplementedError` | a stub is still in place | write the function body |
+# | `WorkerError: ... NameError` on a worker | the function uses a notebook name that could not be shipped (an open file, a lambda in a variable) | pass it as an argument or define it at the top level of a cell |
+# | `TypeError: cannot ship ...: it is a closure` | a function defined inside another function was sent to the workers | move it to the top level of a cell |
+# | `received expert id ... but this rank holds 4 experts` | global expert ids sent without subtracting `rank * E/W` | send local ids |
+# | EP output right, router gradient wrong | `topk_weight` detached, or not reordered with `plan.order` | `topk_weight.reshape(-1)[plan.order]` |
+# | EP output wrong only with uneven load | combine used the dispatch splits instead of the reversed ones | send back with `(plan.recv_counts, plan.send_counts)` |
+# | workers take > 30 s to start | the machine is busy (each worker imports torch) | wait, or close other kernels; start-up happens once per kernel |
+# | `test_router` rejects a correct router | it compares indices position by position, or uses an exact float tolerance | sort each row by expert id first; compare weights with a tolerance |
+#
+# **Next:** the course ends here. To go further, run `torchrun --nproc-per-node 8 -m course_lib.distributed` on a GPU
+# node (NCCL), then put `ExpertParallelMoE` into Section 5's model and train it with expert and data parallelism.
