@@ -213,7 +213,8 @@ def test_error_messages_and_partial_notebook(tmp_path):
         nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION"),
         nbformat.v4.new_code_cell("def g():\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"),
     )
-    rel = _nb(nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError"), nbformat.v4.new_code_cell("def g():\n    raise NotImplementedError"))
+    rel = _nb(nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError"),
+              nbformat.v4.new_code_cell("def g():\n    raise NotImplementedError"))
     for i, (a, b) in enumerate(zip(src.cells, rel.cells)):
         a.metadata["nbgrader"] = b.metadata["nbgrader"] = {"solution": True, "grade_id": f"ex_{i}"}
     out = course.partial_notebook(rel, src, 0.5)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ast
 import re
 
+import nbsrc
 import pytest
 from conftest import ROOT, graded_cells, load_nb, section_names
-
-import nbsrc
 
 SECTIONS = section_names()
 EXPECTED = ["01_foundations", "02_mla", "03_moe", "04_fp8", "05_integration", "06_production"]
@@ -32,8 +31,8 @@ def test_source_notebooks_match_authoring_scripts():
 @pytest.mark.parametrize("section", SECTIONS)
 def test_authoring_round_trip(section):
     text = (ROOT / "notebooks" / f"{section}.py").read_text()
-    nb = nbsrc.script_to_notebook(text)
-    assert nbsrc.script_to_notebook(nbsrc.notebook_to_script(nb)) == nb
+    nb = nbsrc.script_to_notebook(text, section)
+    assert nbsrc.script_to_notebook(nbsrc.notebook_to_script(nb), section) == nb
 
 
 def test_grade_ids_unique_across_the_course():

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
+import course
 import pytest
 from conftest import ROOT, graded_cells, load_nb, section_names
-
-import course
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("pipeline")]
 SECTIONS = section_names()

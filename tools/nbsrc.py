@@ -35,7 +35,7 @@ def _parse_args(text: str) -> dict[str, str]:
     return out
 
 
-def _cell(kind: str, args: dict[str, str], lines: list[str], index: int) -> dict:
+def _cell(kind: str, args: dict[str, str], lines: list[str], index: int, prefix: str = "") -> dict:
     while lines and not lines[-1].strip():
         lines.pop()
     while lines and not lines[0].strip():
@@ -54,7 +54,7 @@ def _cell(kind: str, args: dict[str, str], lines: list[str], index: int) -> dict
     cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
     if kind == "code":
         return cell
-    grade_id = args.get("id") or f"given_{index:03d}"
+    grade_id = args.get("id") or f"given_{prefix}{index:03d}"
     meta: dict = {"schema_version": 3, "grade_id": grade_id}
     if kind == "given":
         meta.update(grade=False, solution=False, locked=True)
@@ -68,19 +68,21 @@ def _cell(kind: str, args: dict[str, str], lines: list[str], index: int) -> dict
     return cell
 
 
-def script_to_notebook(text: str) -> dict:
+def script_to_notebook(text: str, section: str = "") -> dict:
+    """``section`` (e.g. "02_mla") makes the ids of locked given cells unique across the course."""
+    prefix = f"{section[:2]}_" if section else ""
     cells: list[dict] = []
     kind, args, lines = None, {}, []
     for line in text.splitlines():
         m = HEADER.match(line)
         if m:
             if kind is not None:
-                cells.append(_cell(kind, args, lines, len(cells)))
+                cells.append(_cell(kind, args, lines, len(cells), prefix))
             kind, args, lines = m["kind"], _parse_args(m["args"]), []
         elif kind is not None:
             lines.append(line)
     if kind is not None:
-        cells.append(_cell(kind, args, lines, len(cells)))
+        cells.append(_cell(kind, args, lines, len(cells), prefix))
     for i, cell in enumerate(cells):
         cell["id"] = f"c{i:03d}"
         src = cell["source"]
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stale = []
     for name in sections():
-        text = dumps(script_to_notebook((ROOT / "notebooks" / f"{name}.py").read_text()))
+        text = dumps(script_to_notebook((ROOT / "notebooks" / f"{name}.py").read_text(), name))
         path = target(name)
         if path.exists() and path.read_text() == text:
             continue

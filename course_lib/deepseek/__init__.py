@@ -4,5 +4,6 @@
 - ``mla``     Multi-head Latent Attention: naive and absorbed paths, latent KV cache
 - ``moe``     DeepSeekMoE: sigmoid router with bias and group-limited routing, shared + routed experts
 - ``fp8``     FP8 formats, fine-grained (1x128 / 128x128) quantisation, emulated and CUDA GEMMs
-- ``model``   DeepSeekV3Mini with multi-token prediction, and the HF transformers weight converter
+- ``model``   DeepSeekV3Mini with multi-token prediction, training step and loop
+- ``hf``      weight converter to and from HF transformers' ``DeepseekV3ForCausalLM`` (parity tests)
 """

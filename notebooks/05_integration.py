@@ -1,0 +1,1487 @@
+# %% [markdown]
+# # Section 5 — Integration: DeepSeekV3Mini
+#
+# Sections 2–4 built DeepSeek-V3's three new parts in isolation: Multi-head Latent Attention, DeepSeekMoE and
+# FP8 training. A part that passes its unit tests can still fail inside a model: a norm in the wrong place, a
+# routing bias that never moves, a cache that is never read. This section assembles the parts into
+# **DeepSeekV3Mini**, the DeepSeek-V3 architecture at laptop scale with multi-token prediction (MTP). You train it
+# on a CPU in under a minute, check it the way one checks a real model, and load your weights into Hugging Face
+# transformers' `DeepseekV3ForCausalLM` to confirm it is the same network.
+#
+# **Learning objectives.** After this section you can
+# - assemble pre-norm Transformer blocks from MLA and a dense or MoE feed-forward layer, and stack them into a model
+#   with a multi-token-prediction module that shares the embedding and the output head;
+# - count total and active parameters from a config (671B and 37B for DeepSeek-V3);
+# - decode with the absorbed MLA path over the latent KV cache;
+# - write a training step with the main, MTP and balance losses and the bias update after the optimiser step;
+# - validate a model end to end (causality, gradient flow, memory, expert specialisation, load balance, MTP, FP8)
+#   and check parity with a reference implementation.
+#
+# **Time:** about 45 minutes (5.1 block: 10, 5.2 model: 15, 5.3 validation: 20). **Prerequisites:** Sections 2
+# (MLA, latent cache, absorption) and 3 (DeepSeekMoE routing and balancing); Section 4 for the FP8 comparison.
+#
+# *For instructors:* the template is followed. MLA, MoE and FP8Linear come from `course_lib.deepseek`, the course's
+# reference versions of what learners wrote in Sections 2–4, so a failure here is an integration mistake. The
+# comparisons that need several training runs (no balancing, no MTP, FP8) show curves recorded by
+# `make checkpoints` from the same code; set `RETRAIN = True` to rerun them (a few minutes). The graded training
+# run always executes.
+
+# %% [given]
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib import viz
+from course_lib.bench import peak_memory
+from course_lib.data import IGNORE_INDEX, MultiTaskLanguage
+from course_lib.deepseek.common import RMSNorm, SwiGLU
+from course_lib.deepseek.mla import MLA, LatentKVCache
+from course_lib.deepseek.model import RECIPE, ModelConfig, ModelOutput, init_weights
+from course_lib.deepseek.moe import MoE, RoutingInfo, max_violation
+from course_lib.utils import env_report, setup, sizes
+
+setup(seed=0)
+ENV = env_report(threads=1)  # the matrices here are tiny: one thread beats two that wait on each other
+print(ENV)
+
+
+def add_to_class(cls):
+    """Decorator: attach a function to ``cls`` as a method, so one class can grow over several cells."""
+
+    def attach(fn):
+        setattr(cls, fn.__name__, fn)
+        return fn
+
+    return attach
+
+
+CFG = ModelConfig()
+print(CFG)
+
+# %% [markdown]
+# ### The configuration
+# `ModelConfig` holds every size, with DeepSeek's names. The default is the model you train below; `ModelConfig.v3()`
+# is the 671B model (used only for counting, never built).
+#
+# | field | meaning | default here | DeepSeek-V3 |
+# |---|---|---|---|
+# | `dim` | hidden width $d$ | 64 | 7168 |
+# | `n_layers` / `n_dense_layers` | blocks / how many of the first ones use a dense FFN | 2 / 1 | 61 / 3 |
+# | `n_heads`, `q_lora_rank`, `kv_lora_rank` | MLA heads, query latent $d_c'$, KV latent $d_c$ | 4, 32, 32 | 128, 1536, 512 |
+# | `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim` | $d_h$, $d_h^R$, $d_v$ | 16, 8, 16 | 128, 64, 128 |
+# | `inter_dim` / `moe_inter_dim` | dense FFN width / expert width | 128 / 32 | 18432 / 2048 |
+# | `n_routed_experts`, `n_activated_experts`, `n_shared_experts` | $N_r$, $K_r$, $N_s$ | 8, 2, 1 | 256, 8, 1 |
+# | `n_expert_groups`, `n_limited_groups`, `route_scale` | group-limited routing, weight scale | 1, 1, 1.0 | 8, 4, 2.5 |
+# | `bias_update_speed`, `seq_aux_alpha` | $\gamma$, $\alpha$ of the balancing | 1e-3, 1e-4 | 1e-3, 1e-4 |
+# | `mtp_depth`, `mtp_lambda` | MTP depth $D$ and loss weight $\lambda$ | 1, 0.3 | 1, 0.3 (0.1 later) |
+#
+# `cfg.mla()` and `cfg.moe()` build the `MLAConfig` and `MoEConfig` of one layer; `cfg.is_moe_layer(i)` says whether
+# block `i` gets an MoE.
+#
+# ## 5.1 The Transformer block
+#
+# DeepSeek-V3 keeps the pre-norm residual block of modern decoders: every sub-layer reads a normalised copy of the
+# residual stream and adds its output back:
+#
+# $$u = h + \mathrm{MLA}\big(\mathrm{RMSNorm}_{\text{attn}}(h)\big), \qquad
+#   h' = u + \mathrm{FFN}\big(\mathrm{RMSNorm}_{\text{ffn}}(u)\big).$$
+#
+# The FFN is a dense SwiGLU in the first `n_dense_layers` blocks (three in V3) and DeepSeekMoE in all the others.
+# DeepSeekMoE (arXiv 2401.06066) kept its first layer dense because the load balance of a first-layer MoE
+# converged especially slowly.
+#
+# **Intuition:** the residual stream is a shared notebook. Attention copies information between positions, the FFN
+# transforms each position on its own, and both write *additions*, so a block can start as the identity and
+# learn to add only what helps. Pre-norm keeps the stream's scale from compounding over depth.
+#
+# ```
+#  h ──┬──────────────────────────────────────(+)── u ──┬─────────────────────────────────(+)── h'
+#      └─ attn_norm ── MLA (writes c_KV, k_pe) ──┘       └─ ffn_norm ── SwiGLU  or  MoE ──┘
+#                                                                            └─ RoutingInfo (load, aux loss)
+# ```
+#
+# The MoE returns `(y, info)`: `info.load` counts the tokens each routed expert received and `info.aux_loss` is the
+# sequence-wise balance loss ($\alpha\sum_i f_iP_i$, already multiplied by $\alpha$, zero in eval mode). The block
+# passes `info` up so the training step can use both.
+
+# %% [solution id=ex_05_1_block]
+class TransformerBlock(nn.Module):
+    """One DeepSeek-V3 block: ``u = x + MLA(attn_norm(x))``, ``h = u + FFN(ffn_norm(u))`` (V3 report, section 2.1).
+
+    Attributes (the names are fixed: tests and the HF converter load weights by name):
+        attn_norm: RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        attn:      MLA(cfg.mla())
+        ffn_norm:  RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        ffn:       SwiGLU(cfg.dim, cfg.inter_dim) for layer_id < cfg.n_dense_layers, else MoE(cfg.moe())
+    """
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        ### BEGIN SOLUTION
+        self.attn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.attn = MLA(cfg.mla())
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg.moe()) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.dim, cfg.inter_dim)
+        ### END SOLUTION
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LatentKVCache | None = None, *,
+                absorb: bool = False) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """Apply the block to ``x`` (B, T, dim) at positions ``[start_pos, start_pos + T)``.
+
+        ``cache`` and ``absorb`` are passed to the attention: ``self.attn(h, start_pos, cache, absorb=absorb)``.
+        Returns the output (B, T, dim) and the MoE's ``RoutingInfo`` (``None`` for a dense block). An MoE
+        returns ``(y, info)``; a SwiGLU returns ``y``.
+        """
+        ### BEGIN SOLUTION
+        u = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)  # (B, T, dim)
+        if isinstance(self.ffn, MoE):
+            y, info = self.ffn(self.ffn_norm(u))  # (B, T, dim)
+            return u + y, info
+        return u + self.ffn(self.ffn_norm(u)), None
+        ### END SOLUTION
+
+
+# %% [test id=test_05_1_block points=1]
+from course_lib.deepseek.moe import MoE as _MoE
+from course_lib.testing import assert_close, assert_shape, assert_true
+
+torch.manual_seed(0)
+_dense, _moe = TransformerBlock(0, CFG), TransformerBlock(1, CFG)
+assert_true(isinstance(_dense.ffn, SwiGLU) and isinstance(_moe.ffn, _MoE),
+            "block 0 should have a dense SwiGLU FFN and block 1 an MoE (CFG.n_dense_layers = 1)")
+_x = torch.randn(2, 5, CFG.dim)
+_y, _info = _dense(_x)
+assert_shape(_y, (2, 5, CFG.dim), "dense block output")
+assert_true(_info is None, "a dense block returns None as its routing info")
+_y, _info = _moe(_x)
+assert_shape(_y, (2, 5, CFG.dim), "MoE block output")
+assert_true(isinstance(_info, RoutingInfo), "an MoE block returns the MoE's RoutingInfo")
+# with every sub-layer's output projection at zero, only the residual connections remain: the block is the identity
+with torch.no_grad():
+    for _n, _p in _moe.named_parameters():
+        if _n.endswith(("wo.weight", "w2.weight")):
+            _p.zero_()
+    assert_close(_moe(_x)[0], _x, atol=1e-6, name="block with zeroed output projections",
+                 hint="both sub-layers add to the residual stream: u = x + attn(...), h = u + ffn(...)")
+print("TransformerBlock: visible tests passed")
+
+# %% [test id=test_05_1_block_hidden points=3]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.common import SwiGLU as _SwiGLU
+from course_lib.deepseek.model import ModelConfig as _Cfg, TransformerBlock as _RefBlock, init_weights as _init
+from course_lib.deepseek.moe import MoE as _MoE
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+
+_cfg = _Cfg(vocab_size=11, dim=24, n_layers=3, n_dense_layers=2, n_heads=3, inter_dim=40, q_lora_rank=0, kv_lora_rank=12,
+            qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, moe_inter_dim=10, n_routed_experts=6, n_activated_experts=2,
+            n_expert_groups=3, n_limited_groups=2, route_scale=2.5, max_seq_len=32)
+_g = _t.Generator().manual_seed(5)
+
+
+def _diagnose(y, x, ref):
+    """Name the mistake when the block output matches a known wrong variant."""
+    with _t.no_grad():
+        a = ref.attn(ref.attn_norm(x))
+        f = lambda z: ref.ffn(z)[0] if isinstance(ref.ffn, _MoE) else ref.ffn(z)
+        u = x + a
+        pn = ref.attn_norm(x + ref.attn(x))  # post-norm: u = norm(x + attn(x))
+        variants = {
+            "parallel sub-layers (the FFN must read u = x + attention, not x)": u + f(ref.ffn_norm(x)),
+            "post-norm (normalise the sub-layer INPUT, not the sum)": ref.ffn_norm(pn + f(pn)),
+            "the FFN reads the un-normalised u (apply ffn_norm first)": u + f(u),
+            "the attention reads the un-normalised x (apply attn_norm first)": (x + ref.attn(x)) + f(ref.ffn_norm(x + ref.attn(x))),
+            "the residual of the FFN is missing": f(ref.ffn_norm(u)),
+            "the residual of the attention is missing": a + f(ref.ffn_norm(a)),
+            "attn_norm and ffn_norm swapped": (x + ref.attn(ref.ffn_norm(x))) + f(ref.attn_norm(x + ref.attn(ref.ffn_norm(x)))),
+        }
+    for name, v in variants.items():
+        if v.shape == y.shape and float((v - y).abs().max()) < 1e-9:
+            return name
+    return "compare with u = x + attn(attn_norm(x)); h = u + ffn(ffn_norm(u))"
+
+
+for _lid in (0, 1, 2):
+    _t.manual_seed(10 + _lid)
+    _ref = _init(_RefBlock(_lid, _cfg), 3 + _lid, std=0.3).double()
+    with _t.no_grad():  # norm weights away from 1 and a non-zero routing bias, so misplaced pieces show
+        for _p in _ref.parameters():
+            if _p.dim() == 1:
+                _p.uniform_(0.5, 1.5, generator=_g)
+        if isinstance(_ref.ffn, _MoE):
+            _ref.ffn.gate.bias.uniform_(-0.05, 0.05, generator=_g)
+    _blk = TransformerBlock(_lid, _cfg).double()
+    _want_type = _MoE if _lid >= 2 else _SwiGLU
+    _true(type(_blk.ffn) is _want_type, f"layer {_lid} with n_dense_layers=2 needs a {_want_type.__name__} FFN, got {type(_blk.ffn).__name__}",
+          hint="dense SwiGLU(cfg.dim, cfg.inter_dim) for layer_id < n_dense_layers, MoE(cfg.moe()) after")
+    _copy(_ref, _blk)
+    _x = _t.randn(2, 7, 24, dtype=_t.float64, generator=_g)
+    _y, _info = _blk(_x)
+    _w, _winfo = _ref(_x)
+    _err = float((_y - _w).detach().abs().max())
+    if _err > 1e-10:
+        raise AssertionError(f"block {_lid} output differs from the reference (max abs {_err:.3g}); "
+                             f"likely cause: {_diagnose(_y.detach(), _x, _ref)}")
+    if _lid >= 2:
+        _true(_info is not None and _t.equal(_info.load, _winfo.load), "the RoutingInfo returned must be the MoE's own (same load)")
+        _close(_info.aux_loss.detach(), _winfo.aux_loss.detach(), atol=1e-12, name="balance loss in the returned info")
+    else:
+        _true(_info is None, "a dense block returns None as routing info")
+    # gradient flow through every parameter of the block
+    _y.sum().backward()
+    _none = [n for n, p in _blk.named_parameters() if p.grad is None or not _t.isfinite(p.grad).all()]
+    _true(not _none, f"no (finite) gradient for {_none}", hint="every sub-module must be used in forward")
+    # causality: a change at positions >= 4 never changes outputs before 4
+    _x2 = _x.clone()
+    _x2[:, 4:] += 1.0
+    with _t.no_grad():
+        _close(_blk(_x2)[0][:, :4], _blk(_x)[0][:, :4], atol=1e-12, name="outputs before a change of later inputs",
+               hint="pass the inputs through self.attn, which applies the causal mask")
+    # cached, absorbed decoding: prefill 5 positions, then one at position 5, against the reference on its own cache
+    with _t.no_grad():
+        _c1, _c2 = _blk.attn.new_cache(2, 16), _ref.attn.new_cache(2, 16)
+        _close(_blk(_x[:, :5], 0, _c1, absorb=True)[0], _ref(_x[:, :5], 0, _c2, absorb=True)[0], atol=1e-10, name="prefill with a cache")
+        _close(_blk(_x[:, 5:6], 5, _c1, absorb=True)[0], _ref(_x[:, 5:6], 5, _c2, absorb=True)[0], atol=1e-10,
+               name="decode one token at start_pos 5", hint="pass start_pos, cache and absorb through to self.attn")
+        _true(_c1.length == 6, f"the cache should hold 6 positions after prefill + one decode step, holds {_c1.length}")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your block is the identity when its output projections are zero, and it matches the reference block
+# to float64 round-off, cached and absorbed decoding included.
+#
+# ## 5.2 DeepSeekV3Mini with multi-token prediction
+#
+# ### 5.2.1 The MTP module
+# Besides the next token, DeepSeek-V3 trains each position to predict further ahead with $D$ sequential MTP
+# modules (V3 report, section 2.2; $D = 1$). Depth $k$ combines position $i$'s representation from the previous
+# depth ($h^0$ is the main model's last block output) with the embedding of token $t_{i+k}$, runs one Transformer
+# block over the sequence, and predicts $t_{i+k+1}$ with the **shared** output head:
+#
+# $$h'^{k}_i = M_k\big[\mathrm{RMSNorm}(h^{k-1}_i);\ \mathrm{RMSNorm}(\mathrm{Emb}(t_{i+k}))\big],\qquad
+#   h^{k}_{1:T-k} = \mathrm{TRM}_k\big(h'^{k}_{1:T-k}\big),\qquad
+#   P^{k}_{i+k+1} = \mathrm{OutHead}\big(h^{k}_i\big),$$
+#
+# with $M_k\in\mathbb{R}^{d\times 2d}$. The loss averages cross-entropy over positions and depths, weighted by $\lambda$:
+#
+# $$\mathcal{L} = \mathcal{L}_{\text{main}} + \frac{\lambda}{D}\sum_{k=1}^{D}\mathcal{L}^{k}_{\text{MTP}}
+#    + \sum_{\text{MoE layers}}\alpha\sum_i f_iP_i .$$
+#
+# **Why sequential, and why shared?** Each depth sees the previous depth's state, so the chain of predictions stays
+# causal (unlike parallel heads that guess $t_{i+2}$ without knowing $t_{i+1}$). Sharing the embedding and the head
+# keeps the extra parameters to one block and one $d\times 2d$ matrix, and makes the main model's representations
+# carry information about the token after next ("pre-planning"). At inference the MTP module can be dropped, or used
+# for speculative decoding: DeepSeek report that its second-token prediction is accepted 85–90% of the time.
+#
+# ```
+#  t_1 … t_T ─ Emb ─ main blocks ─ h_i ──── norm ─ head ─► P(t_{i+1})                           L_main
+#                                  │
+#                        hnorm(h_i)│  enorm(Emb(t_{i+1}))         (Emb and head shared with the main model)
+#                                  └──[ ; ]── M ── block ── norm ─ head ─► P(t_{i+2})           L_MTP
+# ```
+#
+# In the released checkpoint the MTP module is layer 61 (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, one
+# decoder layer). Our `norm` plays the role of `shared_head.norm`: the block's output is a residual stream and is
+# normalised before the head, like the main model's.
+
+# %% [solution id=ex_05_2_mtp]
+class MTPModule(nn.Module):
+    """One MTP depth (DeepSeek-V3 eqs. 21-22): ``h^k = block(proj([hnorm(h^(k-1)) ; enorm(emb_next)]))``.
+
+    Attributes (names fixed): ``hnorm``, ``enorm`` (RMSNorm(dim)); ``proj`` = M_k, an ``nn.Linear(2 dim, dim,
+    bias=False)`` acting on the concatenation [normalised h ; normalised embedding], in that order; ``block`` a
+    ``TransformerBlock(layer_id, cfg)``; ``norm`` (RMSNorm(dim)) applied before the shared head (by the model).
+    No embedding and no head here: the model's are shared.
+    """
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        ### BEGIN SOLUTION
+        self.hnorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = TransformerBlock(layer_id, cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        ### END SOLUTION
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """``h_prev`` (B, T', dim): previous depth's states at positions i; ``emb_next`` (B, T', dim): embeddings
+        of the tokens k ahead. Returns ``h^k`` (B, T', dim) (before ``norm``) and the block's routing info."""
+        ### BEGIN SOLUTION
+        x = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))  # (B, T', 2 dim) -> (B, T', dim)
+        return self.block(x)
+        ### END SOLUTION
+
+
+# %% [test id=test_05_2_mtp points=1]
+torch.manual_seed(0)
+_mtp = MTPModule(CFG.n_layers, CFG)
+_h, _e = torch.randn(2, 6, CFG.dim), torch.randn(2, 6, CFG.dim)
+_out, _info = _mtp(_h, _e)
+assert_shape(_out, (2, 6, CFG.dim), "MTP output")
+assert_shape(_mtp.proj.weight, (CFG.dim, 2 * CFG.dim), "proj (M_k) weight")
+_names = [n for n, _ in _mtp.named_parameters()]
+assert_true(not any("embed" in n or "head" in n for n in _names),
+            "the MTP module must not own an embedding or a head: the model's are shared")
+print("MTPModule: visible tests passed")
+
+# %% [test id=test_05_2_mtp_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.model import MTPModule as _RefMTP, ModelConfig as _Cfg, init_weights as _init
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+
+_g = _t.Generator().manual_seed(21)
+for _cfg in (_Cfg(vocab_size=11, dim=24, n_layers=2, n_heads=3, kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=6,
+                  qk_rope_head_dim=4, v_head_dim=5, moe_inter_dim=10, n_routed_experts=6, n_activated_experts=2, max_seq_len=32),
+             _Cfg(vocab_size=11, dim=16, n_layers=1, n_dense_layers=1, n_heads=2, q_lora_rank=0, kv_lora_rank=8, inter_dim=20,
+                  max_seq_len=32)):
+    _ref = _init(_RefMTP(_cfg.n_layers, _cfg), 4, std=0.3).double()
+    with _t.no_grad():
+        for _p in _ref.parameters():
+            if _p.dim() == 1:
+                _p.uniform_(0.5, 1.5, generator=_g)
+    _m = MTPModule(_cfg.n_layers, _cfg).double()
+    _copy(_ref, _m)
+    _h = _t.randn(3, 9, _cfg.dim, dtype=_t.float64, generator=_g) * 3
+    _e = _t.randn(3, 9, _cfg.dim, dtype=_t.float64, generator=_g) * 0.1
+    with _t.no_grad():
+        _got = _m(_h, _e)[0]
+        _want = _ref(_h, _e)[0]
+    if float((_got - _want).abs().max()) > 1e-10:
+        with _t.no_grad():
+            _swap = _ref.block(_ref.proj(_t.cat([_ref.enorm(_e), _ref.hnorm(_h)], -1)))[0]
+            _raw = _ref.block(_ref.proj(_t.cat([_h, _e], -1)))[0]
+            _normed = _ref.block(_ref.proj(_t.cat([_ref.hnorm(_h), _ref.enorm(_e)], -1)))[0]
+            _withnorm = _ref.norm(_normed)
+        hint = ("concatenate [hnorm(h) ; enorm(emb)] in that order (the paper's), not embedding first" if float((_got - _swap).abs().max()) < 1e-9
+                else "normalise h with hnorm and the embedding with enorm before concatenating" if float((_got - _raw).abs().max()) < 1e-9
+                else "return the block's output before self.norm: the model applies norm, then the shared head" if float((_got - _withnorm).abs().max()) < 1e-9
+                else "h^k = block(proj([hnorm(h) ; enorm(emb)]))")
+        raise AssertionError(f"MTP output differs from the reference (max abs {float((_got - _want).abs().max()):.3g}); likely cause: {hint}")
+    _true(sum(p.numel() for p in _m.parameters()) == sum(p.numel() for p in _ref.parameters()),
+          "the MTP module's parameter count differs from hnorm + enorm + proj + block + norm")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your MTP module turns (state, next embedding) pairs into states for the token after next, with
+# one block and one $d\times 2d$ matrix of its own.
+#
+# ### 5.2.2 The model and its loss
+# The model is an embedding, `n_layers` blocks, a final RMSNorm and an output head, plus `mtp_depth` MTP modules.
+# Training data come as `inputs` (B, T) and `targets` (B, T), where `targets[:, t]` is the token after
+# `inputs[:, t]`, or `IGNORE_INDEX` (-100) where no loss is wanted. That makes the MTP targets easy: depth $k$ at
+# position $i$ predicts token $i+k+1$, which is `targets[:, i + k]`, so its targets are `targets[:, k:]`.
+#
+# | method | returns |
+# |---|---|
+# | `trunk(tokens, start_pos, caches, absorb)` | last block output $h$ (B, T, dim) before the final norm, and the MoE layers' `RoutingInfo`s |
+# | `forward(tokens, ...)` | next-token logits (B, T, vocab) = head(norm(h)) |
+# | `mtp_forward(h, tokens)` | per depth $k$: logits (B, T−k, vocab) from `head(mtp[k-1].norm(h^k))`, and routing infos |
+# | `compute_loss(inputs, targets)` | a `ModelOutput`: loss, main, MTP and balance losses, logits, routing infos (main blocks first, then MTP) |
+#
+# Use `F.cross_entropy(..., ignore_index=IGNORE_INDEX)` on flattened logits. The balance losses are the
+# `aux_loss` of every `RoutingInfo` (each already multiplied by $\alpha$); add them all.
+
+# %% [solution id=ex_05_3_model]
+class DeepSeekV3Mini(nn.Module):
+    """Embedding, blocks (dense FFN first, MoE after), final RMSNorm, output head, and MTP modules sharing both.
+
+    Attributes (names fixed): ``embed`` nn.Embedding(vocab, dim); ``layers`` nn.ModuleList of
+    ``TransformerBlock(i, cfg)`` for i < n_layers; ``norm`` RMSNorm(dim); ``head`` nn.Linear(dim, vocab,
+    bias=False); ``mtp`` nn.ModuleList of ``MTPModule(n_layers + k, cfg)`` for k < mtp_depth.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ### BEGIN SOLUTION
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp_depth))
+        ### END SOLUTION
+
+    def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
+        """Raise ValueError unless ``tokens`` is an integer (B, T) tensor that fits in ``max_seq_len``."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
+        if start_pos + tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed max_seq_len {self.cfg.max_seq_len}")
+
+    def trunk(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[LatentKVCache] | None = None, *,
+              absorb: bool = False) -> tuple[torch.Tensor, list[RoutingInfo]]:
+        """tokens (B, T) -> last block output h (B, T, dim) before the final norm, and the MoE blocks' routing infos.
+
+        ``caches``: None, or one cache per layer (``caches[i]`` goes to ``layers[i]``).
+        """
+        self.check_tokens(tokens, start_pos)
+        ### BEGIN SOLUTION
+        h = self.embed(tokens)  # (B, T, dim)
+        infos = []
+        for i, layer in enumerate(self.layers):
+            h, info = layer(h, start_pos, None if caches is None else caches[i], absorb=absorb)
+            if info is not None:
+                infos.append(info)
+        return h, infos
+        ### END SOLUTION
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list[LatentKVCache] | None = None, *,
+                absorb: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions ``[start_pos, start_pos + T)`` -> next-token logits (B, T, vocab)."""
+        ### BEGIN SOLUTION
+        h, _ = self.trunk(tokens, start_pos, caches, absorb=absorb)
+        return self.head(self.norm(h))  # (B, T, vocab)
+        ### END SOLUTION
+
+    def mtp_forward(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[RoutingInfo]]:
+        """MTP logits for depths k = 1..D: a list of (B, T - k, vocab), position i predicting ``tokens[i + k + 1]``;
+        and the MTP blocks' routing infos. ``h`` (B, T, dim) is ``trunk(tokens)``'s output.
+
+        Depth k reads the previous depth's states at positions ``0 .. T-k-1`` and ``embed(tokens[:, k:])``.
+        """
+        ### BEGIN SOLUTION
+        T = tokens.shape[1]
+        logits, infos = [], []
+        for k, module in enumerate(self.mtp, start=1):
+            h, info = module(h[:, : T - k], self.embed(tokens[:, k:]))  # (B, T - k, dim)
+            logits.append(self.head(module.norm(h)))  # (B, T - k, vocab): the shared head
+            if info is not None:
+                infos.append(info)
+        return logits, infos
+        ### END SOLUTION
+
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """``loss = main + (mtp_lambda / D) * sum_k mtp_k + sum of the MoE layers' aux_loss`` (V3 eqs. 17-20, 25).
+
+        inputs, targets: (B, T). Returns ``ModelOutput(loss, main_loss, mtp_loss, aux_loss, logits, mtp_logits,
+        infos)`` where ``mtp_loss`` is the mean over depths (0 when ``mtp_depth == 0``) and ``infos`` lists the
+        main blocks' routing infos, then the MTP blocks'.
+        """
+        self.check_tokens(inputs)
+        ### BEGIN SOLUTION
+        V = self.cfg.vocab_size
+        h, infos = self.trunk(inputs)
+        logits = self.head(self.norm(h))  # (B, T, vocab)
+        main = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        mtp_logits, mtp_infos = self.mtp_forward(h, inputs)
+        mtp = main.new_zeros(())
+        for k, lg in enumerate(mtp_logits, start=1):
+            mtp = mtp + F.cross_entropy(lg.reshape(-1, V), targets[:, k:].reshape(-1), ignore_index=IGNORE_INDEX)
+        mtp = mtp / max(len(mtp_logits), 1)
+        infos = infos + mtp_infos
+        aux = sum((info.aux_loss for info in infos), main.new_zeros(()))
+        return ModelOutput(main + self.cfg.mtp_lambda * mtp + aux, main, mtp, aux, logits, mtp_logits, infos)
+        ### END SOLUTION
+
+    # ---- given: balancing and counting helpers ----
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers in the order of ``ModelOutput.infos``: main blocks, then MTP blocks."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_biases(self, loads: list[torch.Tensor]) -> None:
+        """``b_i += gamma * sign(mean_load - load_i)`` in every MoE layer (``loads`` in ``moe_layers`` order)."""
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Main-model parameters counted from the modules (MTP excluded); ``active``: minus the skipped experts."""
+        n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("mtp."))
+        if active:
+            for b in self.layers:
+                if isinstance(b.ffn, MoE):
+                    per_expert = sum(p.numel() for p in b.ffn.experts[0].parameters())
+                    n -= (b.ffn.cfg.n_routed_experts - b.ffn.cfg.n_activated_experts) * per_expert
+        return n
+
+
+# %% [test id=test_05_3_model points=2]
+torch.manual_seed(0)
+_m = init_weights(DeepSeekV3Mini(CFG), seed=0)
+_x = torch.randint(0, CFG.vocab_size, (2, 10))
+assert_shape(_m(_x), (2, 10, CFG.vocab_size), "logits")
+_y = _x.clone()
+_y[:, 6:] = (_y[:, 6:] + 1) % CFG.vocab_size
+with torch.no_grad():
+    assert_close(_m(_y)[:, :6], _m(_x)[:, :6], atol=1e-5, name="logits before position 6 after changing tokens 6..9",
+                 hint="future tokens must never change past logits (causal attention in every block)")
+_t_ = torch.randint(0, CFG.vocab_size, (2, 10))
+with torch.no_grad():
+    _out = _m.compute_loss(_x, _t_)
+assert_true(isinstance(_out, ModelOutput), "compute_loss returns a ModelOutput")
+assert_shape(_out.mtp_logits[0], (2, 9, CFG.vocab_size), "depth-1 MTP logits", hint="depth k has T - k positions")
+assert_true(abs(float(_out.main_loss) - math.log(CFG.vocab_size)) < 0.5,
+            f"at initialisation the main loss should be near ln(vocab) = {math.log(CFG.vocab_size):.2f}, got {float(_out.main_loss):.2f}")
+assert_close(_out.loss, _out.main_loss + CFG.mtp_lambda * _out.mtp_loss + _out.aux_loss, atol=1e-6, name="total loss")
+print("DeepSeekV3Mini: visible tests passed")
+
+# %% [test id=test_05_3_model_hidden points=4]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+import torch.nn.functional as _F
+from course_lib.deepseek.model import DeepSeekV3Mini as _Ref, ModelConfig as _Cfg, init_weights as _init
+from course_lib.deepseek.moe import MoE as _MoE
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy, expect_raises as _raises
+
+_g = _t.Generator().manual_seed(31)
+_base = dict(vocab_size=13, dim=24, n_heads=3, kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+             inter_dim=30, moe_inter_dim=10, n_routed_experts=6, n_activated_experts=2, n_expert_groups=3, n_limited_groups=2,
+             route_scale=2.5, max_seq_len=32)
+for _over in (dict(n_layers=3, n_dense_layers=1, mtp_depth=1), dict(n_layers=2, n_dense_layers=0, mtp_depth=2, q_lora_rank=0),
+              dict(n_layers=2, n_dense_layers=2, mtp_depth=0)):
+    _cfg = _Cfg(**{**_base, **_over})
+    _ref = _init(_Ref(_cfg), 7, std=0.3).double()
+    with _t.no_grad():
+        for _p in _ref.parameters():
+            if _p.dim() == 1:
+                _p.uniform_(0.5, 1.5, generator=_g)
+        for _moe in _ref.moe_layers():
+            _moe.gate.bias.uniform_(-0.05, 0.05, generator=_g)
+    _m = DeepSeekV3Mini(_cfg).double()
+    _true(len(_m.layers) == _cfg.n_layers and len(_m.mtp) == _cfg.mtp_depth,
+          f"expected {_cfg.n_layers} layers and {_cfg.mtp_depth} MTP modules, got {len(_m.layers)} and {len(_m.mtp)}")
+    _copy(_ref, _m)
+    _x = _t.randint(0, 13, (3, 11), generator=_g)
+    _tg = _t.randint(0, 13, (3, 11), generator=_g)
+    _tg[0, :4] = -100  # ignored positions
+    _close(_m(_x), _ref(_x), atol=1e-10, name=f"logits ({_over})", hint="embed -> blocks -> final norm -> head")
+    _o, _r = _m.compute_loss(_x, _tg), _ref.compute_loss(_x, _tg)
+    _close(_o.main_loss, _r.main_loss, atol=1e-10, name="main loss", hint="cross-entropy over flattened logits, ignore_index=-100")
+    _true(len(_o.mtp_logits) == _cfg.mtp_depth, f"{_cfg.mtp_depth} MTP depths expected, got {len(_o.mtp_logits)}")
+    for _k, (_a, _b) in enumerate(zip(_o.mtp_logits, _r.mtp_logits), start=1):
+        _close(_a, _b, atol=1e-10, name=f"MTP logits at depth {_k}",
+               hint="depth k: module(h_prev[:, :T-k], embed(tokens[:, k:])), then head(module.norm(h^k)); depth k+1 reads depth k's states")
+    _close(_o.mtp_loss, _r.mtp_loss, atol=1e-10, name="MTP loss",
+           hint="depth k's targets are targets[:, k:] (position i predicts token i + k + 1); average over depths")
+    _close(_o.aux_loss, _r.aux_loss, atol=1e-12, name="balance loss", hint="sum the aux_loss of every MoE layer, MTP blocks included")
+    _close(_o.loss, _r.loss, atol=1e-10, name="total loss", hint="main + mtp_lambda * mtp + aux")
+    _true(len(_o.infos) == len(_ref.moe_layers()), f"one RoutingInfo per MoE layer ({len(_ref.moe_layers())}), got {len(_o.infos)}")
+    for _a, _b in zip(_o.infos, _r.infos):
+        _true(_t.equal(_a.load, _b.load), "infos must list the main blocks' MoE layers first, then the MTP blocks'")
+    # gradient flow: every parameter gets a finite gradient, MTP's loss reaches the main model
+    _o.loss.backward()
+    _bad = [n for n, p in _m.named_parameters() if p.grad is None or not _t.isfinite(p.grad).all()]
+    _true(not _bad, f"parameters without a finite gradient: {_bad[:5]}")
+    if _cfg.mtp_depth:
+        _m.zero_grad()
+        _m.compute_loss(_x, _tg).mtp_loss.backward()
+        _gw = _m.layers[0].attn.wkv_a.weight.grad
+        _true(_gw is not None and float(_gw.abs().sum()) > 0, "the MTP loss must train the main model too (do not detach h)")
+    # shared head: zeroing the head zeroes every MTP logit
+    if _cfg.mtp_depth:
+        with _t.no_grad():
+            _m.head.weight.zero_()
+            _true(all(float(lg.abs().max()) == 0 for lg in _m.compute_loss(_x, _tg).mtp_logits),
+                  "MTP logits must come from the model's shared head")
+# independent oracle for the MTP target: a model whose depth-1 prediction is perfect has MTP loss ~0 only with t_{i+2}
+_cfg = _Cfg(**{**_base, "n_layers": 1, "n_dense_layers": 1, "mtp_depth": 1})
+_m = DeepSeekV3Mini(_cfg).double()
+_x = _t.randint(0, 13, (2, 9), generator=_g)
+_tg = _t.cat([_x[:, 1:], _t.full((2, 1), -100)], 1)  # next tokens; the one after the last input is unknown
+with _t.no_grad():
+    _o = _m.compute_loss(_x, _tg)
+# depth 1 at position i predicts inputs[i + 2]: positions 0 .. T-3 have a known target
+_want = _F.cross_entropy(_o.mtp_logits[0][:, :-1].reshape(-1, 13), _x[:, 2:].reshape(-1))
+_close(_o.mtp_loss, _want, atol=1e-10, name="MTP loss against the token two ahead", hint="depth 1 at position i predicts inputs[i + 2]")
+# invalid input
+_raises(lambda: _m(_t.randn(2, 5)), ValueError, what="model(float tensor)")
+_m.eval()
+_true(float(_m.compute_loss(_x, _tg).aux_loss) == 0.0, "in eval mode the MoE adds no balance loss")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your model's main loss starts near $\ln(\text{vocab})$, its MTP logits come from the shared head, and
+# future tokens cannot change past logits.
+#
+# ### 5.2.3 Total and active parameters
+# An MoE layer stores all $N_r$ routed experts but a token runs only $K_r$ of them, so a DeepSeek model has two sizes.
+# Per block: attention ($W_{DQ}$, $q$-norm, $W_{UQ}$ or one $W_Q$ without query compression; $W_{DKV}$ with $W_{KR}$,
+# $kv$-norm, $W_{UKV}$, $W_O$), two RMSNorms, and either a dense SwiGLU ($3\,d\,d_{ff}$) or an MoE: the gate
+# ($N_r d$; its bias is a buffer, not a parameter), the shared experts and the routed experts ($3\,d\,d_{e}$ each).
+# Add the embedding, the final norm and the head. **Active** = total minus the $N_r-K_r$ experts each token skips in
+# every MoE layer. The MTP modules are reported separately, as DeepSeek does ("671B + 14B MTP").
+
+# %% [solution id=ex_05_4_counts]
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of ``DeepSeekV3Mini(cfg)`` from the config alone (never build V3!).
+
+    Returns ``{"total": main model, "active": per token, "mtp": the MTP modules}``; ``mtp`` counts each module's
+    hnorm, enorm, norm, proj and block, not the shared embedding and head.
+    """
+    ### BEGIN SOLUTION
+    d, H = cfg.dim, cfg.n_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = d * H * qk if cfg.q_lora_rank == 0 else d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
+    attn = (q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+            + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * d)
+    expert = 3 * d * cfg.moe_inter_dim
+    moe = cfg.n_routed_experts * d + (cfg.n_shared_experts + cfg.n_routed_experts) * expert
+    skipped = (cfg.n_routed_experts - cfg.n_activated_experts) * expert
+
+    def block(i: int) -> int:
+        return 2 * d + attn + (moe if cfg.is_moe_layer(i) else 3 * d * cfg.inter_dim)
+
+    total = 2 * cfg.vocab_size * d + d + sum(block(i) for i in range(cfg.n_layers))
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    mtp = sum(3 * d + 2 * d * d + block(cfg.n_layers + k) for k in range(cfg.mtp_depth))
+    return {"total": total, "active": total - n_moe * skipped, "mtp": mtp}
+    ### END SOLUTION
+
+
+# %% [test id=test_05_4_counts points=1]
+_c = count_parameters(CFG)
+torch.manual_seed(0)
+_m = DeepSeekV3Mini(CFG)
+assert_true(_c["total"] == _m.num_parameters(), f"total {_c['total']} != {_m.num_parameters()} counted from the modules")
+assert_true(_c["active"] == _m.num_parameters(active=True), f"active {_c['active']} != {_m.num_parameters(active=True)}")
+_v3 = count_parameters(ModelConfig.v3())
+print(f"DeepSeek-V3: {_v3['total'] / 1e9:.1f}B total, {_v3['active'] / 1e9:.1f}B active, MTP {_v3['mtp'] / 1e9:.1f}B")
+print("count_parameters: visible tests passed")
+
+# %% [test id=test_05_4_counts_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.model import DeepSeekV3Mini as _Ref, ModelConfig as _Cfg
+from course_lib.testing import assert_true as _true
+
+_base = dict(vocab_size=13, dim=24, n_heads=3, kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+             inter_dim=30, moe_inter_dim=10, n_routed_experts=6, n_activated_experts=2, max_seq_len=32)
+for _over in (dict(n_layers=3, n_dense_layers=1), dict(q_lora_rank=0, n_layers=2, n_dense_layers=0, mtp_depth=2),
+              dict(n_layers=2, n_dense_layers=2), dict(n_shared_experts=2, n_activated_experts=3, n_layers=4, n_dense_layers=2)):
+    _cfg = _Cfg(**{**_base, **_over})
+    _r = _Ref(_cfg)
+    _c = count_parameters(_cfg)
+    _true(_c["total"] == _r.num_parameters(), f"total for {_over}: {_c['total']} vs {_r.num_parameters()} counted",
+          hint="q_lora_rank=0 means one W_Q (dim x H(d_h + d_h^R)) and no q_norm; the gate bias is a buffer, not a parameter")
+    _true(_c["active"] == _r.num_parameters(active=True), f"active for {_over}: {_c['active']} vs {_r.num_parameters(active=True)}",
+          hint="active = total - (n_routed - n_activated) experts in every MoE layer; shared experts and the gate always run")
+    _true(_c["mtp"] == _r.num_parameters(mtp=True), f"mtp for {_over}: {_c['mtp']} vs {_r.num_parameters(mtp=True)}",
+          hint="per depth: hnorm, enorm, norm (3 dim), proj (2 dim^2) and one block with layer_id n_layers + k")
+_v3 = count_parameters(_Cfg.v3())
+_true(abs(_v3["total"] - 671_026_404_352) == 0, f"DeepSeek-V3 total: {_v3['total']:,}, expected 671,026,404,352 (671B)")
+_true(abs(_v3["active"] - 37_552_282_624) == 0, f"DeepSeek-V3 active: {_v3['active']:,}, expected 37,552,282,624 (37B)")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your formula gives DeepSeek-V3 **671.0B** parameters, **37.6B** active per token, and 11.6B in the
+# MTP module (13.5B with its stored copies of the embedding and head: the "685B" of the released checkpoint). The
+# figure breaks both sizes down.
+
+# %% [code]
+try:
+    from course_lib.deepseek.model import param_counts
+
+    _pc = param_counts(ModelConfig.v3())
+    _v3 = ModelConfig.v3()
+    _n_moe = _v3.n_layers - _v3.n_dense_layers
+    parts = {"embedding + head": _pc["embedding"] + _pc["head"], "attention (MLA)": _v3.n_layers * _pc["attention_per_layer"],
+             "dense FFN (3 layers)": _v3.n_dense_layers * _pc["dense_ffn_per_layer"]}
+    routed = _v3.n_routed_experts * 3 * _v3.dim * _v3.moe_inter_dim
+    moe_fixed = _pc["moe_per_layer"] - routed
+    total_parts = {**parts, "gate + shared expert": _n_moe * moe_fixed, "routed experts": _n_moe * routed}
+    active_parts = {**parts, "gate + shared expert": _n_moe * moe_fixed, "routed experts": _n_moe * routed * _v3.n_activated_experts // _v3.n_routed_experts}
+    mine = count_parameters(_v3)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    left = np.zeros(2)
+    for name in total_parts:
+        vals = np.array([total_parts[name], active_parts[name]]) / 1e9
+        ax.barh(["total", "active per token"], vals, left=left, label=name)
+        left += vals
+    ax.set_xlabel("parameters (billions)")
+    ax.set_title(f"DeepSeek-V3: {mine['total'] / 1e9:.1f}B total, {mine['active'] / 1e9:.1f}B active (your count_parameters)")
+    ax.legend(fontsize=8, loc="lower right")
+    plt.show()
+    print({k: f"{v / 1e9:.2f}B" for k, v in total_parts.items()})
+except NotImplementedError:
+    print("implement count_parameters to see the breakdown")
+
+# %% [markdown]
+# ### 5.2.4 Generation with the latent cache
+# Decoding one token at a time is where MLA pays off. The prompt is **prefilled** once: every layer writes its
+# normalised latent $c^{KV}$ and rope key $k^R$ for all prompt positions into its `LatentKVCache`. Then each new token
+# is fed **alone**, at its own position, and every layer attends over the cache on the **absorbed** path
+# ($W^{UK}$ folded into the query, $W^{UV}$ applied after the attention, Section 2), reading
+# `kv_lora_rank + qk_rope_head_dim` numbers per cached token instead of rebuilding keys and values.
+#
+# ```
+#  prompt t_1..t_P ──► model(prompt, 0, caches, absorb=True) ──► logits[:, -1] ──► argmax ──► t_{P+1}
+#  t_{P+1}         ──► model(t_{P+1}, P, caches, absorb=True) ──► ...           ──► t_{P+2}   (one position per call)
+# ```
+
+# %% [solution id=ex_05_5_generate]
+@add_to_class(DeepSeekV3Mini)
+@torch.no_grad()
+def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, absorb: bool = True, use_cache: bool = True) -> torch.Tensor:
+    """Greedy decoding: continue ``prompt`` (B, T0) by ``max_new_tokens`` tokens -> (B, T0 + max_new_tokens).
+
+    ``use_cache=True``: one latent cache per layer, ``layer.attn.new_cache(B, T0 + max_new_tokens)``; run the prompt
+    once at position 0, then feed each new token alone at its position, passing ``absorb`` to the model.
+    ``use_cache=False``: re-run the whole sequence at every step (slow, obviously right). Runs in eval mode and
+    restores the mode the model was in.
+    """
+    self.check_tokens(prompt)
+    B, T0 = prompt.shape
+    if T0 + max_new_tokens > self.cfg.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {T0 + max_new_tokens} exceeds max_seq_len {self.cfg.max_seq_len}")
+    ### BEGIN SOLUTION
+    was_training = self.training
+    self.eval()
+    tokens = prompt
+    if use_cache:
+        caches = [layer.attn.new_cache(B, T0 + max_new_tokens) for layer in self.layers]
+        logits = self(prompt, 0, caches, absorb=absorb)[:, -1]  # (B, vocab): prefill
+    for step in range(max_new_tokens):
+        if not use_cache:
+            logits = self(tokens)[:, -1]  # (B, vocab)
+        nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+        tokens = torch.cat([tokens, nxt], dim=1)  # (B, T0 + step + 1)
+        if use_cache and step + 1 < max_new_tokens:
+            logits = self(nxt, T0 + step, caches, absorb=absorb)[:, -1]  # (B, vocab): one new position
+    self.train(was_training)
+    return tokens
+    ### END SOLUTION
+
+
+# %% [test id=test_05_5_generate points=1]
+torch.manual_seed(0)
+_m = init_weights(DeepSeekV3Mini(CFG), seed=1, std=0.3)
+_p = torch.randint(0, CFG.vocab_size, (2, 4))
+_a = _m.generate(_p, 6)
+assert_shape(_a, (2, 10), "generated tokens")
+assert_true(torch.equal(_a[:, :4], _p), "the output starts with the prompt")
+assert_true(torch.equal(_a, _m.generate(_p, 6, use_cache=False)),
+            "cached absorbed decoding must produce the same greedy tokens as re-running the whole sequence",
+            hint="feed each new token at position T0 + step, with the same caches you prefilled")
+print("generate: visible tests passed")
+
+# %% [test id=test_05_5_generate_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.deepseek.mla import MLA as _MLA, LatentKVCache as _LC
+from course_lib.deepseek.model import DeepSeekV3Mini as _Ref, ModelConfig as _Cfg, init_weights as _init
+from course_lib.testing import assert_true as _true, copy_weights as _copy
+
+_cfg = _Cfg(vocab_size=13, dim=24, n_layers=3, n_dense_layers=1, n_heads=3, kv_lora_rank=12, q_lora_rank=0, qk_nope_head_dim=6,
+            qk_rope_head_dim=4, v_head_dim=5, inter_dim=30, moe_inter_dim=10, n_routed_experts=6, n_activated_experts=2,
+            n_expert_groups=3, n_limited_groups=2, route_scale=2.5, max_seq_len=24)
+_ref = _init(_Ref(_cfg), 9, std=0.4).double()
+_m = DeepSeekV3Mini(_cfg).double()
+_copy(_ref, _m)
+_g = _t.Generator().manual_seed(41)
+_p = _t.randint(0, 13, (3, 5), generator=_g)
+_want = _ref.generate(_p, 9)
+_true(_t.equal(_m.generate(_p, 9), _want), "greedy tokens differ from the reference model on the same weights")
+_true(_t.equal(_m.generate(_p, 9, absorb=False), _want), "the naive path over the latent cache must give the same tokens")
+_true(_t.equal(_m.generate(_p, 9, use_cache=False), _want), "use_cache=False must give the same tokens")
+
+# spy on the attention: which path, which cache, how many positions per call
+_calls = []
+_orig = _MLA.forward
+
+
+def _spy(self, x, start_pos=0, cache=None, *, absorb=False, return_attn=False):
+    _calls.append((x.shape[1], start_pos, type(cache).__name__, absorb, self.training))
+    return _orig(self, x, start_pos, cache, absorb=absorb, return_attn=return_attn)
+
+
+_m.train()
+_MLA.forward = _spy
+try:
+    _m.generate(_p, 7)
+finally:
+    _MLA.forward = _orig
+_true(_m.training, "generate must restore the model's training mode")
+_true(all(not c[4] for c in _calls), "generate must run the model in eval mode (no balance loss, no routing statistics)")
+_true(all(c[2] == "LatentKVCache" for c in _calls), f"every attention call must get its layer's LatentKVCache, got {set(c[2] for c in _calls)}",
+      hint="caches = [layer.attn.new_cache(B, T0 + max_new_tokens) for layer in self.layers]")
+_true(all(c[3] for c in _calls), "absorb=True (the default) must reach every attention call")
+_per_layer = sum(c[0] for c in _calls) / _cfg.n_layers
+_true(_per_layer <= 5 + 7, f"each layer processed {_per_layer:.0f} positions for a 5-token prompt and 7 new tokens: "
+      "with a cache every position goes through each layer once", hint="after the prefill, feed only the newest token")
+_decode = [c for c in _calls if c[0] == 1]
+_true(len(_decode) >= 6 * _cfg.n_layers and sorted({c[1] for c in _decode})[:6] == [5, 6, 7, 8, 9, 10],
+      "decode steps must feed one token at positions 5, 6, ... (start_pos = T0 + step)")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your decoder reads a `LatentKVCache` of `kv_lora_rank + qk_rope_head_dim` numbers per token per
+# layer (40 here, 576 in V3), and its greedy tokens equal those of the slow recompute-everything loop.
+#
+# ## 5.3 End-to-end validation
+# ### 5.3.1 The training step
+# One step of DeepSeek-V3's recipe has a fixed order. The auxiliary-loss-free bias update comes **after** the
+# optimiser step and uses the load of **this** batch, measured in the forward pass that produced the loss:
+#
+# $$b_i \leftarrow b_i + \gamma\,\operatorname{sign}\big(\overline{\mathrm{load}} - \mathrm{load}_i\big)\quad\text{in every MoE layer (MTP blocks included)}.$$
+#
+# The bias has no gradient (it is a buffer), so the optimiser never touches it; updating it before the forward pass
+# or twice per step would route with loads that are not the batch's.
+
+# %% [solution id=ex_05_6_train_step]
+def train_step(model: DeepSeekV3Mini, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               clip_norm: float = 1.0) -> dict:
+    """One training step: (1) ``model.train()`` and ``out = model.compute_loss(inputs, targets)``; (2) zero the
+    gradients, backpropagate ``out.loss``, clip the global gradient norm to ``clip_norm``
+    (``torch.nn.utils.clip_grad_norm_`` returns the norm *before* clipping); (3) ``optimizer.step()``; (4) then
+    ``model.update_biases(loads)`` with ``loads = [info.load for info in out.infos]``.
+
+    Returns a dict: ``loss``, ``main_loss``, ``mtp_loss``, ``aux_loss``, ``grad_norm`` (Python floats), ``loads``
+    (list of (E,) tensors) and ``max_vio`` (list of ``max_violation(load)``, one float per MoE layer).
+    """
+    ### BEGIN SOLUTION
+    model.train()
+    out = model.compute_loss(inputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    loads = [info.load.detach() for info in out.infos]
+    model.update_biases(loads)
+    return {"loss": out.loss.item(), "main_loss": out.main_loss.item(), "mtp_loss": out.mtp_loss.item(),
+            "aux_loss": out.aux_loss.item(), "grad_norm": grad_norm.item(), "loads": loads,
+            "max_vio": [max_violation(load) for load in loads]}
+    ### END SOLUTION
+
+
+# %% [test id=test_05_6_train_step points=1]
+torch.manual_seed(0)
+_data = MultiTaskLanguage(n_digits=RECIPE["n_digits"])
+_m = init_weights(DeepSeekV3Mini(ModelConfig(vocab_size=_data.vocab_size)), seed=0)
+_opt = torch.optim.AdamW(_m.parameters(), lr=1e-2)
+_b = _data.sample(16, torch.Generator().manual_seed(0))
+_bias0 = [moe.gate.bias.clone() for moe in _m.moe_layers()]
+_st = train_step(_m, _opt, _b.inputs, _b.targets)
+assert_true(set(_st) >= {"loss", "main_loss", "mtp_loss", "aux_loss", "grad_norm", "loads", "max_vio"}, f"missing keys: got {sorted(_st)}")
+assert_true(len(_st["loads"]) == len(_m.moe_layers()) == 2, "one load per MoE layer (main block and MTP block)")
+for _moe, _b0 in zip(_m.moe_layers(), _bias0):
+    _step = (_moe.gate.bias - _b0).abs()
+    assert_true(bool((((_step - CFG.bias_update_speed).abs() < 1e-7) | (_step == 0)).all()) and bool(_step.max() > 0),
+                "after one step every bias moved by exactly gamma (or 0 for an expert at the mean load)",
+                hint="call model.update_biases(loads) once, after optimizer.step()")
+print("train_step: visible tests passed")
+
+# %% [test id=test_05_6_train_step_hidden points=3]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import copy as _copy_mod
+
+import torch as _t
+from course_lib.data import MultiTaskLanguage as _Lang
+from course_lib.deepseek.model import DeepSeekV3Mini as _Ref, ModelConfig as _Cfg, init_weights as _init
+from course_lib.deepseek.moe import bias_update as _bias_update, expert_load as _expert_load
+from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+
+_lang = _Lang(n_digits=4)
+_cfg = _Cfg(vocab_size=_lang.vocab_size, n_layers=3, n_dense_layers=1, bias_update_speed=0.01)
+_ref = _init(_Ref(_cfg), 3, std=0.1)
+_m = DeepSeekV3Mini(_cfg)
+_copy(_ref, _m)
+_b = _lang.sample(24, _t.Generator().manual_seed(5))
+
+# the expected loads: routing of this batch with the pre-step weights and biases
+with _t.no_grad():
+    _pre = _copy_mod.deepcopy(_ref).train()
+    _out = _pre.compute_loss(_b.inputs, _b.targets)
+    _loads = [_expert_load(i.indices, _cfg.n_routed_experts) for i in _out.infos]
+    _loss0 = float(_out.loss)
+_bias0 = [moe.gate.bias.clone() for moe in _m.moe_layers()]
+
+
+def _recording_adamw(params, model):
+    """AdamW that records the gate biases and the gradient norm at the moment step() runs."""
+
+    class Recorder(_t.optim.AdamW):
+        def step(self, closure=None):
+            self.seen = [moe.gate.bias.clone() for moe in model.moe_layers()]
+            self.grad_norm = float(_t.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+            return super().step(closure)
+
+    return Recorder(params, lr=1e-3)
+
+
+_opt = _recording_adamw(_m.parameters(), _m)
+_st = train_step(_m, _opt, _b.inputs, _b.targets, clip_norm=1e-3)
+_true(hasattr(_opt, "seen"), "train_step must call optimizer.step()")
+_true(all(_t.equal(a, b) for a, b in zip(_opt.seen, _bias0)),
+      "the gate biases changed before optimizer.step(): update them after the optimiser step")
+_true(_opt.grad_norm <= 1e-3 * (1 + 1e-4), f"gradient norm at the optimiser step is {_opt.grad_norm:.3g} > clip_norm 1e-3",
+      hint="torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm) before optimizer.step()")
+_true(abs(_st["loss"] - _loss0) < 1e-5, f"returned loss {_st['loss']:.6f} is not this batch's pre-step loss {_loss0:.6f}")
+_true(_st["grad_norm"] > 1e-3, "grad_norm must be the norm before clipping (clip_grad_norm_'s return value)")
+_true(len(_st["loads"]) == 3, f"3 MoE layers (2 main, 1 MTP) need 3 loads, got {len(_st['loads'])}")
+for _k, (_moe, _b0, _ld) in enumerate(zip(_m.moe_layers(), _bias0, _loads)):
+    _true(_t.equal(_st["loads"][_k].float(), _ld), f"MoE layer {_k}: returned load is not this batch's (pre-step routing)")
+    _close(_moe.gate.bias, _b0 + _bias_update(_ld, 0.01), atol=1e-7, name=f"bias of MoE layer {_k} after one step",
+           hint="exactly one update per step, b += gamma * sign(mean_load - load), with the loads of this batch's forward pass")
+    _true(abs(_st["max_vio"][_k] - float(_ld.max() / _ld.mean() - 1)) < 1e-6, f"max_vio of layer {_k}")
+# gradients do not accumulate across steps (weights and biases frozen: lr 0, gamma 0)
+for _moe in _m.moe_layers():
+    _moe.cfg.bias_update_speed = 0.0
+_sgd = _t.optim.SGD(_m.parameters(), lr=0.0)
+train_step(_m, _sgd, _b.inputs, _b.targets, clip_norm=1e9)
+_g1 = {n: p.grad.clone() for n, p in _m.named_parameters() if p.grad is not None}
+train_step(_m, _sgd, _b.inputs, _b.targets, clip_norm=1e9)
+_bad = [n for n, p in _m.named_parameters() if p.grad is not None and not _t.allclose(p.grad, _g1[n], atol=1e-6, rtol=1e-4)]
+_true(not _bad, f"gradients accumulate across steps for {_bad[:3]}", hint="optimizer.zero_grad() before backward")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** one call of your `train_step` moves every gate bias by exactly $\pm\gamma$, after the optimiser step.
+#
+# ### 5.3.2 Training on the multi-task language
+# The data make routing matter: four tasks on the same digits, announced by the first token.
+#
+# | task | example (4 digits) | what it needs |
+# |---|---|---|
+# | copy | `<copy>3141=3141$` | attend to the digit $n+1$ positions back |
+# | reverse | `<rev>3141=1413$` | attend to the mirrored position |
+# | sort | `<sort>3141=1134$` | count digits smaller than each value |
+# | add | `<add>31+41=720$` | digit-wise sum with a carry, least significant digit first (13 + 14 = 27) |
+#
+# Only the answer digits and the end token `$` are trained and scored. **Target: 80% answer-token accuracy** on
+# 512 held-out problems (chance is about 10%), within 150 steps of batch 64, seed 0. Both are fixed: the graded
+# check after the run depends on them, never on time. The monitor shows loss, gradient norm, the worst MoE layer's
+# MaxVio and throughput (live in JupyterLab, one figure when graded).
+
+# %% [given]
+TARGET_ACC = 0.80
+TRAIN_STEPS = 150
+data = MultiTaskLanguage(n_digits=RECIPE["n_digits"])
+print("example:", data.decode(data.sequence("add", [3, 1, 4, 1])), "| vocabulary:", data.vocab_size, "tokens | positions:", data.block_size)
+TRAIN_LOG = {"steps_to_target": None, "evals": [], "seconds": None, "tokens_per_s": None}
+model = None
+try:
+    from course_lib.deepseek.model import train
+
+    torch.manual_seed(0)
+    model = init_weights(DeepSeekV3Mini(ModelConfig(vocab_size=data.vocab_size)), seed=0, std=RECIPE["init_std"])
+    monitor = viz.TrainingMonitor(["loss", "main_loss", "grad_norm", "max_vio", "tokens_per_s"], every=25,
+                                  title="DeepSeekV3Mini on the multi-task language (your train_step)")
+    run = train(model, data, steps=TRAIN_STEPS, batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], warmup=RECIPE["warmup"], seed=0,
+                eval_every=RECIPE["eval_every"], target=TARGET_ACC, monitor=monitor, step_fn=train_step, eval_batch=512)
+    TRAIN_LOG.update(steps_to_target=run.steps_to_target, evals=run.evals, seconds=run.seconds, tokens_per_s=run.tokens_per_s,
+                     history=run.history)
+    monitor.finish()
+    plt.show()
+    print(f"{TRAIN_STEPS} steps in {run.seconds:.1f} s ({run.tokens_per_s:,.0f} tokens/s); "
+          f"target {TARGET_ACC:.0%} reached at step {run.steps_to_target}; final: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in run.evals[-1].items() if k != "step"))
+except NotImplementedError as err:
+    print("finish the exercises above to train the model:", err)
+
+# %% [code]
+if TRAIN_LOG["evals"]:
+    steps_ = [e["step"] for e in TRAIN_LOG["evals"]]
+    fig, ax = plt.subplots()
+    ax.plot(steps_, [e["token_acc"] for e in TRAIN_LOG["evals"]], "k-o", lw=2, label="all tasks (answer tokens)")
+    for task in data.TASKS:
+        ax.plot(steps_, [e[f"acc_{task}"] for e in TRAIN_LOG["evals"]], "--", label=f"{task} (whole answers)")
+    ax.axhline(TARGET_ACC, color="r", ls=":", label=f"target {TARGET_ACC:.0%}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out accuracy (fraction)")
+    ax.set_title("Held-out accuracy: tokens overall, whole answers per task")
+    ax.legend(fontsize=8)
+    plt.show()
+
+# %% [test id=test_05_7_training points=1]
+assert_true(TRAIN_LOG["steps_to_target"] is not None and TRAIN_LOG["steps_to_target"] <= TRAIN_STEPS,
+            f"the model did not reach {TARGET_ACC:.0%} answer-token accuracy within {TRAIN_STEPS} steps",
+            hint="check the exercises above; the recipe (seed, steps, batch, learning rate) is fixed")
+print(f"training: target reached at step {TRAIN_LOG['steps_to_target']}")
+
+# %% [test id=test_05_7_training_hidden points=2]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+import torch as _t
+from course_lib.data import MultiTaskLanguage as _Lang
+from course_lib.testing import assert_true as _true
+
+_true(model is not None and TRAIN_LOG["evals"], "the training cell did not run")
+_lang = _Lang(n_digits=4)
+_b = _lang.sample(1024, _t.Generator().manual_seed(2024))  # problems the run never evaluated on
+model.eval()
+with _t.no_grad():
+    _pred = model(_b.inputs).argmax(-1)
+_mask = _b.targets != -100
+_acc = float(((_pred == _b.targets) & _mask).sum() / _mask.sum())
+_true(_acc >= TARGET_ACC - 0.03, f"answer-token accuracy on fresh problems is {_acc:.3f}, below {TARGET_ACC - 0.03:.2f}")
+_copy_ok = float((((_pred == _b.targets) | ~_mask).all(1) & (_b.task == 0)).sum() / (_b.task == 0).sum())
+_true(_copy_ok >= 0.9, f"the copy task should be solved (whole answers right >= 90%), got {_copy_ok:.2f}")
+_h = TRAIN_LOG["history"]
+_true(_h["loss"][-1] < _h["loss"][0] - 1.0, "the training loss must fall by more than 1 nat")
+_true(max(_h["max_vio"][-10:]) < 1.5, f"with balancing the final MaxVio should stay below 1.5, got {max(_h['max_vio'][-10:]):.2f}")
+_bias = [moe.gate.bias for moe in model.moe_layers()]
+_true(all(float(b.abs().max()) > 0 for b in _bias), "the gate biases never moved: the bias update did not run")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Checkpoint:** your model reaches the target within the step budget; copy and reverse are solved first, sort
+# follows, and the carries of addition take longer than this run.
+#
+# ### Your model at work
+# Greedy answers from your cached, absorbed decoder on fresh problems:
+
+# %% [code]
+if model is not None:
+    gen = torch.Generator().manual_seed(7)
+    try:
+        for task in data.TASKS:
+            for _ in range(2):
+                digits = torch.randint(0, 10, (data.n_digits,), generator=gen).tolist()
+                prompt = torch.tensor([data.problem(task, digits)])
+                out = model.generate(prompt, data.answer_length(task) + 1)[0, prompt.shape[1]:].tolist()
+                want = data.answer(task, digits) + [data.eos]
+                print(f"{data.decode(prompt[0]):>14} {data.decode(out):<6} {'ok' if out == want else 'expected ' + data.decode(want)}")
+    except NotImplementedError:
+        print("implement generate to see the answers")
+
+# %% [markdown]
+# Which experts handle which tokens? Pick a task (a dropdown in JupyterLab; one static figure when graded): the
+# heatmap shows, for one fresh problem, the routing weight $g_{i,t}$ of every routed expert at every position of the
+# MoE in block 1. Compare the tasks: each leans on its own favourite experts, the specialisation measured below.
+
+# %% [code]
+def show_routing(task="add", seed=0):
+    if model is None:
+        print("train the model first")
+        return
+    digits = torch.randint(0, 10, (data.n_digits,), generator=torch.Generator().manual_seed(seed)).tolist()
+    seq = torch.tensor([data.sequence(task, digits)[:-1]])
+    model.eval()
+    with torch.no_grad():
+        _, infos = model.trunk(seq)
+    info = infos[0]
+    weights = torch.zeros(seq.shape[1], CFG.n_routed_experts).scatter(1, info.indices, info.weights.float())  # (T, E)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    im = ax.imshow(weights.numpy(), cmap="rocket_r", aspect="auto")
+    ax.grid(False)
+    ax.set_yticks(range(seq.shape[1]), [data.decode([t]) for t in seq[0].tolist()])
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("input token (position)")
+    ax.set_title(f"Routing of one '{task}' problem, MoE of block 1")
+    fig.colorbar(im, ax=ax, label="routing weight g")
+    plt.show()
+
+
+viz.interactive(show_routing, task=["add", "copy", "reverse", "sort"], seed=[0, 1, 2, 3])
+
+# %% [markdown]
+# ### 5.3.3 Forward validation, gradient flow, memory
+# **Causality, seen directly.** The influence of input position $j$ on the logits at position $i$ is the norm of
+# $\partial\,\mathrm{logits}_i/\partial\,\mathrm{Emb}(t_j)$. A causal model has exactly zero influence above the
+# diagonal; the figure shows it for your trained model, with the MTP branch's influence beside it (its position $i$
+# also reads $t_{i+1}$, so its band is one step wider: by design, not a leak, since it predicts $t_{i+2}$).
+
+# %% [code]
+def influence(model, tokens):
+    """(T, T) norms of d logits_i / d Emb(t_j) for the main head and the depth-1 MTP head (batch row 0)."""
+    emb = model.embed(tokens).detach().requires_grad_(True)  # (1, T, dim)
+    h = emb
+    for layer in model.layers:
+        h, _ = layer(h)
+    main = model.head(model.norm(h))  # (1, T, vocab)
+    mod = model.mtp[0]
+    hk, _ = mod(h[:, :-1], emb[:, 1:])  # (1, T - 1, dim): the MTP branch reads Emb(t_{i+1})
+    mtp = model.head(mod.norm(hk))
+    T = tokens.shape[1]
+    out = np.zeros((2, T, T))
+    for r, logits in enumerate((main, mtp)):
+        for i in range(logits.shape[1]):
+            (g,) = torch.autograd.grad(logits[0, i].square().sum(), emb, retain_graph=True)
+            out[r, i] = g[0].norm(dim=-1).numpy()
+    return out
+
+
+if model is not None:
+    model.eval()
+    inf = influence(model, data.sample(1, torch.Generator().manual_seed(3)).inputs)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, m_, title in zip(axes, inf, ("main head: position i predicts t_{i+1}", "MTP head: position i predicts t_{i+2}")):
+        im = ax.imshow(np.log10(m_ + 1e-12), cmap="viridis", vmin=-6)
+        ax.grid(False)
+        ax.set_xlabel("input position j")
+        ax.set_ylabel("output position i")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, label="log10 |d logits_i / d Emb(t_j)|")
+    fig.suptitle("Causality of your trained model (exact zeros drawn at the bottom of the scale)")
+    fig.tight_layout()
+    plt.show()
+    print("largest influence of a future token on the main logits:", float(np.triu(inf[0], k=1).max()))
+
+# %% [markdown]
+# **Gradient flow.** One batch through `compute_loss`, then the gradient norm of every parameter group. Every group
+# must receive a finite, non-zero gradient; the routed experts get less than dense parts because each sees only
+# the tokens routed to it, and the gate's bias gets none (it is a buffer moved by the balancing rule).
+
+# %% [code]
+if model is not None:
+    model.train()
+    model.zero_grad()
+    model.compute_loss(*[getattr(data.sample(64, torch.Generator().manual_seed(11)), k) for k in ("inputs", "targets")]).loss.backward()
+    groups: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:4] if parts[0] == "mtp" else parts[:3] if parts[0] == "layers" else parts[:1])
+        if ".experts." in name:
+            key = key.rsplit(".", 1)[0] + ".experts (routed)" if key.endswith("experts") else key
+        groups[key] = groups.get(key, 0.0) + float(p.grad.double().pow(2).sum()) if p.grad is not None else float("nan")
+    names = list(groups)
+    norms = np.sqrt(np.array([groups[n] for n in names]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.barh(names, norms, color=["tab:red" if not np.isfinite(v) or v == 0 else "tab:blue" for v in norms])
+    ax.set_xscale("log")
+    ax.set_xlabel("gradient L2 norm (log scale)")
+    ax.set_title("Gradient flow: every parameter group of your model (red = missing)")
+    ax.invert_yaxis()
+    plt.show()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    print("parameters without a finite non-zero gradient:", missing or "none")
+    model.zero_grad()
+
+# %% [markdown]
+# **Memory.** Two different costs. The *KV cache* of generation is where MLA wins: `kv_lora_rank + qk_rope_head_dim`
+# numbers per token per layer against $2 n_h (d_h + d_h^R)$ for multi-head attention with the same head sizes.
+# *Training activations* are another story: the naive path rebuilds full per-head keys and values, the MoE keeps
+# the inputs of every routed expert, and the MTP module adds a whole block, so training memory is not where
+# DeepSeek-V3 saves. The baseline below is a dense
+# decoder of the same width, depth and head sizes (standard MHA with RoPE, SwiGLU FFN of `inter_dim`). Peak memory is
+# measured by `course_lib.bench.peak_memory`, which tracks every tensor allocated during forward and backward.
+
+# %% [code]
+from course_lib.deepseek.model import DeepSeekV3Mini as RefMini, MHABaseline, param_counts
+
+mem_cfg = ModelConfig(vocab_size=data.vocab_size, max_seq_len=256)
+torch.manual_seed(0)
+ours_ref, dense = RefMini(mem_cfg), MHABaseline(mem_cfg)
+print(f"parameters: DeepSeekV3Mini {ours_ref.num_parameters():,} total / {ours_ref.num_parameters(active=True):,} active "
+      f"(+{ours_ref.num_parameters(mtp=True):,} MTP); dense MHA baseline {sum(p.numel() for p in dense.parameters()):,}")
+lat, mha = ours_ref.new_caches(1, 8)[0], dense.new_caches(1, 8)[0]
+print(f"KV cache per token per layer: MLA latent {lat.elements_per_token} numbers, MHA {mha.elements_per_token} "
+      f"({mha.elements_per_token / lat.elements_per_token:.1f}x); at DeepSeek-V3's sizes 576 vs 32768 (56.9x)")
+lengths = sizes([16, 64, 128], [16, 32, 64, 128, 256])
+
+
+def train_peak(m, T):
+    x = torch.randint(0, mem_cfg.vocab_size, (8, T), generator=torch.Generator().manual_seed(T))
+
+    def step():
+        loss = m.compute_loss(x, x).loss if hasattr(m, "compute_loss") else F.cross_entropy(m(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    return peak_memory(step)
+
+
+no_mtp = RefMini(ModelConfig(vocab_size=data.vocab_size, max_seq_len=256, mtp_depth=0))
+peaks = {"DeepSeekV3Mini (MLA + MoE + MTP)": [train_peak(ours_ref, T) for T in lengths],
+         "DeepSeekV3Mini without MTP": [train_peak(no_mtp, T) for T in lengths],
+         "dense MHA baseline": [train_peak(dense, T) for T in lengths]}
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+ctx = np.array([256, 1024, 4096, 16384])
+axes[0].plot(ctx, ctx * lat.bytes_per_token() * mem_cfg.n_layers / 2**10, "o-", label=f"MLA latent ({lat.elements_per_token} per token per layer)")
+axes[0].plot(ctx, ctx * mha.bytes_per_token() * mem_cfg.n_layers / 2**10, "s-", label=f"MHA ({mha.elements_per_token} per token per layer)")
+axes[0].set_xscale("log", base=2)
+axes[0].set_yscale("log")
+axes[0].set_xlabel("cached tokens")
+axes[0].set_ylabel("KV cache, all layers (KiB, float32)")
+axes[0].set_title("Generation: cache memory")
+axes[0].legend(fontsize=8)
+for name, vals in peaks.items():
+    axes[1].plot(lengths, np.array(vals) / 2**20, "o-", label=name)
+axes[1].set_xlabel("sequence length T (batch 8)")
+axes[1].set_ylabel("peak memory, fwd + bwd (MiB)")
+axes[1].set_title("Training: activation memory")
+axes[1].legend(fontsize=8)
+fig.suptitle("Memory of DeepSeekV3Mini vs a dense MHA decoder of the same width and depth")
+fig.tight_layout()
+plt.show()
+print({k: f"{v[-1] / 2**20:.2f} MiB at T={lengths[-1]}" for k, v in peaks.items()})
+
+# %% [markdown]
+# ### 5.3.4 How the components interact
+# **Expert specialisation.** Which experts does each task use? For each MoE layer, the heatmap shows the share of a
+# task's answer-position assignments that each routed expert receives (rows sum to 1), measured on fresh problems. The
+# mutual information $I(\text{task};\text{expert})$ summarises it: 0 bits when routing ignores the task, at most
+# $\log_2 4 = 2$ bits when every task has its own experts.
+
+# %% [code]
+from course_lib.deepseek.model import load_recorded_runs, mutual_information, record_run, routing_by_task
+
+
+def plot_routing(shares, titles, suptitle):
+    fig, axes = plt.subplots(1, len(shares), figsize=(4.6 * len(shares), 3.4), squeeze=False)
+    for ax, share, title in zip(axes[0], shares, titles):
+        im = ax.imshow(share, cmap="magma", vmin=0, vmax=max(0.5, float(np.max(share))))
+        ax.grid(False)
+        ax.set_yticks(range(len(data.TASKS)), data.TASKS)
+        ax.set_xlabel("routed expert")
+        ax.set_title(f"{title}\nI(task; expert) = {mutual_information(share):.2f} bits", fontsize=10)
+        fig.colorbar(im, ax=ax, label="share of the task's assignments")
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    plt.show()
+
+
+if model is not None:
+    share = routing_by_task(model, data).numpy()  # (main MoE layers, tasks, experts)
+    mtp_share = None
+    with torch.no_grad():  # the MTP block's MoE, on the same problems
+        model.eval()
+        gen = torch.Generator().manual_seed(4321)
+        rows = []
+        for task in data.TASKS:
+            b = data.sample(128, gen, task=task)
+            h, _ = model.trunk(b.inputs)
+            _, infos = model.mtp_forward(h, b.inputs)
+            idx = infos[0].indices.view(128, -1, CFG.n_activated_experts)[b.answer_mask[:, 1:]]
+            rows.append(np.bincount(idx.flatten().numpy(), minlength=CFG.n_routed_experts) / idx.numel())
+        mtp_share = np.stack(rows)
+    plot_routing([share[0], mtp_share], ["your model, MoE of block 1", "your model, MoE of the MTP block"],
+                 f"Expert specialisation after {TRAIN_STEPS} steps")
+
+# %% [markdown]
+# **Longer runs, recorded.** The remaining experiments need several training runs each, longer than this notebook's
+# budget: `make checkpoints` (`tools/train_checkpoints.py`) recorded them from the same code and recipe, 600 steps
+# each. Set `RETRAIN = True` to rerun them here (about a minute per run on a laptop; `RETRAIN_STEPS` sets their length).
+
+# %% [code]
+RETRAIN = False
+RETRAIN_STEPS = sizes(60, 300)
+runs = None if RETRAIN else load_recorded_runs()
+if runs is None:
+    print(f"training the comparison runs here ({RETRAIN_STEPS} steps each) ...")
+    runs = {"meta": {"steps": RETRAIN_STEPS, "seeds": [0]},
+            "runs": {f"{name}/seed0": record_run(name, steps=RETRAIN_STEPS, seed=0) for name in ("baseline", "no_balance", "no_mtp", "fp8")}}
+R = runs["runs"]
+SEEDS = runs["meta"]["seeds"]
+print(f"recorded runs: {sorted(R)} ({runs['meta']['steps']} steps each)")
+base0 = R["baseline/seed0"]
+plot_routing([np.array(base0["routing_by_task"][0]), np.array(R["no_balance/seed0"]["routing_by_task"][0])],
+             ["with balancing (bias + balance loss)", "without balancing"],
+             f"Expert specialisation after {runs['meta']['steps']} steps (recorded, block 1)")
+
+
+# %% [markdown]
+# **Routing collapse without balancing.** With no bias update and no balance loss, nothing stops the router from
+# sending more and more tokens to the experts that happened to win early: they get more gradient, improve, and win
+# more. The auxiliary-loss-free bias counteracts it step by step ($\pm\gamma$ per step) without adding a loss that
+# fights the language-modelling objective. At this scale (8 experts, 600 steps) the drift is gradual rather than a
+# total collapse: watch the MaxVio gap open, most clearly in the MTP block's MoE.
+
+# %% [code]
+def smooth(x, k=10):
+    x = np.asarray(x, dtype=float)
+    return np.convolve(x, np.ones(k) / k, mode="valid") if len(x) > k else x
+
+
+nb0 = R["no_balance/seed0"]
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+for run_, label in ((base0, "with balancing"), (nb0, "without balancing")):
+    mv = np.array(run_["max_vio_per_layer"])  # (steps, MoE layers)
+    axes[0].plot(smooth(mv[:, 0]), label=f"{label}, block 1")
+    axes[0].plot(smooth(mv[:, 1]), ls="--", label=f"{label}, MTP block")
+axes[0].set_xlabel("training step")
+axes[0].set_ylabel("MaxVio = max load / mean load - 1")
+axes[0].set_title("Imbalance over training (10-step mean)")
+axes[0].legend(fontsize=7)
+E = CFG.n_routed_experts
+w = 0.4
+for k, (run_, label) in enumerate(((base0, "with balancing"), (nb0, "without balancing"))):
+    final = np.array(run_["loads"][-1][0], dtype=float)
+    axes[1].bar(np.arange(E) + (k - 0.5) * w, final / final.sum(), width=w, label=label)
+axes[1].axhline(1 / E, color="k", ls=":", label="perfect balance")
+axes[1].set_xlabel("routed expert (block 1)")
+axes[1].set_ylabel("share of the batch's assignments")
+axes[1].set_title("Final load per expert")
+axes[1].legend(fontsize=7)
+axes[2].bar(np.arange(E), base0["gate_bias"][0])
+axes[2].set_xlabel("routed expert (block 1)")
+axes[2].set_ylabel("gate bias b_i")
+axes[2].set_title("Learned balancing bias (with balancing)")
+fig.tight_layout()
+plt.show()
+tail = lambda r, k: float(np.mean(np.array(r["max_vio_per_layer"])[-50:, k]))
+print(f"MaxVio, mean of the last 50 steps: block 1 {tail(base0, 0):.2f} with balancing vs {tail(nb0, 0):.2f} without; "
+      f"MTP block {tail(base0, 1):.2f} vs {tail(nb0, 1):.2f}")
+print(f"final held-out token accuracy: {base0['evals'][-1]['token_acc']:.3f} with balancing, {nb0['evals'][-1]['token_acc']:.3f} without")
+
+# %% [markdown]
+# **MTP on vs off.** Does predicting the token after next help the next-token model? Compare the *main* loss (the MTP
+# run's total loss also contains the MTP term) and the held-out accuracy, over the recorded seeds.
+
+# %% [code]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+summary = {}
+for name, label in (("baseline", "MTP depth 1 (lambda = 0.3)"), ("no_mtp", "no MTP")):
+    seeds_ = [s for s in SEEDS if f"{name}/seed{s}" in R]
+    main = np.array([smooth(R[f"{name}/seed{s}"]["main_loss"]) for s in seeds_])
+    acc = np.array([[e["token_acc"] for e in R[f"{name}/seed{s}"]["evals"]] for s in seeds_])
+    ev_steps = [e["step"] for e in R[f"{name}/seed{seeds_[0]}"]["evals"]]
+    line = axes[0].plot(main.mean(0), label=f"{label} ({len(seeds_)} seeds)")[0]
+    axes[0].fill_between(np.arange(main.shape[1]), main.min(0), main.max(0), color=line.get_color(), alpha=0.2)
+    axes[1].plot(ev_steps, acc.mean(0), "o-", color=line.get_color(), label=label)
+    axes[1].fill_between(ev_steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
+    summary[label] = (float(acc[:, -1].mean()), float(acc[:, -1].min()), float(acc[:, -1].max()))
+axes[0].set_xlabel("training step")
+axes[0].set_ylabel("main (next-token) loss, 10-step mean (nats)")
+axes[0].set_title("Main loss, mean and range over seeds")
+axes[0].legend(fontsize=8)
+axes[1].set_xlabel("training step")
+axes[1].set_ylabel("held-out answer-token accuracy")
+axes[1].set_title("Held-out accuracy, mean and range over seeds")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+for label, (mean_, lo, hi) in summary.items():
+    print(f"{label:28s} final token accuracy {mean_:.3f} (range {lo:.3f}-{hi:.3f})")
+
+# %% [markdown]
+# **FP8 vs FP32.** The same run with every linear layer of the blocks on emulated FP8 GEMMs (E4M3 inputs, 1x128 tiles
+# for activations and gradients, 128x128 blocks for weights, FP32 master weights and accumulation; embedding, head,
+# router and attention core in FP32), Section 4's recipe. DeepSeek-V3 reports a relative loss error below 0.25%
+# against BF16 at scale. Here every matrix is narrower than one 128-wide tile, so each scale covers a whole row:
+# compare the gap below with DeepSeek's figure.
+
+# %% [code]
+fp = R["fp8/seed0"]
+fig, ax = plt.subplots()
+ax.plot(smooth(base0["loss"]), label="FP32 GEMMs")
+ax.plot(smooth(fp["loss"]), label="FP8 GEMMs (emulated, E4M3, fine-grained scaling)")
+ax.set_xlabel("training step")
+ax.set_ylabel("training loss, 10-step mean (nats)")
+ax.set_title("FP8 vs FP32 training, same seed and data")
+ax.legend()
+plt.show()
+last = lambda r: float(np.mean(r["loss"][-50:]))
+print(f"mean loss over the last 50 steps: FP32 {last(base0):.4f}, FP8 {last(fp):.4f} "
+      f"(relative difference {100 * (last(fp) - last(base0)) / last(base0):+.1f}%); "
+      f"held-out token accuracy {base0['evals'][-1]['token_acc']:.3f} vs {fp['evals'][-1]['token_acc']:.3f}")
+
+# %% [markdown]
+# ### 5.3.5 Your model is DeepSeek-V3
+# Hugging Face transformers ships the DeepSeek-V3 architecture as `DeepseekV3ForCausalLM`, the class that loads the
+# released checkpoint. `course_lib.deepseek.hf` maps weights between the two: `attn.wkv_a` becomes
+# `self_attn.kv_a_proj_with_mqa`, the routed experts are stacked into `mlp.experts.gate_up_proj`, the gate bias becomes
+# `e_score_correction_bias`, and so on. Below, your trained weights go into a `DeepseekV3ForCausalLM` built from a
+# matching `DeepseekV3Config`. Two differences are expected: HF has no MTP module (it skips the checkpoint's layer
+# 61), and it computes RoPE tables, norms and the router in float32, which leaves float32 round-off.
+
+# %% [code]
+if model is not None:
+    from course_lib.deepseek.hf import hf_config, to_hf
+
+    ref = RefMini(model.cfg)
+    ref.load_state_dict(model.state_dict())
+    hf = to_hf(ref)
+    hcfg = hf_config(model.cfg)
+    print(f"{type(hf).__name__}: {hcfg.num_hidden_layers} layers (first_k_dense_replace={hcfg.first_k_dense_replace}), "
+          f"{hcfg.n_routed_experts} routed experts, top-{hcfg.num_experts_per_tok}, rope_interleave={hcfg.rope_interleave}, "
+          f"{sum(p.numel() for p in hf.parameters()):,} parameters (yours without MTP: {model.num_parameters():,})")
+    batch = data.sample(64, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ours_logits = model.eval()(batch.inputs)
+        hf_logits = hf(batch.inputs).logits
+    print(f"max |your logits - DeepseekV3ForCausalLM logits| = {float((ours_logits - hf_logits).abs().max()):.2e} "
+          f"(logits up to {float(ours_logits.abs().max()):.1f})")
+    prompt = torch.tensor([data.problem("reverse", [1, 2, 3, 4]), data.problem("copy", [9, 8, 7, 6])])
+    try:
+        mine = model.generate(prompt, 5)
+        theirs = hf.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=data.pad, attention_mask=torch.ones_like(prompt))
+        print("your generate:", [data.decode(r) for r in mine], "\nHF generate:  ", [data.decode(r) for r in theirs])
+        print("identical tokens:", bool(torch.equal(mine, theirs)))
+    except NotImplementedError:
+        print("implement generate to compare decoding")
+
+# %% [markdown]
+# ## Optional challenge (ungraded)
+# 1. **Speculative decoding with your MTP head.** Use the depth-1 prediction as a draft for $t_{i+2}$, verify it with
+#    the main model on the next step, and measure the acceptance rate on the multi-task language (DeepSeek report
+#    85–90% on real text).
+# 2. **Group-limited routing.** Retrain with 16 experts in 4 groups, `n_limited_groups = 2`, and check that the
+#    specialisation heatmap respects the groups.
+# 3. **Where do the dense layers belong?** Compare `n_dense_layers = 0, 1, 2` at equal active parameters: which gives
+#    the lowest MaxVio early in training?
+#
+# ## Quiz
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+#
+# **Q1.** Which parameters does DeepSeek-V3's MTP module share with the main model? (a) none; (b) the embedding and the
+# output head; (c) every Transformer block; (d) only the final RMSNorm.
+#
+# **Q2.** DeepSeek-V3 has 671B parameters but about 37B are active per token mainly because (a) FP8 halves the
+# weights; (b) each MoE layer runs only 8 of its 256 routed experts (plus the shared expert); (c) MLA compresses the
+# weights; (d) the first three layers are dense.
+#
+# **Q3.** The auxiliary-loss-free balancing step (a) back-propagates a balance loss into the bias; (b) adds
+# $\gamma\,\mathrm{sign}(\overline{\mathrm{load}}-\mathrm{load}_i)$ to each bias after the optimiser step, with the
+# batch's loads; (c) renormalises the gate weights; (d) drops tokens from overloaded experts.
+#
+# **Q4.** During decoding with the absorbed path, each MLA layer caches per token (a) keys and values of every head;
+# (b) the normalised latent $c^{KV}$ and the rope key $k^R$; (c) the queries; (d) the hidden state $h$.
+#
+# **Q5.** With `inputs` and `targets` (next tokens), the depth-1 MTP logits at position $i$ are scored against
+# (a) `targets[:, i]`; (b) `targets[:, i + 1]`, i.e. token $i+2$; (c) `inputs[:, i]`; (d) every later token.
+
+# %% [solution id=quiz_05_answers]
+### BEGIN SOLUTION
+ANSWER_Q1 = "b"
+ANSWER_Q2 = "b"
+ANSWER_Q3 = "b"
+ANSWER_Q4 = "b"
+ANSWER_Q5 = "b"
+### END SOLUTION
+
+# %% [test id=test_05_quiz points=0.5]
+for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
+    assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
+print("quiz: answers well-formed")
+
+# %% [test id=test_05_quiz_hidden points=2.5]
+# Hidden tests: run when your notebook is graded (also by `make check`).
+### BEGIN HIDDEN TESTS
+_key = {1: "b", 2: "b", 3: "b", 4: "b", 5: "b"}
+_given = {1: ANSWER_Q1, 2: ANSWER_Q2, 3: ANSWER_Q3, 4: ANSWER_Q4, 5: ANSWER_Q5}
+_wrong = [q for q in _key if _given[q] != _key[q]]
+assert not _wrong, f"quiz questions answered incorrectly: {_wrong}"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## Summary
+# - A DeepSeek-V3 block is pre-norm: $u = h + \mathrm{MLA}(\mathrm{norm}(h))$, $h' = u + \mathrm{FFN}(\mathrm{norm}(u))$,
+#   dense FFN in the first `n_dense_layers` blocks and DeepSeekMoE after.
+# - MTP adds, per depth, one block and one $d\times 2d$ projection on $[\mathrm{norm}(h);\mathrm{norm}(\mathrm{Emb}(t_{i+k}))]$,
+#   shares the embedding and the head, and predicts $t_{i+k+1}$; the loss is $\mathcal{L}_{\text{main}} + \frac{\lambda}{D}\sum_k\mathcal{L}^k_{\text{MTP}}$ plus the balance losses.
+# - Total vs active parameters: 671B vs 37.6B for V3, because a token runs 8 of 256 routed experts per MoE layer.
+# - Decoding prefills the latent cache once and feeds one token per step on the absorbed path: 576 numbers per token per
+#   layer at V3's sizes.
+# - The training step's order matters: loss, backward, clip, optimiser step, then the bias update with this batch's loads.
+# - Validation beyond the loss curve: causality, gradient flow, memory (cache vs activations), specialisation, balance,
+#   MTP and FP8 ablations, and parity with an independent implementation.
+#
+# ## Troubleshooting
+# | symptom | likely cause | fix |
+# |---|---|---|
+# | `NotImplementedError: exercise not implemented yet` | a stub is still in place | replace the `raise` line in that method |
+# | block output differs, "post-norm" or "parallel" in the message | norm after the addition, or the FFN reading `x` | `u = x + attn(attn_norm(x))`, then `u + ffn(ffn_norm(u))` |
+# | `too many values to unpack` in the block | the MoE returns `(y, info)`, SwiGLU returns `y` | branch on `isinstance(self.ffn, MoE)` |
+# | `copy_weights`: "no source weights for ..." | an attribute named differently from the docstring | use the names listed in the class docstring |
+# | MTP loss wrong only by the target | scored against `targets` instead of `targets[:, k:]` | depth $k$ at position $i$ predicts token $i+k+1$ |
+# | cached generation differs from `use_cache=False` | wrong `start_pos`, or re-feeding the whole sequence into the cache | prefill at 0, then one token at `T0 + step` |
+# | biases move by $2\gamma$ or before the step | `update_biases` called twice, or before `optimizer.step()` | once, after the step, with `[info.load for info in out.infos]` |
+# | training stalls far from the target | gradients accumulate (no `zero_grad`) or the balancing never runs | check `train_step` against its docstring |
+# | `ModuleNotFoundError: transformers` in 5.3.5 | the course's dev dependency is missing | `make install` (or `pip install transformers`) |
+#
+# **Next:** Section 6 takes the model to production: modular code, performance, and scaling across devices.
