@@ -20,7 +20,7 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 
 c.ClearSolutions.code_stub = {
     "python": (
-        "# YOUR CODE HERE: replace the next line with your implementation (see the docstring above)\n"
+        "# YOUR CODE HERE: replace the next line with your answer (the text above says what it must do)\n"
         "raise NotImplementedError(\"exercise not implemented yet: write your code here\")"
     )
 }
