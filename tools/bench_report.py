@@ -282,24 +282,26 @@ def md_fp8(r: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ training and HF parity
 
 
-def bench_training(steps: int = 300) -> dict:
+def bench_training(steps: int = 150) -> dict:
+    import dataclasses
+
     from course_lib.data import MultiTaskLanguage
-    from course_lib.deepseek.model import DeepSeekV3Mini, ModelConfig, init_weights, train, with_overrides
+    from course_lib.deepseek.model import DeepSeekV3Mini, ModelConfig, init_weights, train
 
     data = MultiTaskLanguage()
     runs = {}
     for name, kw in {"fp32": {}, "fp8-emulated": {"fp8": True}}.items():
-        cfg = with_overrides(ModelConfig(), **kw) if kw else ModelConfig()
+        cfg = dataclasses.replace(ModelConfig(), **kw)
         torch.manual_seed(0)
         model = init_weights(DeepSeekV3Mini(cfg), seed=0)
         with threads(1):
-            res = train(model, data, steps=steps, seed=0, target=0.9, target_metric="token_acc")
+            res = train(model, data, steps=steps, seed=0, target=0.8, target_metric="token_acc")
         runs[name] = {"final_loss": res.evals[-1]["loss"], "token_acc": res.evals[-1]["token_acc"], "steps_to_target": res.steps_to_target,
                       "seconds": res.seconds, "tokens_per_s": res.tokens_per_s}
     torch.manual_seed(0)
     model = init_weights(DeepSeekV3Mini(ModelConfig()), seed=0)
     with threads(1), torch.autocast("cpu", dtype=torch.bfloat16):
-        res = train(model, data, steps=steps, seed=0, target=0.9, target_metric="token_acc")
+        res = train(model, data, steps=steps, seed=0, target=0.8, target_metric="token_acc")
     runs["bf16-autocast"] = {"final_loss": res.evals[-1]["loss"], "token_acc": res.evals[-1]["token_acc"],
                              "steps_to_target": res.steps_to_target, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s}
     base = runs["fp32"]["final_loss"]
@@ -310,7 +312,7 @@ def bench_training(steps: int = 300) -> dict:
 
 def md_training(r: dict) -> list[str]:
     out = [f"DeepSeekV3Mini (default config) on the multi-task language, {r['steps']} steps, batch 64, 1 thread; target: "
-           "token accuracy 0.9.", "",
+           "answer-token accuracy 0.8 (Section 5's graded target).", "",
            "| precision | final loss | rel. vs FP32 | token acc | steps to target | tokens/s | time |", "|---|---|---|---|---|---|---|"]
     for k, v in r["runs"].items():
         out.append(f"| {k} | {v['final_loss']:.4f} | {100 * v['rel_loss_vs_fp32']:+.2f}% | {v['token_acc']:.3f} | "
