@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes small ops 30x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install lab source release solutions samples autograde feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
+.PHONY: help install lab source release solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
 
 help:
 	@echo "make demo      build releases, autograde sample submissions, print the grade table"
@@ -24,8 +24,14 @@ help:
 	@echo "make lab       JupyterLab on release/ (students)"
 	@echo "make check NB=path/to/notebook.ipynb [SECTION=02_mla]   grade one notebook (self-learners)"
 	@echo "make install source release solutions autograde feedback grades bench gpu-check lint clean"
+	@echo "make autograde [FORCE=1] [SECTION=02_mla]   grade every submitted/STUDENT/SECTION (unchanged ones skipped)"
+	@echo "make collect SECTION=02_mla   LMS zip(s) in downloaded/SECTION/archive/ -> submitted/ (nbgrader zip_collect)"
 
 install: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || true
+	@command -v bwrap >/dev/null 2>&1 || echo "note: bubblewrap is missing: grading runs UNSANDBOXED (install it: apt-get install bubblewrap)"
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
@@ -55,7 +61,11 @@ samples: install
 	$(COURSE) samples
 
 autograde: install
-	$(COURSE) autograde
+	$(COURSE) autograde $(if $(FORCE),--force) $(SECTION)
+
+collect: install
+	@test -n "$(SECTION)" || { echo "usage: make collect SECTION=01_foundations  (LMS zips in downloaded/SECTION/archive/)"; exit 2; }
+	$(COURSE) collect $(SECTION)
 
 feedback: install
 	$(COURSE) feedback

@@ -14,9 +14,11 @@ c = get_config()  # noqa: F821  (nbgrader injects get_config)
 c.CourseDirectory.course_id = "deepseek-v3-from-scratch"
 c.CourseDirectory.root = str(HERE)
 c.CourseDirectory.solution_directory = "solutions"
-c.CourseDirectory.db_url = f"sqlite:///{HERE / 'gradebook.db'}"
+# Parallel graders wait for each other's gradebook writes (SQLite busy timeout) instead of failing.
+c.CourseDirectory.db_url = f"sqlite:///{HERE / 'gradebook.db'}?timeout=120"
 # Never copy a submitted course_lib/ (it would shadow the real package), caches or hidden files.
-c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "course_lib"]
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "course_lib", "course_lib.py",
+                            "__MACOSX"]
 
 c.ClearSolutions.code_stub = {
     "python": (
@@ -37,14 +39,47 @@ c.GenerateSolution.preprocessors = [
 ]
 
 # Per-cell time limits: graded benchmarks and training cells get longer; everything else must be quick.
-c.Execute.timeout = 120
+# COURSE_CELL_TIMEOUT / COURSE_LONG_CELL_TIMEOUT override them (the test suite's bad submissions use short ones).
+_CELL_S = int(os.environ.get("COURSE_CELL_TIMEOUT", 120))
+_LONG_S = int(os.environ.get("COURSE_LONG_CELL_TIMEOUT", 300))
+c.Execute.timeout = _CELL_S
 c.Execute.timeout_func = lambda cell: (
-    300
+    _LONG_S
     if str(cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "")).startswith(("bench_", "train_"))
-    else 120
+    else _CELL_S
 )
 c.Execute.interrupt_on_timeout = True
+c.Execute.iopub_timeout = 20
 c.Execute.extra_arguments = []
+c.CourseExecute.notebook_timeout = int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200))
+
+# Autograde with the course's safety net (course_lib/grading.py, course_lib/sandbox.py, course_lib/guard.py):
+# course cells restored to the release (deleted, moved, edited or duplicated ones), a guard before every
+# graded test, student code in a bubblewrap sandbox with limits, scores that ignore stderr noise.
+c.Autograde.sanitize_preprocessors = [
+    "nbgrader.preprocessors.ClearOutput",
+    "course_lib.grading.RestoreSourceCells",
+    "nbgrader.preprocessors.DeduplicateIds",
+    "nbgrader.preprocessors.OverwriteKernelspec",
+    "nbgrader.preprocessors.OverwriteCells",
+    "nbgrader.preprocessors.CheckCellMetadata",
+    "course_lib.grading.GuardTestCells",
+]
+c.Autograde.autograde_preprocessors = [
+    "course_lib.grading.CourseExecute",
+    "course_lib.grading.AuditGuards",
+    "nbgrader.preprocessors.IgnorePattern",
+    "nbconvert.preprocessors.ClearMetadataPreprocessor",
+    "nbgrader.preprocessors.LimitOutput",
+    "course_lib.grading.CourseSaveAutoGrades",
+    "nbgrader.preprocessors.AssignLatePenalties",
+    "nbgrader.preprocessors.CheckCellMetadata",
+]
+
+# LMS downloads: `python tools/course.py collect SECTION` (or `nbgrader zip_collect SECTION`) reads the zip(s) in
+# downloaded/SECTION/archive/ and files them under submitted/STUDENT/SECTION/. Names as Canvas writes them:
+# `lastfirst_12345_67890_01_foundations.ipynb`, `lastfirst_LATE_12345_67890_01_foundations-1.ipynb`.
+c.FileNameCollectorPlugin.named_regexp = r"^.*/(?P<student_id>[^/_]+)_(?:LATE_|late_)?(?:\d+_){2}(?P<file_id>[^/]+)$"
 
 # Noise that must not zero a graded cell: strip known-harmless stderr lines before scoring.
 c.IgnorePattern.enabled = True

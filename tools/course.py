@@ -3,27 +3,35 @@
     python tools/course.py release [SECTION ...]     source/ -> release/ (nbgrader generate_assignment)
     python tools/course.py solutions [SECTION ...]   source/ -> solutions/ (executed, hidden tests stripped)
     python tools/course.py samples                   submitted/{reference,blank,partial}/
-    python tools/course.py autograde [--student S] [SECTION ...]
+    python tools/course.py autograde [--student S] [--force] [--workers N] [SECTION ...]
+                                                     batch: every submitted/STUDENT/SECTION/, unchanged ones
+                                                     skipped; grades.csv and autograded/summary.md
+    python tools/course.py collect SECTION [ZIP ...]  LMS download -> submitted/ (nbgrader zip_collect)
     python tools/course.py feedback | grades | table
     python tools/course.py demo                      release + samples + autograde + table
     python tools/course.py check NOTEBOOK [--section S]   self-check one notebook on a copy
     python tools/course.py verify SECTION            author's check: solution full marks, blank zero
 
 Every nbgrader step runs as a subprocess of the real ``nbgrader`` command with the course's
-``nbgrader_config.py``; work on temporary copies never touches the instructor's gradebook.
+``nbgrader_config.py``; work on temporary copies never touches the instructor's gradebook. Student code
+runs sandboxed (``course_lib/sandbox.py``; ``COURSE_SANDBOX=off|auto|require``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +40,13 @@ sys.path.insert(0, str(ROOT))
 from course_lib.grading import (  # noqa: E402
     BEGIN_SOLUTION,
     END_SOLUTION,
+    CellScore,
     NotebookScore,
     error_messages,
+    exercise_of,
+    nbgrader_cli,
     read_scores,
+    stdout_of,
 )
 
 COURSE_ID = "deepseek-v3-from-scratch"
@@ -150,8 +162,49 @@ def _mk(path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- autograde and reports
+# ---------------------------------------------------------------- batch autograde
+#
+# Every submitted/STUDENT/SECTION/ is graded in its own `nbgrader autograde` process (two at a time),
+# from a normalised copy (autograded/.batch/staging/): a renamed notebook is filed under its expected
+# name, a broken or missing one scores zero without running anything, a submitted course_lib/ and
+# caches are dropped. Results land in autograded/.batch/state/STUDENT__SECTION.json once a submission
+# is done, keyed by a hash of its files and of everything that grades it, so a re-run skips what is
+# unchanged and a crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout;
+# benchmark cells take the grader's lock exclusively (every other cell takes it shared).
 
+BATCH = Path("autograded") / ".batch"
+STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}$")
+IGNORED = {".ipynb_checkpoints", "__pycache__", "__MACOSX", ".DS_Store", ".git"}
+MAX_EXTRA_BYTES = 20 << 20
+ATTENTION = {  # diagnosis kind -> counts as "needs attention" in the summary
+    "missing_notebook", "broken_notebook", "renamed", "several_notebooks", "wrong_notebook", "grading_failed",
+    "kernel_stopped", "notebook_timeout", "cell_timeout", "memory", "output_flood", "tamper", "restored", "suspicious",
+    "edited_locked", "deleted_restored", "deleted_exercise", "duplicated", "unknown_cells", "shadow_package",
+    "unsandboxed", "stderr", "invalid_student",
+}
+REVIEW = {"tamper", "suspicious", "grading_failed", "invalid_student"}  # a person should look at these
+
+# Constructs that have no business in a learner's answer cells: flagged for a person to review, never penalised.
+SUSPICIOUS_MODULES = {
+    "threading": "starts threads", "_thread": "starts threads", "multiprocessing": "starts processes",
+    "asyncio": "schedules background tasks", "signal": "handles signals", "socket": "opens network connections",
+    "urllib": "opens network connections", "requests": "opens network connections", "http": "opens network connections",
+    "ftplib": "opens network connections", "smtplib": "opens network connections", "subprocess": "runs programs",
+    "pty": "runs programs", "ctypes": "calls C directly", "gc": "walks the interpreter's objects",
+    "inspect": "inspects frames", "builtins": "touches builtins", "importlib": "re-imports modules",
+    "IPython": "talks to IPython", "ipykernel": "talks to the kernel", "nbgrader": "imports the grader",
+}
+SUSPICIOUS_CODE = [
+    (re.compile(r"^get_ipython$|^__import__$|^__builtins__"), "talks to IPython or the import system"),
+    (re.compile(r"input_transformers|ast_transformers|set_custom_exc|events\.register|displayhook|excepthook|"
+                r"showtraceback|run_cell|shell_handlers|iopub|\.session\b"), "hooks the kernel's cell execution"),
+    (re.compile(r"^sys\.(settrace|setprofile|addaudithook|modules|meta_path|path_hooks|_getframe|prefix|stdout|stderr|__stdout__)"),
+     "changes interpreter internals"),
+    (re.compile(r"^os\.(system|popen|exec\w*|spawn\w*|fork\w*|_exit|kill\w*)$"), "runs or stops processes"),
+    (re.compile(r"__code__|__globals__|f_globals|f_locals|f_back|tb_frame|__closure__"), "reaches into frames or code objects"),
+]
+PATCHABLE_ROOTS = {"course_lib", "torch", "F", "np", "numpy", "math", "nn", "plt"}
+GRADER_PATHS = re.compile(r"gradebook|(^|/)(source|solutions|release|autograded|submitted|feedback)(/|$)|\.\./|^/(?!tmp\b)\w+/")
 
 @dataclass
 class GradeRun:
@@ -162,15 +215,44 @@ class GradeRun:
     log: str
 
 
+@dataclass
+class Record:
+    """The outcome of grading one submission (also what autograded/.batch/state/ holds)."""
+
+    student: str
+    section: str
+    status: str = "pending"  # graded | zero | failed
+    hash: str = ""
+    fingerprint: str = ""
+    score: float = 0.0
+    max_score: float = 0.0
+    cells: dict = field(default_factory=dict)  # grade_id -> [score, max, message]
+    diagnoses: list = field(default_factory=list)  # {"kind", "detail", ...}
+    seconds: float = 0.0
+    notebook_seconds: float | None = None
+    sandboxed: bool | None = None
+    graded_at: str = ""
+    skipped: bool = False
+    log: str = ""
+
+    @property
+    def attention(self) -> list[dict]:
+        return [d for d in self.diagnoses if d["kind"] in ATTENTION]
+
+    @property
+    def review(self) -> bool:
+        return any(d["kind"] in REVIEW for d in self.diagnoses)
+
+
 def submissions(root: Path, students: list[str] | None = None, names: list[str] | None = None) -> list[tuple[str, str]]:
     sub = root / "submitted"
     if not sub.exists():
         return []
     out = []
-    for sdir in sorted(p for p in sub.iterdir() if p.is_dir()):
+    for sdir in sorted(p for p in sub.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if students and sdir.name not in students:
             continue
-        for adir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+        for adir in sorted(p for p in sdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if names and adir.name not in names:
                 continue
             out.append((sdir.name, adir.name))
@@ -186,45 +268,715 @@ def execution_seconds(root: Path, student: str, a: str) -> float | None:
     path = timing_file(root, student, a)
     if not path.exists():
         return None
-    t = json.loads(path.read_text())
-    return t["end"] - t["start"]
+    try:
+        t = json.loads(path.read_text())
+        return float(t["end"]) - float(t["start"])
+    except (ValueError, KeyError, TypeError):  # written inside the sandbox: never trusted blindly
+        return None
 
 
-def autograde_one(root: Path, student: str, a: str) -> GradeRun:
+def _state_path(root: Path, student: str, a: str) -> Path:
+    return root / BATCH / "state" / f"{student}__{a}.json"
+
+
+def load_record(root: Path, student: str, a: str) -> Record | None:
+    p = _state_path(root, student, a)
+    if not p.exists():
+        return None
+    try:
+        d = json.loads(p.read_text())
+        return Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__})
+    except (ValueError, TypeError):
+        return None
+
+
+def save_record(root: Path, rec: Record) -> None:
+    """Atomic: a crash leaves the previous state or the new one, never half of one."""
+    p = _state_path(root, rec.student, rec.section)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    d = {k: getattr(rec, k) for k in Record.__dataclass_fields__ if k not in ("skipped", "log")}
+    tmp = p.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, p)
+
+
+def _hash_tree(folder: Path, h) -> None:
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            h.update(str(f.relative_to(folder)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+
+
+def submission_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    _hash_tree(folder, h)
+    return h.hexdigest()
+
+
+GRADING_CORE = ("__init__", "grading", "sandbox", "guard", "testing", "utils", "bench")
+_LIB_FROM = re.compile(r"\bfrom\s+course_lib((?:\.\w+)*)\s+import\s+\(?([\w, ]+)")
+_LIB_REF = re.compile(r"\bcourse_lib((?:\.\w+)*)|^\s*from\s+(\.+\w*(?:\.\w+)*)\s+import", re.M)
+
+
+def _course_lib_files(text: str, here: Path | None = None) -> set[Path]:
+    lib = ROOT / "course_lib"
+    found: set[Path] = set()
+    for m in _LIB_REF.finditer(text):
+        if m.group(1) is not None:
+            parts = [p for p in m.group(1).split(".") if p]
+        elif here is not None:  # relative import inside course_lib
+            dots = len(m.group(2)) - len(m.group(2).lstrip("."))
+            base = here.parent.relative_to(lib).parts[: len(here.parent.relative_to(lib).parts) - (dots - 1)]
+            parts = list(base) + [p for p in m.group(2).lstrip(".").split(".") if p]
+        else:
+            continue
+        for n in range(len(parts), 0, -1):
+            for cand in (lib.joinpath(*parts[:n]).with_suffix(".py"), lib.joinpath(*parts[:n], "__init__.py")):
+                if cand.exists():
+                    found.add(cand)
+    for m in _LIB_FROM.finditer(text):  # from course_lib[.pkg] import module, ...
+        pkg = [p for p in (m.group(1) or "").split(".") if p]
+        for name in re.findall(r"\w+", m.group(2)):
+            for cand in (lib.joinpath(*pkg, name).with_suffix(".py"), lib.joinpath(*pkg, name, "__init__.py")):
+                if cand.exists():
+                    found.add(cand)
+    return found
+
+
+def grading_fingerprint(root: Path, a: str) -> str:
+    """What else decides a grade: the section's source notebook, the config, the course_lib files it uses."""
+    h = hashlib.sha256()
+    src = root / "source" / a / f"{a}.ipynb"
+    text = src.read_text() if src.exists() else ""
+    h.update(text.encode())
+    h.update((root / "nbgrader_config.py").read_bytes() if (root / "nbgrader_config.py").exists() else b"")
+    files = {ROOT / "course_lib" / f"{m}.py" for m in GRADING_CORE} | _course_lib_files(text)
+    todo = list(files)
+    while todo:  # course_lib modules the used ones import
+        f = todo.pop()
+        for g in _course_lib_files(f.read_text(), f) - files:
+            files.add(g)
+            todo.append(g)
+    for f in sorted(files):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _diag(kind: str, detail: str, **extra) -> dict:
+    return {"kind": kind, "detail": detail, **extra}
+
+
+def graded_ids(nb: dict) -> set[str]:
+    return {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in nb.get("cells", []) if isinstance(c, dict)} - {None}
+
+
+def scan_code(nb: dict, course_ids: set[str], course_names: set[str] = frozenset()) -> list[str]:
+    """Reasons to review a notebook: suspicious constructs in the learner's own code cells (not comments)."""
+    found: dict[str, str] = {}
+    for c in nb.get("cells", []):
+        if not isinstance(c, dict) or c.get("cell_type") != "code":
+            continue
+        meta = c.get("metadata", {}).get("nbgrader", {}) or {}
+        if meta.get("grade_id") in course_ids and meta.get("locked"):
+            continue  # the course's own cell (restored before grading anyway)
+        for why, what in _suspicious_in(_src(c), course_names):
+            found.setdefault(why, what)
+    return [f"{why} ({what})" for why, what in found.items()]
+
+
+def course_imported_names(nb: dict) -> set[str]:
+    """Names the course's locked cells import (torch, F, np, ...): tests rely on them."""
+    import ast
+
+    names: set[str] = set()
+    for c in nb.get("cells", []):
+        meta = c.get("metadata", {}).get("nbgrader", {}) or {} if isinstance(c, dict) else {}
+        if not isinstance(c, dict) or c.get("cell_type") != "code" or not meta.get("locked") or meta.get("grade"):
+            continue
+        try:
+            tree = ast.parse(_src(c))
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    names.add(alias.asname or (alias.name.split(".")[0] if isinstance(node, ast.Import) else alias.name))
+    return names
+
+
+def _suspicious_in(src: str, course_names: set[str] = frozenset()) -> list[tuple[str, str]]:
+    import ast
+
+    code = "\n".join(ln for ln in src.split("\n") if not ln.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []  # it will not run either
+    hits: list[tuple[str, str]] = []
+    patchable = set(PATCHABLE_ROOTS) | set(course_names)
+    for node in ast.walk(tree):  # aliases of course or library modules count as those modules
+        if isinstance(node, ast.Import):
+            patchable |= {a.asname for a in node.names if a.asname and a.name.split(".")[0] in PATCHABLE_ROOTS | {"course_lib"}}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PATCHABLE_ROOTS | {"course_lib"}:
+            patchable |= {a.asname or a.name for a in node.names}
+    for node in tree.body:  # top-level rebinding of a name the course imported (F = my_fake)
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id in course_names:
+                hits.append(("rebinds a name the course's tests use", t.id))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [n.name for n in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for m in mods:
+                root = m.split(".")[0]
+                if root in SUSPICIOUS_MODULES:
+                    hits.append((SUSPICIOUS_MODULES[root], f"import {m}"))
+        elif isinstance(node, (ast.Attribute, ast.Name)):
+            dotted = ast.unparse(node)
+            for pat, why in SUSPICIOUS_CODE:
+                if pat.search(dotted):
+                    hits.append((why, dotted[:40]))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) < 300:
+            if GRADER_PATHS.search(node.value):
+                hits.append(("refers to the grader's files or absolute paths", repr(node.value[:40])))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id in ("exec", "eval", "compile"):
+                hits.append(("runs code built at run time", node.func.id))
+            if node.func.id in ("setattr", "delattr") and node.args and _root_name(node.args[0]) in patchable:
+                hits.append(("replaces library or test-helper functions", ast.unparse(node)[:40]))
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for t in targets:
+            if isinstance(t, ast.Attribute) and _root_name(t) in patchable and not ast.unparse(t).startswith("torch.backends"):
+                hits.append(("replaces library or test-helper functions", ast.unparse(t)[:40]))
+    return hits
+
+
+def _root_name(node) -> str | None:
+    import ast
+
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _src(cell: dict) -> str:
+    s = cell.get("source", "")
+    return "".join(s) if isinstance(s, list) else str(s)
+
+
+_AST_LOCK = threading.Lock()
+
+
+def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
+    """Normalised copy of submitted/STUDENT/A for nbgrader; (None, diagnoses) when there is nothing to run."""
+    import warnings
+
+    import nbformat
+
+    src = root / "submitted" / student / a
+    dest = root / BATCH / "staging" / student / a
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    diags: list[dict] = []
+    expected = f"{a}.ipynb"
+    release_nb = root / "release" / a / expected
+    course_ids = graded_ids(_load(release_nb)) if release_nb.exists() else set()
+    notebooks, extra, shadow, big = [], [], [], []
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if any(part in IGNORED or part.startswith(".") for part in rel.parts) or f.is_symlink() or not f.is_file():
+            continue
+        if rel.parts[0] in ("course_lib", "course_lib.py"):
+            shadow.append(str(rel))
+            continue
+        if f.suffix == ".ipynb":
+            notebooks.append(rel)
+            continue
+        if f.stat().st_size > MAX_EXTRA_BYTES:
+            big.append(str(rel))
+            continue
+        extra.append(str(rel))
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / rel)
+    if (src / "timestamp.txt").exists():
+        shutil.copy2(src / "timestamp.txt", dest / "timestamp.txt")
+        extra = [e for e in extra if e != "timestamp.txt"]
+    if shadow:
+        diags.append(_diag("shadow_package", "a submitted course_lib was ignored (grading imports the course's own package): "
+                           + ", ".join(shadow[:5])))
+    if extra or big:
+        diags.append(_diag("extra_files", "extra files (not graded): " + ", ".join((extra + big)[:10])
+                           + (f"; {len(big)} over {MAX_EXTRA_BYTES >> 20} MB dropped" if big else "")))
+    chosen: Path | None = None
+    if Path(expected) in notebooks:
+        chosen = Path(expected)
+    elif notebooks:
+        def overlap(rel: Path) -> int:
+            try:
+                return len(graded_ids(json.loads((src / rel).read_text(errors="replace"))) & course_ids)
+            except (ValueError, OSError):
+                return -1
+
+        ranked = sorted(notebooks, key=lambda r: (-overlap(r), len(r.parts), str(r)))
+        chosen = ranked[0]
+        kind = "renamed" if len(notebooks) == 1 else "several_notebooks"
+        diags.append(_diag(kind, f"notebook submitted as {chosen} (graded as {expected})"
+                           + (f"; also present: {', '.join(map(str, ranked[1:4]))}" if len(notebooks) > 1 else "")))
+    others = [str(r) for r in notebooks if r != chosen]
+    if chosen is not None and others and Path(expected) == chosen:
+        diags.append(_diag("extra_files", "other notebooks (not graded): " + ", ".join(others[:5])))
+    if chosen is None:
+        diags.append(_diag("missing_notebook", f"no notebook in the submission (expected {expected}): scored 0"))
+        return None, diags
+    raw = (src / chosen).read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        diags.append(_diag("broken_notebook", f"{chosen} is not valid JSON ({str(e)[:160]}): scored 0"))
+        return None, diags
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # missing or duplicated cell ids are repaired silently
+            nb = nbformat.from_dict(data)
+            if nb.get("nbformat", 0) < 4:
+                nb = nbformat.convert(nb, 4)
+            if hasattr(nbformat.validator, "normalize"):
+                _, nb = nbformat.validator.normalize(nb)
+                nb = nbformat.from_dict(nb)
+            nbformat.validate(nb)
+    except Exception as e:  # noqa: BLE001 - any schema failure means "not a notebook nbgrader can read"
+        diags.append(_diag("broken_notebook", f"{chosen} is not a valid Jupyter notebook ({str(e).splitlines()[0][:160]}): scored 0"))
+        return None, diags
+    ids = graded_ids(nb)
+    if course_ids and not ids & course_ids:
+        diags.append(_diag("wrong_notebook", f"{chosen} holds none of {a}'s cells (another section's notebook?)"))
+    source_nb = root / "source" / a / expected
+    with _AST_LOCK:  # CPython 3.11's ast is not safe to use from two threads at once
+        names = course_imported_names(_load(release_nb)) if release_nb.exists() else set()
+        if source_nb.exists():
+            from course_lib.grading import solution_names
+
+            names -= solution_names(nbformat.read(source_nb, as_version=4))
+        flagged = scan_code(nb, course_ids, names)
+    if flagged:
+        diags.append(_diag("suspicious", "review the code: " + "; ".join(flagged)))
+    nbformat.write(nb, dest / expected)
+    return dest, diags
+
+
+def _gradebook_url(root: Path) -> str:
+    return f"sqlite:///{root / 'gradebook.db'}?timeout=120"
+
+
+_GB_LOCK = threading.Lock()
+
+
+def zero_in_gradebook(root: Path, student: str, a: str) -> None:
+    """Record 0 on every graded cell (nothing could run); replaces any earlier grade of this submission."""
+    import warnings
+
+    from nbgrader.api import Gradebook
+
+    with _GB_LOCK, warnings.catch_warnings(), Gradebook(_gradebook_url(root), COURSE_ID) as gb:
+        warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
+        gb.update_or_create_student(student)
+        sub = gb.update_or_create_submission(a, student)
+        for nb in sub.notebooks:
+            for g in nb.grades:
+                g.auto_score = 0.0
+                g.manual_score = None
+                g.needs_manual_grade = False
+        gb.db.commit()
+
+
+def _die_with_parent() -> None:  # children die with the batch (a crashed batch leaves no grader behind)
+    try:
+        import ctypes
+        import signal as _signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+# nbgrader takes seconds to import; a fork server that has imported it once starts each grading
+# process (still one fresh process per submission) without paying that again.
+_PRELOAD = ["nbgrader.apps.nbgraderapp", "nbgrader.converters", "nbgrader.preprocessors", "nbclient", "nbconvert",
+            "jupyter_client.manager", "sqlalchemy", "nbformat", "course_lib.grading", "course_lib.sandbox"]
+_MP = None
+
+
+def _mp_context():
+    global _MP
+    if _MP is None and os.environ.get("COURSE_GRADER_FORKSERVER", "1") != "0":
+        import multiprocessing as mp
+
+        try:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(_PRELOAD)
+            _MP = ctx
+        except (ValueError, OSError):
+            _MP = False
+    return _MP or None
+
+
+_START_LOCK = threading.Lock()
+
+
+def _start(proc) -> None:
+    """Start a fork-server process without making it re-import this script (or a test driver) as __main__."""
+    import types
+
+    with _START_LOCK:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            proc.start()
+        finally:
+            sys.modules["__main__"] = main
+
+
+def _run_autograde(root: Path, student: str, a: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    args = ["autograde", a, "--student", student, "--force", f"--CourseDirectory.root={root}",
+            f"--CourseDirectory.submitted_directory={BATCH / 'staging'}", "--log-level=WARN"]
+    full_env = {**grading_env(root), **env}
+    log = root / BATCH / "logs" / f"{student}__{a}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out, rc = "", 1
+    for attempt in range(2):
+        ctx = _mp_context()
+        if ctx is not None:
+            proc = ctx.Process(target=nbgrader_cli, args=(args, full_env, str(root), str(log)), daemon=False)
+            _start(proc)
+            _ACTIVE.add(proc)
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+                rc = -9
+            else:
+                rc = proc.exitcode
+            _ACTIVE.discard(proc)
+            out = log.read_text(errors="replace") if log.exists() else ""
+        else:
+            p = subprocess.Popen([nbgrader_bin(), *args], cwd=root, env=full_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_die_with_parent)
+            _ACTIVE.add(p)
+            try:
+                out, _ = p.communicate(timeout=timeout)
+                rc = p.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                out, _ = p.communicate()
+                rc = -9
+            finally:
+                _ACTIVE.discard(p)
+            log.write_text(out or "")
+        if rc == -9:
+            out += f"\n[grader] killed after {timeout:.0f} s"
+        if rc == 0 or "database is locked" not in out or attempt:
+            break
+    return rc, out
+
+
+_ACTIVE: set = set()
+
+
+def grade_submission(root: Path, student: str, a: str, force: bool = False) -> Record:
+    """Grade one submission (or return its stored record when nothing changed)."""
+    folder = root / "submitted" / student / a
+    h, fp = submission_hash(folder), grading_fingerprint(root, a)
+    old = load_record(root, student, a)
+    graded_nb = root / "autograded" / student / a / f"{a}.ipynb"
+    if (not force and old is not None and old.hash == h and old.fingerprint == fp and old.status in ("graded", "zero")
+            and (old.status == "zero" or graded_nb.exists())):
+        old.skipped = True
+        return old
+    rec = Record(student, a, hash=h, fingerprint=fp)
+    t0 = time.perf_counter()
+    if not STUDENT_ID.match(student):
+        rec.status = "failed"
+        rec.diagnoses.append(_diag("invalid_student", f"folder name {student!r} is not a usable student id: not graded"))
+        return rec
+    staged, diags = stage(root, student, a)
+    rec.diagnoses += diags
+    shutil.rmtree(root / "autograded" / student / a, ignore_errors=True)  # no stale result survives a failure
+    batch = root / BATCH
+    diag_file = batch / "diag" / f"{student}__{a}.jsonl"
+    diag_file.parent.mkdir(parents=True, exist_ok=True)
+    diag_file.unlink(missing_ok=True)
     tfile = timing_file(root, student, a)
     tfile.parent.mkdir(parents=True, exist_ok=True)
     tfile.unlink(missing_ok=True)
-    env = {"COURSE_TIMING_FILE": str(tfile), "COURSE_BENCH_LOCK": str(root / "autograded" / ".timing" / "bench.lock")}
+    if staged is None:
+        zero_in_gradebook(root, student, a)
+        rec.status = "zero"
+    else:
+        env = {"COURSE_DIAG_FILE": str(diag_file), "COURSE_ROOT": str(root), "COURSE_TIMING_FILE": str(tfile),
+               "COURSE_GRADER_LOCK": str(batch / "grader.lock")}
+        limit = float(os.environ.get("COURSE_SUBMISSION_TIMEOUT", int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200)) + 300))
+        rc, out = _run_autograde(root, student, a, env, limit)
+        rec.log = out
+        log = batch / "logs" / f"{student}__{a}.log"
+        if diag_file.exists():
+            for line in diag_file.read_text().splitlines():
+                try:
+                    rec.diagnoses.append(json.loads(line))
+                except ValueError:
+                    pass
+        if rc == 0 and graded_nb.exists():
+            rec.status = "graded"
+        else:
+            last = [ln for ln in out.splitlines() if ln.strip() and "SAWarning" not in ln][-3:]
+            rec.diagnoses.append(_diag("grading_failed", f"nbgrader autograde failed (exit {rc}): {' | '.join(last)[:300]}; "
+                                       f"scored 0; log: {log.relative_to(root)}"))
+            zero_in_gradebook(root, student, a)
+            rec.status = "failed"
+    _fill_scores(root, rec)
+    rec.seconds = time.perf_counter() - t0
+    rec.notebook_seconds = execution_seconds(root, student, a) if rec.status == "graded" else None
+    rec.sandboxed = not any(d["kind"] == "unsandboxed" for d in rec.diagnoses) if rec.status == "graded" else None
+    rec.graded_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    save_record(root, rec)
+    return rec
+
+
+def _fill_scores(root: Path, rec: Record) -> None:
+    sc = scores(root, rec.student, rec.section)
+    rec.cells = {c.grade_id: [c.score, c.max_score, c.message] for c in sc.cells}
+    rec.score, rec.max_score = sc.score, sc.max_score
+    graded_nb = root / "autograded" / rec.student / rec.section / f"{rec.section}.ipynb"
+    if not graded_nb.exists():
+        return
+    noisy = [g for g, (_, _, m) in rec.cells.items() if "wrote to stderr" in m]
+    if noisy:
+        rec.diagnoses.append(_diag("stderr", "graded cells wrote to stderr (not penalised): " + ", ".join(noisy)))
+    mem = [g for g, (_, _, m) in rec.cells.items() if re.search(r"MemoryError|can't allocate memory|out of memory", m)]
+    nb = _load(graded_nb)
+    for i, c in enumerate(nb["cells"]):
+        meta = c.get("metadata", {}).get("nbgrader", {}) or {}
+        if c.get("cell_type") != "code" or meta.get("grade"):
+            continue  # graded cells are covered by their messages above
+        if any(re.search(r"MemoryError|can't allocate memory|out of memory", f"{o.get('ename')}: {o.get('evalue')}")
+               for o in c.get("outputs", []) if o.get("output_type") == "error"):
+            mem.append(meta.get("grade_id") or f"cell {i}")
+    if mem:
+        rec.diagnoses.append(_diag("memory", "ran out of memory (the kernel's limit) in: " + ", ".join(mem[:6])))
+
+
+def ensure_assignments(root: Path, names: list[str]) -> None:
+    """Make sure the gradebook knows each section as it is now in source/ (re-generates changed ones)."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    marks = root / BATCH / "assignments.json"
+    seen = json.loads(marks.read_text()) if marks.exists() else {}
+    for a in names:
+        digest = hashlib.sha256((root / "source" / a / f"{a}.ipynb").read_bytes()).hexdigest()
+        try:
+            with Gradebook(_gradebook_url(root), COURSE_ID) as gb:
+                gb.find_assignment(a)
+                known = True
+        except MissingEntry:
+            known = False
+        if known and seen.get(a) in (None, digest) and (root / "release" / a / f"{a}.ipynb").exists():
+            seen[a] = digest
+            continue
+        proc = run_nbgrader(root, "generate_assignment", a, "--force")
+        if proc.returncode != 0:
+            raise SystemExit(f"generate_assignment {a} failed")
+        seen[a] = digest
+    marks.parent.mkdir(parents=True, exist_ok=True)
+    marks.write_text(json.dumps(seen, indent=1))
+
+
+def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None, workers: int | None = None,
+          force: bool = False, report: bool = True) -> list[Record]:
+    """Grade every submission, continue past failures, skip unchanged ones; write grades.csv and the summary."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from course_lib.sandbox import sandbox_status, sweep_stale
+
+    sweep_stale()
+    todo = [(s, a) for s, a in submissions(root, students, names) if (root / "source" / a).exists()]
+    unknown = [(s, a) for s, a in submissions(root, students, names) if not (root / "source" / a).exists()]
+    for s, a in unknown:
+        print(f"!! submitted/{s}/{a}: no section {a} in source/ (ignored)", flush=True)
+    ok, how = sandbox_status()
+    banner = how if ok else "!" * 78 + f"\n!!! {how}\n" + "!" * 78
+    print(banner, flush=True)
+    ensure_assignments(root, sorted({a for _, a in todo}))
+    workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    proc = run_nbgrader(root, "autograde", a, "--student", student, "--force", env=env)
-    if proc.returncode != 0 and "database is locked" in proc.stdout + proc.stderr:
-        proc = run_nbgrader(root, "autograde", a, "--student", student, "--force", env=env)
-    dt = time.perf_counter() - t0
-    return GradeRun(student, a, dt, proc.returncode == 0, proc.stdout + proc.stderr)
+    records: list[Record] = []
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futs = {pool.submit(grade_submission, root, s, a, force): (s, a) for s, a in todo}
+            for fut in as_completed(futs):
+                s, a = futs[fut]
+                try:
+                    rec = fut.result()
+                except Exception as e:  # noqa: BLE001 - one broken submission never stops the batch
+                    rec = Record(s, a, status="failed", diagnoses=[_diag("grading_failed", f"grader error: {e!r}"[:300])])
+                records.append(rec)
+                print(_progress_line(rec), flush=True)
+    except KeyboardInterrupt:
+        for proc in list(_ACTIVE):
+            with contextlib.suppress(OSError, AttributeError):
+                proc.kill()
+        raise
+    wall = time.perf_counter() - t0
+    sweep_stale()
+    records.sort(key=lambda r: (r.section, r.student))
+    if report and records:
+        grades(root)
+        write_summary(root, records, wall, workers, how if ok else "UNSANDBOXED: " + how)
+    return records
+
+
+def _progress_line(rec: Record) -> str:
+    what = "unchanged, skipped" if rec.skipped else f"{rec.status} in {rec.seconds:.0f} s"
+    nb = f", notebook {rec.notebook_seconds:.0f} s" if rec.notebook_seconds and not rec.skipped else ""
+    att = list(dict.fromkeys(d["kind"] for d in rec.attention))
+    flag = ("  [REVIEW] " if rec.review else "  [attention] ") + "; ".join(att) if att else ""
+    return f"{rec.student}/{rec.section}: {rec.score:g}/{rec.max_score:g} ({what}{nb}){flag}"
+
+
+def autograde_one(root: Path, student: str, a: str) -> GradeRun:
+    rec = grade_submission(root, student, a, force=True)
+    return GradeRun(student, a, rec.seconds, rec.status == "graded", rec.log)
 
 
 def autograde(
     root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None, workers: int | None = None
 ) -> list[GradeRun]:
-    """Autograde every submission; ``workers`` notebooks at a time (benchmarks never overlap: see bench.exclusive)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    todo = submissions(root, students, names)
-    workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
-    runs = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for run in pool.map(lambda sa: autograde_one(root, *sa), todo):
-            ex = execution_seconds(root, run.student, run.section)
-            note = "" if run.ok else " (FAILED: see log)"
-            timing = f" (notebook {ex:.0f} s)" if ex is not None else ""
-            print(f"autograded {run.student}/{run.section} in {run.seconds:.0f} s{timing}{note}", flush=True)
-            runs.append(run)
-    return runs
+    """Autograde every submission (batch: unchanged ones are skipped); one GradeRun per submission."""
+    return [GradeRun(r.student, r.section, r.seconds, r.status == "graded", r.log)
+            for r in batch(root, students, names, workers)]
 
 
 def scores(root: Path, student: str, a: str) -> NotebookScore:
     db = f"sqlite:///{root / 'gradebook.db'}"
     return read_scores(db, COURSE_ID, a, student, root / "autograded" / student / a / f"{a}.ipynb")
+
+
+# ---------------------------------------------------------------- batch summary
+
+
+def exercise_stats(records: list[Record]) -> dict[str, list[dict]]:
+    """Per section, per exercise: points, full-marks rate, visible/hidden pass rates, mean points."""
+    out: dict[str, list[dict]] = {}
+    for a in sorted({r.section for r in records}):
+        recs = [r for r in records if r.section == a and r.cells]
+        groups: dict[str, list[str]] = {}
+        for r in recs:
+            for gid in r.cells:
+                groups.setdefault(exercise_of(gid), [])
+                if gid not in groups[exercise_of(gid)]:
+                    groups[exercise_of(gid)].append(gid)
+        rows = []
+        for ex, gids in groups.items():
+            vis = [g for g in gids if not g.endswith("_hidden")]
+            hid = [g for g in gids if g.endswith("_hidden")]
+            n = len(recs)
+
+            def passed(r: Record, ids: list[str]) -> bool:
+                return all(r.cells.get(g, [0, 1])[0] >= r.cells.get(g, [0, 1])[1] for g in ids)
+
+            rows.append({
+                "exercise": ex, "points": sum(recs[0].cells.get(g, [0, 0])[1] for g in gids) if recs else 0, "n": n,
+                "full_marks": sum(passed(r, gids) for r in recs) / n if n else 0.0,
+                "visible_passed": sum(passed(r, vis) for r in recs) / n if n and vis else None,
+                "hidden_passed": sum(passed(r, hid) for r in recs) / n if n and hid else None,
+                "mean_points": sum(sum(r.cells.get(g, [0, 0])[0] for g in gids) for r in recs) / n if n else 0.0,
+            })
+        out[a] = rows
+    return out
+
+
+def write_summary(root: Path, records: list[Record], wall: float, workers: int, sandbox_line: str) -> Path:
+    """autograded/summary.md, summary.json and score_distribution.png."""
+    out_dir = root / "autograded"
+    graded_now = [r for r in records if not r.skipped]
+    rate = len(graded_now) / (wall / 60) if graded_now and wall > 0 else 0.0
+    stats = exercise_stats(records)
+    fig_path = out_dir / "score_distribution.png"
+    _score_figure(records, fig_path)
+    lines = [
+        "# Grading summary", "",
+        f"- {time.strftime('%Y-%m-%d %H:%M')}: {len(records)} submissions, {len(graded_now)} graded now "
+        f"({len(records) - len(graded_now)} unchanged, skipped), {wall:.0f} s with {workers} workers"
+        + (f": **{rate:.2f} submissions/minute**" if graded_now else ""),
+        f"- sandbox: {sandbox_line}",
+        f"- grades: `grades.csv`; figure: `{fig_path.relative_to(root)}`; per-submission logs: `{BATCH}/logs/`", "",
+        "## Scores", "", "| section | submissions | mean | median | min | max | full marks |", "|---|---|---|---|---|---|---|",
+    ]
+    for a in sorted({r.section for r in records}):
+        rs = [r for r in records if r.section == a]
+        pct = sorted(100 * r.score / r.max_score if r.max_score else 0.0 for r in rs)
+        med = pct[len(pct) // 2] if len(pct) % 2 else (pct[len(pct) // 2 - 1] + pct[len(pct) // 2]) / 2
+        full = sum(r.max_score > 0 and r.score >= r.max_score for r in rs)
+        lines.append(f"| {a} | {len(rs)} | {sum(pct) / len(pct):.0f}% | {med:.0f}% | {pct[0]:.0f}% | {pct[-1]:.0f}% | {full} |")
+    lines += ["", "## Per-exercise pass rates", ""]
+    for a, rows in stats.items():
+        lines += [f"### {a}", "", "| exercise | points | full marks | visible tests passed | hidden tests passed | mean points |",
+                  "|---|---|---|---|---|---|"]
+        for row in rows:
+            def pc(x):
+                return "-" if x is None else f"{100 * x:.0f}%"
+
+            lines.append(f"| {row['exercise']} | {row['points']:g} | {pc(row['full_marks'])} | {pc(row['visible_passed'])} | "
+                         f"{pc(row['hidden_passed'])} | {row['mean_points']:.2f} |")
+        lines.append("")
+    need = [r for r in records if r.attention]
+    lines += ["## Submissions that needed attention", "",
+              f"{len(need)} of {len(records)}; **REVIEW** marks the ones a person should look at." if need else "None.", ""]
+    if need:
+        lines += ["| student | section | score | why |", "|---|---|---|---|"]
+        for r in sorted(need, key=lambda r: (not r.review, r.section, r.student)):
+            why = "<br>".join(f"{d['kind']}: {d['detail']}".replace("|", "\\|") for d in r.attention)
+            lines.append(f"| {'**REVIEW** ' if r.review else ''}{r.student} | {r.section} | {r.score:g}/{r.max_score:g} | {why} |")
+    info = [(r, d) for r in records for d in r.diagnoses if d["kind"] not in ATTENTION]
+    if info:
+        lines += ["", "## Notes", ""] + [f"- {r.student}/{r.section}: {d['detail']}" for r, d in info]
+    md = out_dir / "summary.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({
+        "wall_seconds": wall, "workers": workers, "graded_now": len(graded_now), "submissions_per_minute": rate,
+        "sandbox": sandbox_line, "exercises": stats,
+        "submissions": [{k: getattr(r, k) for k in Record.__dataclass_fields__ if k != "log"} | {"attention": bool(r.attention),
+                         "review": r.review} for r in records],
+    }, indent=1))
+    print(f"\nsummary: {md}  ({len(need)} needing attention; {rate:.2f} submissions/minute over {len(graded_now)} graded now)")
+    return md
+
+
+def _score_figure(records: list[Record], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_lib import viz
+
+    viz.set_style()
+    names = sorted({r.section for r in records})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False, sharey=True)
+    for ax, a in zip(axes[0], names):
+        pct = [100 * r.score / r.max_score if r.max_score else 0.0 for r in records if r.section == a]
+        ax.hist(pct, bins=[i * 10 for i in range(11)], edgecolor="white")
+        ax.set_title(f"{a} (n={len(pct)})")
+        ax.set_xlabel("score (% of points)")
+        ax.set_xlim(0, 100)
+    axes[0][0].set_ylabel("submissions")
+    fig.suptitle("Score distribution per section")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def table(root: Path = ROOT, students: list[str] | None = None) -> str:
@@ -238,7 +990,7 @@ def table(root: Path = ROOT, students: list[str] | None = None) -> str:
     for s in studs:
         row, tot, mx = s.ljust(w), 0.0, 0.0
         for a, c in zip(names, cols):
-            if (s, a) in subs and (root / "autograded" / s / a).exists():
+            if (s, a) in subs and ((root / "autograded" / s / a).exists() or (load_record(root, s, a) or Record(s, a)).status != "pending"):
                 sc = scores(root, s, a)
                 row += f"{sc.score:g}/{sc.max_score:g}".rjust(c)
                 tot, mx = tot + sc.score, mx + sc.max_score
@@ -250,13 +1002,26 @@ def table(root: Path = ROOT, students: list[str] | None = None) -> str:
 
 def feedback(root: Path = ROOT) -> None:
     for student, a in submissions(root):
-        run_nbgrader(root, "generate_feedback", a, "--student", student, "--force")
+        if (root / "autograded" / student / a).exists():
+            run_nbgrader(root, "generate_feedback", a, "--student", student, "--force")
     print("feedback -> feedback/STUDENT/SECTION/SECTION.html")
 
 
 def grades(root: Path = ROOT) -> None:
     run_nbgrader(root, "export", "--to", str(root / "grades.csv"))
     print(f"grades -> {root / 'grades.csv'}")
+
+
+def collect(root: Path, a: str, zips: list[Path] | None = None) -> None:
+    """LMS download -> submitted/: zips go to downloaded/A/archive/, then `nbgrader zip_collect A`."""
+    archive = root / "downloaded" / a / "archive"
+    archive.mkdir(parents=True, exist_ok=True)
+    for z in zips or []:
+        shutil.copy(z, archive / Path(z).name)
+    proc = run_nbgrader(root, "zip_collect", a, "--force", quiet=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"zip_collect {a} failed")
+    print(f"collected downloaded/{a}/archive/ -> submitted/STUDENT/{a}/ (now run: make autograde)")
 
 
 def demo(root: Path = ROOT) -> None:
@@ -291,7 +1056,7 @@ def infer_section(nb_path: Path) -> str:
             return a
     try:
         ids = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in _load(nb_path)["cells"]}
-    except (json.JSONDecodeError, KeyError):
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         ids = set()
     for a in names:
         src_ids = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in _load(ROOT / "source" / a / f"{a}.ipynb")["cells"]}
@@ -300,38 +1065,73 @@ def infer_section(nb_path: Path) -> str:
     raise SystemExit(f"cannot tell which section {nb_path} belongs to: pass SECTION=<one of {' '.join(names)}>")
 
 
-def print_report(sc: NotebookScore, seconds: float | None = None) -> None:
+def print_report(sc: NotebookScore, seconds: float | None = None, rec: Record | None = None, root: Path | None = None) -> None:
+    """Points per exercise, the message of each failed test (hidden ones included), benchmarks, diagnoses."""
     head = f"{sc.section} / {sc.student}: {sc.score:g} / {sc.max_score:g} points"
-    print(head + (f"  (graded in {seconds:.0f} s)" if seconds is not None else ""))
+    extra = [f"graded in {seconds:.0f} s" if seconds is not None else ""]
+    if rec is not None and rec.sandboxed is not None:
+        extra.append("sandboxed" if rec.sandboxed else "UNSANDBOXED")
+    print(head + (f"  ({', '.join(e for e in extra if e)})" if any(extra) else ""))
+    groups: dict[str, list[CellScore]] = {}
     for c in sc.cells:
-        mark = "ok  " if c.score >= c.max_score else ("part" if c.score > 0 else "FAIL")
-        print(f"  [{mark}] {c.grade_id:<40} {c.score:g}/{c.max_score:g}")
-        if c.message and c.score < c.max_score:
-            print(f"         {c.message[:400]}")
+        groups.setdefault(exercise_of(c.grade_id), []).append(c)
+    for ex, cells in groups.items():
+        got, mx = sum(c.score for c in cells), sum(c.max_score for c in cells)
+        mark = "ok  " if got >= mx else ("part" if got > 0 else "FAIL")
+        parts = "  ".join(f"{'hidden' if c.grade_id.endswith('_hidden') else 'visible'} {c.score:g}/{c.max_score:g}" for c in cells)
+        print(f"  [{mark}] {ex:<28} {got:g}/{mx:g}   ({parts})")
+        for c in cells:
+            if c.message and c.score < c.max_score:
+                kind = "hidden test" if c.grade_id.endswith("_hidden") else "test"
+                print(f"         {kind} {c.grade_id}: {c.message[:500]}")
+    graded_nb = (root / "autograded" / sc.student / sc.section / f"{sc.section}.ipynb") if root else None
+    if graded_nb is not None and graded_nb.exists():
+        outs = stdout_of(graded_nb)
+        bench = [c for c in sc.cells if c.grade_id.startswith("bench_")]
+        if bench:
+            print("  benchmarks:")
+            for c in bench:
+                text = " ".join(ln.strip() for ln in outs.get(c.grade_id, "").splitlines() if ln.strip())
+                status = "passed" if c.score >= c.max_score else "FAILED"
+                print(f"    {c.grade_id}: {status} ({c.score:g}/{c.max_score:g}) {text[:300]}")
+                if c.message and c.score < c.max_score:
+                    print(f"      {c.message[:300]}")
     for p in sc.problems:
         print(f"  problem: {p}")
+    if rec is not None:
+        for d in rec.diagnoses:
+            print(f"  note: {d['detail']}")
 
 
 def check(nb_path: Path, section: str | None = None) -> NotebookScore:
     """Grade one notebook against the hidden tests on a copy; print the report and the feedback path."""
+    from course_lib.sandbox import sandbox_status
+
     nb_path = nb_path.resolve()
     if not nb_path.exists():
         raise SystemExit(f"no such notebook: {nb_path}")
     a = section or infer_section(nb_path)
+    ok, how = sandbox_status()
+    if not ok:
+        print("!" * 78 + f"\n!!! {how}\n" + "!" * 78)
+    before = hashlib.sha256(nb_path.read_bytes()).hexdigest()
     tmp = temp_course([a])
     try:
         run_nbgrader(tmp, "generate_assignment", a, "--force")
         dest = _mk(tmp / "submitted" / "self" / a / f"{a}.ipynb")
         shutil.copy(nb_path, dest)
-        run = autograde_one(tmp, "self", a)
-        run_nbgrader(tmp, "generate_feedback", a, "--student", "self", "--force")
+        rec = grade_submission(tmp, "self", a, force=True)
+        if rec.status == "graded":
+            run_nbgrader(tmp, "generate_feedback", a, "--student", "self", "--force")
         sc = scores(tmp, "self", a)
-        print_report(sc, run.seconds)
+        print_report(sc, rec.seconds, rec, tmp)
         fb = tmp / "feedback" / "self" / a / f"{a}.html"
         if fb.exists():
             out = _mk(ROOT / "feedback" / "self-check" / a / f"{a}.html")
             shutil.copy(fb, out)
             print(f"feedback: {out}")
+        if hashlib.sha256(nb_path.read_bytes()).hexdigest() != before:  # never expected: grading works on a copy
+            print(f"!! {nb_path} changed while it was being checked")
         return sc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,15 +1149,18 @@ def verify(a: str, keep: bool = False) -> int:
         shutil.copy(tmp / "release" / a / f"{a}.ipynb", _mk(tmp / "submitted" / "blank" / a / f"{a}.ipynb"))
         _save(strip_outputs(_load(tmp / "source" / a / f"{a}.ipynb")), tmp / "submitted" / "reference" / a / f"{a}.ipynb")
         for student in ("reference", "blank"):
-            run = autograde_one(tmp, student, a)
+            rec = grade_submission(tmp, student, a, force=True)
             sc = scores(tmp, student, a)
-            print_report(sc, run.seconds)
+            print_report(sc, rec.seconds, rec, tmp)
             ex = execution_seconds(tmp, student, a)
             if ex is not None:
                 print(f"  notebook execution: {ex:.1f} s (budget 90 s)")
                 if ex > 90:
                     status = 1
                     print("  !! over the 90 s budget")
+            if rec.status != "graded":
+                status = 1
+                print("  !! grading failed:", rec.log[-2000:])
             if student == "reference" and sc.score < sc.max_score:
                 status = 1
             if student == "blank" and sc.score > 0:
@@ -382,15 +1185,21 @@ def verify(a: str, keep: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=ROOT, help="course directory (default: this checkout)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("release", "solutions", "samples"):
         p = sub.add_parser(name)
         p.add_argument("sections", nargs="*")
     p = sub.add_parser("autograde")
     p.add_argument("--student", action="append")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--force", action="store_true", help="regrade unchanged submissions too")
     p.add_argument("sections", nargs="*")
     for name in ("feedback", "grades", "table", "demo"):
         sub.add_parser(name)
+    p = sub.add_parser("collect")
+    p.add_argument("section")
+    p.add_argument("zips", nargs="*", type=Path)
     p = sub.add_parser("check")
     p.add_argument("notebook", type=Path)
     p.add_argument("--section")
@@ -398,24 +1207,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("section")
     p.add_argument("--keep", action="store_true")
     ns = ap.parse_args(argv)
+    root = ns.root.resolve()
     if ns.cmd == "release":
-        release(ROOT, ns.sections or None)
+        release(root, ns.sections or None)
     elif ns.cmd == "solutions":
-        solutions(ROOT, ns.sections or None)
+        solutions(root, ns.sections or None)
     elif ns.cmd == "samples":
-        samples(ROOT, ns.sections or None)
+        samples(root, ns.sections or None)
     elif ns.cmd == "autograde":
-        runs = autograde(ROOT, ns.student, ns.sections or None)
-        print(table(ROOT))
-        return 0 if all(r.ok for r in runs) else 1
+        recs = batch(root, ns.student, ns.sections or None, ns.workers, ns.force)
+        print(table(root, ns.student))
+        return 0 if all(r.status != "failed" for r in recs) else 1
     elif ns.cmd == "feedback":
-        feedback(ROOT)
+        feedback(root)
     elif ns.cmd == "grades":
-        grades(ROOT)
+        grades(root)
     elif ns.cmd == "table":
-        print(table(ROOT))
+        print(table(root))
     elif ns.cmd == "demo":
-        demo(ROOT)
+        demo(root)
+    elif ns.cmd == "collect":
+        collect(root, ns.section, ns.zips)
     elif ns.cmd == "check":
         check(ns.notebook, ns.section)
     elif ns.cmd == "verify":
