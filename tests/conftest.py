@@ -77,3 +77,50 @@ def graded_corpus():
         yield grading_corpus.run_corpus(root, course, sandboxed=sandbox_status()[0])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+_BIG = 20_000
+
+
+def _is_big(left: object, right: object) -> bool:
+    sized = [x for x in (left, right) if isinstance(x, (str, bytes, list))]
+    return bool(sized) and max(len(x) for x in sized) >= _BIG
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep pytest's own explanation (a difflib diff) away from big values; ours below replaces it.
+
+    Diffing two notebooks or a page of feedback HTML can run for many minutes and looks like a hang.
+    All `pytest_assertrepr_compare` hooks run, so the built-in one is told to step aside for big values.
+    """
+    from _pytest.assertion import util
+
+    builtin = util.assertrepr_compare
+    if getattr(builtin, "_course_wrapped", False):
+        return
+
+    def assertrepr_compare(config, op, left, right, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        return None if _is_big(left, right) else builtin(config, op, left, right, *args, **kwargs)
+
+    assertrepr_compare._course_wrapped = True  # type: ignore[attr-defined]
+    util.assertrepr_compare = assertrepr_compare
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Explain a failed comparison of big strings, bytes or lists in a few lines (no difflib)."""
+    if not _is_big(left, right):
+        return None
+
+    def short(x: object) -> str:
+        if isinstance(x, (str, bytes, list)):
+            return f"{type(x).__name__} of length {len(x)} starting {x[:120]!r}"
+        return repr(x)[:200]
+
+    if op == "==" and type(left) is type(right) and isinstance(left, (str, bytes, list)):
+        first = next((i for i, (a, b) in enumerate(zip(left, right)) if a != b), min(len(left), len(right)))
+        return [f"big values differ (first difference at index {first})", f"left: {short(left)}", f"right: {short(right)}"]
+    if op == "not in" and isinstance(left, (str, bytes)) and isinstance(right, (str, bytes)):
+        at = right.find(left)
+        return [f"{short(left)} found at index {at} of {short(right)}", f"around it: {right[max(0, at - 200):at + 200]!r}"]
+    return [f"{short(left)} {op} {short(right)}: failed"]
