@@ -32,6 +32,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,11 +75,14 @@ def is_bench_cell(cell) -> bool:
     return gid.startswith("bench_") or bool(BENCH_CALL.search(_src(cell)))
 
 
-def strip_hidden(source: str) -> str:
+def strip_hidden(source: str, placeholder: str | None = None) -> str:
+    """`source` without its hidden-test blocks (BEGIN/END HIDDEN TESTS), each replaced by `placeholder` if given."""
     out, skipping = [], False
     for ln in source.split("\n"):
         if BEGIN_HIDDEN in ln:
             skipping = True
+            if placeholder is not None:
+                out.append(placeholder)
             continue
         if END_HIDDEN in ln:
             skipping = False
@@ -153,18 +157,7 @@ class HideHiddenTests(Preprocessor):
         self._hidden = getattr(self, "_hidden", set())
         had_hidden = BEGIN_HIDDEN in cell.source and bool(_nbgrader_meta(cell).get("grade"))
         if had_hidden:
-            out, skipping = [], False
-            for ln in cell.source.split("\n"):
-                if BEGIN_HIDDEN in ln:
-                    skipping = True
-                    out.append("# (hidden tests ran here during grading; their source is not shown)")
-                    continue
-                if END_HIDDEN in ln:
-                    skipping = False
-                    continue
-                if not skipping:
-                    out.append(ln)
-            cell.source = "\n".join(out)
+            cell.source = strip_hidden(cell.source, "# (hidden tests ran here during grading; their source is not shown)")
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 if had_hidden:
@@ -303,46 +296,41 @@ def _lib_roots() -> list[str]:
     return roots
 
 
+def _statements(nb, wanted) -> Iterator[ast.stmt]:
+    """Top-level statements of the code cells whose nbgrader metadata satisfies ``wanted`` (unparsable cells skipped)."""
+    for c in nb.cells:
+        if c.cell_type != "code" or not wanted(_nbgrader_meta(c)):
+            continue
+        try:
+            yield from ast.parse(_src(c)).body
+        except SyntaxError:
+            continue
+
+
 def solution_names(nb) -> set[str]:
     """Top-level names the answer (solution) cells define: learners' own, never re-imported by the guard."""
     names: set[str] = set()
-    for c in nb.cells:
-        if c.cell_type != "code" or not _nbgrader_meta(c).get("solution"):
-            continue
-        try:
-            tree = ast.parse(_src(c))
-        except SyntaxError:
-            continue
-        for n in tree.body:
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(n.name)
-            for t in n.targets if isinstance(n, ast.Assign) else [getattr(n, "target", None)]:
-                if isinstance(t, ast.Name):
-                    names.add(t.id)
+    for n in _statements(nb, lambda m: bool(m.get("solution"))):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        for t in n.targets if isinstance(n, ast.Assign) else [getattr(n, "target", None)]:
+            if isinstance(t, ast.Name):
+                names.add(t.id)
     return names
 
 
 def locked_imports(nb, exclude: set[str] = frozenset()) -> str:
     """Import statements of the course's locked, non-graded code cells (the setup cell), minus ``exclude``."""
     lines = []
-    for c in nb.cells:
-        m = _nbgrader_meta(c)
-        if c.cell_type != "code" or not m.get("locked") or m.get("grade") or m.get("solution"):
+    for n in _statements(nb, lambda m: bool(m.get("locked")) and not m.get("grade") and not m.get("solution")):
+        if not (isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.module and n.module != "__future__")):
             continue
-        try:
-            tree = ast.parse(_src(c))
-        except SyntaxError:
-            continue
-        for n in tree.body:
-            if not (isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.module and n.module != "__future__")):
-                continue
-
-            plain = isinstance(n, ast.Import)
-            keep = [a for a in n.names if a.name != "*"
-                    and (a.asname or (a.name.split(".")[0] if plain else a.name)) not in exclude]
-            if keep:
-                n.names = keep
-                lines.append(ast.unparse(n))
+        plain = isinstance(n, ast.Import)
+        keep = [a for a in n.names if a.name != "*"
+                and (a.asname or (a.name.split(".")[0] if plain else a.name)) not in exclude]
+        if keep:
+            n.names = keep
+            lines.append(ast.unparse(n))
     return "\n".join(dict.fromkeys(lines))
 
 
