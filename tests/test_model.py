@@ -3,6 +3,9 @@ multi-task language of course_lib.data."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,3 +336,33 @@ def test_record_run_is_json_ready_and_switches_balancing_off():
     assert len(rec["loss"]) == 3 and len(rec["loads"]) == 3 and len(rec["max_vio_per_layer"][0]) == 2
     assert all(b == 0.0 for layer in rec["gate_bias"] for b in layer), "no bias update without balancing"
     assert len(rec["routing_by_task"]) == 1 and len(rec["routing_by_task"][0]) == 4
+
+
+def test_autocast_training_follows_fp32_and_refreshes_its_weight_cache():
+    """bf16 autocast per step learns like FP32, and every step computes with the current weights.
+
+    One autocast context around a whole loop keeps the bf16 copies of the weights from its first step (torch
+    caches weight casts until the context exits): the loss a step reports then differs from a fresh forward.
+    """
+    torch.manual_seed(0)
+    data = MultiTaskLanguage(n_digits=4)
+    cfg = ModelConfig(vocab_size=data.vocab_size, **{k: v for k, v in SMALL.items() if k != "vocab_size"})
+    drops = {}
+    for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+        r = train(init_weights(DeepSeekV3Mini(cfg), 0), data, steps=30, batch_size=16, lr=1e-2, eval_every=30, amp_dtype=amp)
+        drops[name] = r.history["main_loss"][0] - r.history["main_loss"][-1]
+    assert drops["fp32"] > 0.3 and drops["bf16"] > 0.7 * drops["fp32"], drops
+
+    def second_step_gap(outer_context: bool) -> float:
+        m = init_weights(DeepSeekV3Mini(cfg), 0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        b = data.sample(16, torch.Generator().manual_seed(5))
+        with torch.autocast("cpu", dtype=torch.bfloat16) if outer_context else contextlib.nullcontext():
+            train_step(m, opt, b.inputs, b.targets, amp_dtype=torch.bfloat16)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a copy: new tensors, fresh casts
+                fresh = float(copy.deepcopy(m).compute_loss(b.inputs, b.targets).loss)
+            reported = train_step(m, opt, b.inputs, b.targets, amp_dtype=torch.bfloat16).loss
+        return abs(reported - fresh)
+
+    assert second_step_gap(False) < 1e-3, "a training step under autocast used stale (cached) bf16 weights"
+    assert second_step_gap(True) > 1e-2, "the check above cannot see a stale autocast cache any more"

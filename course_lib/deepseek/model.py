@@ -491,11 +491,17 @@ class StepStats:
 
 
 def train_step(model: DeepSeekV3Mini, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
-               clip_norm: float = 1.0, balance: bool = True) -> StepStats:
+               clip_norm: float = 1.0, balance: bool = True, amp_dtype: torch.dtype | None = None) -> StepStats:
     """One step: loss (main + lambda MTP + balance), backward, clip, optimiser step, THEN the bias update
-    of every MoE layer with this batch's loads (``balance=False`` skips it: the collapse experiment)."""
+    of every MoE layer with this batch's loads (``balance=False`` skips it: the collapse experiment).
+
+    ``amp_dtype`` (``torch.bfloat16``/``torch.float16``) runs the forward pass under autocast, entered and left
+    in every step: autocast caches its low-precision copies of the weights until its context exits, so one
+    context around a whole training loop keeps computing with the first step's weights (the model barely learns).
+    """
     model.train()
-    out = model.compute_loss(inputs, targets)
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = model.compute_loss(inputs, targets)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
@@ -537,17 +543,18 @@ class TrainResult:
 def train(model: DeepSeekV3Mini, data, *, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.0,
           warmup: int = 20, seed: int = 0, balance: bool = True, eval_every: int = 25, target: float | None = None,
           target_metric: str = "token_acc", stop_at_target: bool = False, monitor=None,
-          step_fn: Callable | None = None, eval_batch: int = 512) -> TrainResult:
+          step_fn: Callable | None = None, eval_batch: int = 512, amp_dtype: torch.dtype | None = None) -> TrainResult:
     """Train on fresh batches of ``data`` (a ``MultiTaskLanguage``) with AdamW, linear warm-up then constant lr.
 
     Evaluates every ``eval_every`` steps; ``steps_to_target`` is the first evaluated step whose
     ``target_metric`` reaches ``target``. ``monitor`` (a ``course_lib.viz.TrainingMonitor``) gets loss,
     gradient norm, MaxVio and tokens/s every step. ``step_fn`` replaces ``train_step`` (same signature; it may
-    return a dict with ``StepStats``' fields).
+    return a dict with ``StepStats``' fields). ``amp_dtype`` trains under autocast, per step (see ``train_step``).
     """
+    import functools
     import time
 
-    step_fn = step_fn or train_step
+    step_fn = step_fn or (functools.partial(train_step, amp_dtype=amp_dtype) if amp_dtype is not None else train_step)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
