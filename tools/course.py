@@ -964,15 +964,25 @@ def _score_figure(records: list[Record], path: Path) -> None:
     from course_lib import viz
 
     viz.set_style()
+    from matplotlib.ticker import MaxNLocator
+
     names = sorted({r.section for r in records})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False, sharey=True)
-    for ax, a in zip(axes[0], names):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, a in zip(axes.flat, names):
         pct = [100 * r.score / r.max_score if r.max_score else 0.0 for r in records if r.section == a]
         ax.hist(pct, bins=[i * 10 for i in range(11)], edgecolor="white")
+        ax.axvline(sum(pct) / len(pct), color="k", ls="--", lw=1, label="mean")
         ax.set_title(f"{a} (n={len(pct)})")
         ax.set_xlabel("score (% of points)")
         ax.set_xlim(0, 100)
-    axes[0][0].set_ylabel("submissions")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("submissions")
+    axes.flat[0].legend(loc="upper center")
     fig.suptitle("Score distribution per section")
     fig.tight_layout()
     fig.savefig(path)
