@@ -794,6 +794,22 @@ def ensure_assignments(root: Path, names: list[str]) -> None:
     marks.write_text(json.dumps(seen, indent=1))
 
 
+def ensure_students(root: Path, students: list[str]) -> None:
+    """Enter every student in the gradebook before parallel grading starts.
+
+    nbgrader's autograde checks for the student, then inserts it: two graders starting on two sections of the same
+    new student race, and the loser fails with "UNIQUE constraint failed: student.id".
+    """
+    import warnings
+
+    from nbgrader.api import Gradebook
+
+    with _GB_LOCK, warnings.catch_warnings(), Gradebook(_gradebook_url(root), COURSE_ID) as gb:
+        warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
+        for s in students:
+            gb.update_or_create_student(s)
+
+
 def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None, workers: int | None = None,
           force: bool = False, report: bool = True) -> list[Record]:
     """Grade every submission, continue past failures, skip unchanged ones; write grades.csv and the summary."""
@@ -810,6 +826,7 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
     banner = how if ok else "!" * 78 + f"\n!!! {how}\n" + "!" * 78
     print(banner, flush=True)
     ensure_assignments(root, sorted({a for _, a in todo}))
+    ensure_students(root, sorted({s for s, _ in todo}))
     workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
     records: list[Record] = []
