@@ -1296,50 +1296,50 @@ assert ANSWER_Q1 == "b", "Q1: the bias only selects; weights use the unbiased af
 
 # %% [markdown]
 # **Q2.** DeepSeek-V3 routes among 256 experts in 8 groups, keeps 4 groups and activates 8 experts. Among how
-# many experts does a token's top-8 choose? (a) 256; (b) 128; (c) 32; (d) 8.
+# many experts does a token's top-8 choose? (a) 256; (b) 32; (c) 128; (d) 8.
 
 # %% [solution id=quiz_03_2]
 ### BEGIN SOLUTION
-ANSWER_Q2 = "b"
+ANSWER_Q2 = "c"
 ### END SOLUTION
 
 # %% [test id=test_03_quiz_2 points=1]
 assert ANSWER_Q2 in ("a", "b", "c", "d"), f"ANSWER_Q2 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q2!r})"
 ### BEGIN HIDDEN TESTS
-assert ANSWER_Q2 == "b", "Q2: 4 kept groups x 32 experts per group = 128 candidates"
+assert ANSWER_Q2 == "c", "Q2: 4 kept groups x 32 experts per group = 128 candidates"
 ### END HIDDEN TESTS
 
 # %% [markdown]
 # **Q3.** Why are the experts of dropped groups masked with $-\infty$ rather than 0?
-# (a) $-\infty$ is faster to compute;
-# (b) biased scores $s + b$ can be negative, so a masked 0 would outrank kept experts and route tokens outside their kept groups;
+# (a) biased scores $s + b$ can be negative, so a masked 0 would outrank kept experts and route tokens outside their kept groups;
+# (b) $-\infty$ is faster to compute;
 # (c) sigmoid scores can exceed 1;
 # (d) a 0 would break the renormalisation of the weights.
 
 # %% [solution id=quiz_03_3]
 ### BEGIN SOLUTION
-ANSWER_Q3 = "b"
+ANSWER_Q3 = "a"
 ### END SOLUTION
 
 # %% [test id=test_03_quiz_3 points=1]
 assert ANSWER_Q3 in ("a", "b", "c", "d"), f"ANSWER_Q3 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q3!r})"
 ### BEGIN HIDDEN TESTS
-assert ANSWER_Q3 == "b", "Q3: with negative biased scores a 0 mask wins the top-k"
+assert ANSWER_Q3 == "a", "Q3: with negative biased scores a 0 mask wins the top-k"
 ### END HIDDEN TESTS
 
 # %% [markdown]
 # **Q4.** After a training step, expert 7's load is 3x the mean. With γ = 0.001, its bias changes by
-# (a) −0.003; (b) −0.001; (c) +0.001; (d) −0.002.
+# (a) −0.003; (b) +0.001; (c) −0.002; (d) −0.001.
 
 # %% [solution id=quiz_03_4]
 ### BEGIN SOLUTION
-ANSWER_Q4 = "b"
+ANSWER_Q4 = "d"
 ### END SOLUTION
 
 # %% [test id=test_03_quiz_4 points=1]
 assert ANSWER_Q4 in ("a", "b", "c", "d"), f"ANSWER_Q4 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q4!r})"
 ### BEGIN HIDDEN TESTS
-assert ANSWER_Q4 == "b", "Q4: b_i += gamma * sign(mean - load_i) = -0.001, whatever the size of the excess"
+assert ANSWER_Q4 == "d", "Q4: b_i += gamma * sign(mean - load_i) = -0.001, whatever the size of the excess"
 ### END HIDDEN TESTS
 
 # %% [markdown]

@@ -1422,15 +1422,15 @@ if model is not None:
 # output head; (c) every Transformer block; (d) only the final RMSNorm.
 #
 # **Q2.** DeepSeek-V3 has 671B parameters but about 37B are active per token mainly because (a) FP8 halves the
-# weights; (b) each MoE layer runs only 8 of its 256 routed experts (plus the shared expert); (c) MLA compresses the
-# weights; (d) the first three layers are dense.
+# weights; (b) the first three layers are dense; (c) MLA compresses the weights; (d) each MoE layer runs only 8 of its
+# 256 routed experts (plus the shared expert).
 #
-# **Q3.** The auxiliary-loss-free balancing step (a) back-propagates a balance loss into the bias; (b) adds
+# **Q3.** The auxiliary-loss-free balancing step (a) adds
 # $\gamma\,\mathrm{sign}(\overline{\mathrm{load}}-\mathrm{load}_i)$ to each bias after the optimiser step, with the
-# batch's loads; (c) renormalises the gate weights; (d) drops tokens from overloaded experts.
+# batch's loads; (b) back-propagates a balance loss into the bias; (c) renormalises the gate weights; (d) drops tokens from overloaded experts.
 #
 # **Q4.** During decoding with the absorbed path, each MLA layer caches per token (a) keys and values of every head;
-# (b) the normalised latent $c^{KV}$ and the rope key $k^R$; (c) the queries; (d) the hidden state $h$.
+# (b) the queries; (c) the normalised latent $c^{KV}$ and the rope key $k^R$; (d) the hidden state $h$.
 #
 # **Q5.** With `inputs` and `targets` (next tokens), the depth-1 MTP logits at position $i$ are scored against
 # (a) `targets[:, i]`; (b) `targets[:, i + 1]`, i.e. token $i+2$; (c) `inputs[:, i]`; (d) every later token.
@@ -1438,9 +1438,9 @@ if model is not None:
 # %% [solution id=quiz_05_answers]
 ### BEGIN SOLUTION
 ANSWER_Q1 = "b"
-ANSWER_Q2 = "b"
-ANSWER_Q3 = "b"
-ANSWER_Q4 = "b"
+ANSWER_Q2 = "d"
+ANSWER_Q3 = "a"
+ANSWER_Q4 = "c"
 ANSWER_Q5 = "b"
 ### END SOLUTION
 
@@ -1452,7 +1452,7 @@ print("quiz: answers well-formed")
 # %% [test id=test_05_quiz_hidden points=2.5]
 # Hidden tests: run when your notebook is graded (also by `make check`).
 ### BEGIN HIDDEN TESTS
-_key = {1: "b", 2: "b", 3: "b", 4: "b", 5: "b"}
+_key = {1: "b", 2: "d", 3: "a", 4: "c", 5: "b"}
 _given = {1: ANSWER_Q1, 2: ANSWER_Q2, 3: ANSWER_Q3, 4: ANSWER_Q4, 5: ANSWER_Q5}
 _wrong = [q for q in _key if _given[q] != _key[q]]
 assert not _wrong, f"quiz questions answered incorrectly: {_wrong}"

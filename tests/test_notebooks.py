@@ -124,3 +124,15 @@ def test_solutions_are_clean_and_executed(section):
     assert not [c for c in code if any(o.get("output_type") == "error" for o in c["outputs"])], "a solution cell errors"
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for c in code for o in c["outputs"]), \
         "solutions show their figures"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_quiz_key_cannot_be_guessed_with_one_letter(section):
+    """Answering the same letter everywhere must not pass most of a quiz (at most 60% of its keys share a letter)."""
+    nb = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    key = [m.group(2) for c in nb["cells"]
+           if c.get("metadata", {}).get("nbgrader", {}).get("grade_id", "").startswith("quiz_")
+           for m in re.finditer(r'^ANSWER_Q(\d+) = "([a-d])"', _src(c), re.M)]
+    assert len(key) >= 3, f"{section}: expected a quiz of at least 3 questions, found {len(key)} answers"
+    top = max(key.count(x) for x in set(key))
+    assert top / len(key) <= 0.6, f"{section}: quiz key {key} — answering one letter everywhere scores {top}/{len(key)}"
