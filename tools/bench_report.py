@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from course_lib import viz  # noqa: E402
-from course_lib.bench import compare, ratio, threads  # noqa: E402
+from course_lib.bench import Timing, compare, ratio, threads  # noqa: E402
 
 OUT_DIR = ROOT / "bench"
 RESULTS = OUT_DIR / "results.json"
@@ -72,27 +72,18 @@ def savefig(fig, name: str) -> str:
 # ------------------------------------------------------------------------------------------ course
 
 
-def _median_spread(xs: list[float]) -> tuple[float, float]:
-    """Median and relative spread (max - min) / median, as course_lib.bench reports timings."""
-    import statistics
-
-    med = statistics.median(xs)
-    return med, (max(xs) - min(xs)) / med if med else 0.0
-
-
 def bench_course(repeats: int = 3) -> dict:
     """Execution time of every solution notebook while graded, and the autograde time of one full submission.
 
     The worked solutions (outputs stripped) are submitted as one student and autograded through the real
-    pipeline (nbgrader, sandbox, guard) ``repeats`` times; each row is the median with its spread.
+    pipeline (nbgrader, sandbox, guard) ``repeats`` times; the raw times of every run are kept.
     """
     import shutil
 
     import course
 
     names = course.sections()
-    runs: dict[str, dict[str, list[float]]] = {a: {"autograde_s": [], "execution_s": []} for a in names}
-    scores: dict[str, tuple[float, float]] = {}
+    rows = {a: {"section": a, "runs": {"autograde_s": [], "execution_s": []}} for a in names}
     tmp = course.temp_course(names)
     try:
         for a in names:
@@ -104,23 +95,13 @@ def bench_course(repeats: int = 3) -> dict:
             for a in names:
                 run = course.autograde_one(tmp, "bench", a)
                 sc = course.scores(tmp, "bench", a)
-                scores[a] = (sc.score, sc.max_score)
-                runs[a]["autograde_s"].append(run.seconds)
-                runs[a]["execution_s"].append(course.execution_seconds(tmp, "bench", a) or float("nan"))
+                rows[a].update(score=sc.score, max=sc.max_score)
+                rows[a]["runs"]["autograde_s"].append(run.seconds)
+                rows[a]["runs"]["execution_s"].append(course.execution_seconds(tmp, "bench", a) or float("nan"))
                 print(f"   run {i + 1}/{repeats} {a}: autograde {run.seconds:.1f} s, score {sc.score:g}/{sc.max_score:g}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
-    for a in names:
-        ex, ex_sp = _median_spread(runs[a]["execution_s"])
-        ag, ag_sp = _median_spread(runs[a]["autograde_s"])
-        rows.append({"section": a, "execution_s": ex, "execution_spread": ex_sp, "autograde_s": ag, "autograde_spread": ag_sp,
-                     "score": scores[a][0], "max": scores[a][1], "runs": runs[a]})
-    totals_ex = [sum(runs[a]["execution_s"][i] for a in names) for i in range(repeats)]
-    totals_ag = [sum(runs[a]["autograde_s"][i] for a in names) for i in range(repeats)]
-    (tex, tex_sp), (tag, tag_sp) = _median_spread(totals_ex), _median_spread(totals_ag)
-    return {"repeats": repeats, "rows": rows, "total_execution_s": tex, "total_execution_spread": tex_sp,
-            "total_autograde_s": tag, "total_autograde_spread": tag_sp, "sandbox": _sandbox_mode()}
+    return {"repeats": repeats, "rows": list(rows.values()), "sandbox": _sandbox_mode()}
 
 
 def _sandbox_mode() -> str:
@@ -131,17 +112,19 @@ def _sandbox_mode() -> str:
 
 
 def md_course(r: dict) -> list[str]:
+    def cell(t: Timing) -> str:
+        return f"{t.median:.1f} s | +-{100 * t.spread:.0f}%" if t.median == t.median else "n/a | -"
+
     out = [f"The worked solutions submitted as one student and autograded through the real pipeline (nbgrader, "
-           f"sandbox: {r.get('sandbox', 'n/a')}); median of {r.get('repeats', 1)} runs, spread = (max - min) / median. "
+           f"sandbox: {r['sandbox']}); median of {r['repeats']} runs with its spread. "
            "\"Executed\" is the notebook from its setup cell to its last cell inside the grading kernel; \"autograde\" "
            "adds kernel start, sandbox, nbgrader and the gradebook.", "",
            "| section | executed while graded | spread | autograde | spread | score |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        ex = f"{row['execution_s']:.1f} s" if row["execution_s"] == row["execution_s"] else "n/a"
-        out.append(f"| {row['section']} | {ex} | +-{100 * row.get('execution_spread', 0):.0f}% | {row['autograde_s']:.1f} s | "
-                   f"+-{100 * row.get('autograde_spread', 0):.0f}% | {row['score']:g}/{row['max']:g} |")
-    out.append(f"| **total** | **{r['total_execution_s']:.1f} s** | +-{100 * r.get('total_execution_spread', 0):.0f}% | "
-               f"**{r['total_autograde_s']:.1f} s** (one six-notebook submission) | +-{100 * r.get('total_autograde_spread', 0):.0f}% | |")
+        out.append(f"| {row['section']} | {cell(Timing('ex', row['runs']['execution_s']))} | "
+                   f"{cell(Timing('ag', row['runs']['autograde_s']))} | {row['score']:g}/{row['max']:g} |")
+    totals = {k: Timing(k, [sum(vals) for vals in zip(*(row["runs"][k] for row in r["rows"]))]) for k in ("execution_s", "autograde_s")}
+    out.append(f"| **total** | {cell(totals['execution_s'])} | {cell(totals['autograde_s'])} (one six-notebook submission) | |")
     return out
 
 
@@ -345,40 +328,30 @@ def bench_training(steps: int = 150, seeds: tuple[int, ...] = (0, 1, 2)) -> dict
             per_seed[name].append({"seed": seed, "final_loss": res.evals[-1]["loss"], "token_acc": res.evals[-1]["token_acc"],
                                    "steps_to_target": res.steps_to_target, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s})
             print(f"   seed {seed} {name}: loss {res.evals[-1]['loss']:.4f}, {res.tokens_per_s:.0f} tokens/s", flush=True)
-    runs = {}
-    for name, rs in per_seed.items():
-        row = {"seeds": rs}
-        for key in ("final_loss", "token_acc", "seconds", "tokens_per_s"):
-            row[key], row[key + "_spread"] = _median_spread([r[key] for r in rs])
-        rel = [(r["final_loss"] - b["final_loss"]) / b["final_loss"] for r, b in zip(rs, per_seed["fp32"])]
-        row["rel_loss_vs_fp32"] = sorted(rel)[len(rel) // 2]
-        row["rel_loss_range"] = (min(rel), max(rel))
-        row["steps_to_target"] = [r["steps_to_target"] for r in rs]
-        runs[name] = row
-    return {"steps": steps, "seeds": list(seeds), "runs": runs}
+    return {"steps": steps, "seeds": list(seeds), "runs": {name: {"seeds": rs} for name, rs in per_seed.items()}}
 
 
 def md_training(r: dict) -> list[str]:
-    seeds = r.get("seeds", [0])
     out = [f"DeepSeekV3Mini (default config) on the multi-task language with Section 5's recipe (4 digits, lr 5e-3, "
-           f"init std 0.05, warm-up 20), {r['steps']} steps, batch 64, 1 thread, seeds "
-           f"{seeds} (median over seeds, spread = (max - min) / median); target: answer-token accuracy 0.8 (Section 5's "
-           "graded target). Relative loss vs FP32 is paired by seed (median, with the range over seeds).", "",
+           f"init std 0.05, warm-up 20), {r['steps']} steps, batch 64, 1 thread, seeds {r['seeds']} (median over seeds "
+           "with its spread); target: answer-token accuracy 0.8 (Section 5's graded target). Relative loss vs FP32 is "
+           "paired by seed (median, with the range over seeds).", "",
            "| precision | final loss | rel. vs FP32 (range) | token acc | steps to target per seed | tokens/s | time |",
            "|---|---|---|---|---|---|---|"]
+    base = r["runs"]["fp32"]["seeds"]
     for k, v in r["runs"].items():
-        lo, hi = v.get("rel_loss_range", (v["rel_loss_vs_fp32"], v["rel_loss_vs_fp32"]))
-        stt = v["steps_to_target"] if isinstance(v["steps_to_target"], list) else [v["steps_to_target"]]
-        stt_s = ", ".join(str(x) if x else "not reached" for x in stt)
-        out.append(f"| {k} | {v['final_loss']:.4f} | {100 * v['rel_loss_vs_fp32']:+.2f}% ({100 * lo:+.2f}% to {100 * hi:+.2f}%) | "
-                   f"{v['token_acc']:.3f} | {stt_s} | {v['tokens_per_s']:.0f} +-{100 * v.get('tokens_per_s_spread', 0):.0f}% | "
-                   f"{v['seconds']:.1f} s |")
-    fp32 = r["runs"].get("fp32", {})
-    if "final_loss_spread" in fp32:
-        out += ["", f"FP32's final loss itself spans {100 * fp32['final_loss_spread']:.1f}% of its median across the seeds: "
-                "read the paired differences against that run-to-run variation. "
-                "BF16 on this CPU is slower than FP32 (no native bf16 matrix units; autocast adds casts); FP8 here is an "
-                "emulation (quantise, dequantise, FP32 GEMM), so its time says nothing about FP8 hardware (see the GPU section)."]
+        rs = v["seeds"]
+        med = {key: Timing(key, [x[key] for x in rs]) for key in ("final_loss", "token_acc", "seconds", "tokens_per_s")}
+        rel = Timing("rel", [(x["final_loss"] - b["final_loss"]) / b["final_loss"] for x, b in zip(rs, base)])
+        stt = ", ".join(str(x["steps_to_target"]) if x["steps_to_target"] else "not reached" for x in rs)
+        out.append(f"| {k} | {med['final_loss'].median:.4f} | {100 * rel.median:+.2f}% ({100 * min(rel.runs):+.2f}% to "
+                   f"{100 * max(rel.runs):+.2f}%) | {med['token_acc'].median:.3f} | {stt} | {med['tokens_per_s'].median:.0f} "
+                   f"+-{100 * med['tokens_per_s'].spread:.0f}% | {med['seconds'].median:.1f} s |")
+    losses = [x["final_loss"] for x in base]
+    out += ["", f"FP32's final loss itself spans {100 * (max(losses) - min(losses)) / Timing('fp32', losses).median:.1f}% "
+            "of its median across the seeds: read the paired differences against that run-to-run variation. "
+            "BF16 on this CPU is slower than FP32 (no native bf16 matrix units; autocast adds casts); FP8 here is an "
+            "emulation (quantise, dequantise, FP32 GEMM), so its time says nothing about FP8 hardware (see the GPU section)."]
     return out
 
 
