@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,11 @@ def demo_run(tmp_path_factory) -> dict:
 
 def load_nb(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: compare files by digest, never by content (see pytest_assertrepr_compare)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def graded_cells(nb: dict) -> list[dict]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, file_digest
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("check")]
 SECTION = "01_foundations"
@@ -18,16 +17,12 @@ def _make_check(nb, *extra):
     return proc.stdout
 
 
-def _digest(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_check_full_marks_for_solution_and_input_untouched(tmp_path):
     nb = tmp_path / "my_work.ipynb"  # a name that says nothing: the section is inferred from its graded cells
     nb.write_bytes((ROOT / "solutions" / SECTION / f"{SECTION}.ipynb").read_bytes())
-    before = _digest(nb)
+    before = file_digest(nb)
     out = _make_check(nb)
-    assert _digest(nb) == before, "make check modified the learner's notebook"
+    assert file_digest(nb) == before, "make check modified the learner's notebook"
     head = next(line for line in out.splitlines() if line.startswith(f"{SECTION} / self:"))
     got, total = head.split(":")[1].split("points")[0].split("/")
     assert float(got) == float(total) > 0, out
@@ -38,8 +33,8 @@ def test_check_full_marks_for_solution_and_input_untouched(tmp_path):
 def test_check_zero_for_blank_with_messages(tmp_path):
     nb = tmp_path / f"{SECTION}.ipynb"
     nb.write_bytes((ROOT / "release" / SECTION / f"{SECTION}.ipynb").read_bytes())
-    before = _digest(nb)
+    before = file_digest(nb)
     out = _make_check(nb, f"SECTION={SECTION}")
-    assert _digest(nb) == before
+    assert file_digest(nb) == before
     assert f"{SECTION} / self: 0 /" in out, out
     assert "NotImplementedError" in out, "failed tests should show their messages"

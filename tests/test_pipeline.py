@@ -9,11 +9,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import course
 import pytest
-from conftest import ROOT, graded_cells, load_nb, section_names
+from conftest import ROOT, file_digest, graded_cells, load_nb, section_names
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.xdist_group("pipeline")]
 SECTIONS = section_names()
@@ -86,13 +84,10 @@ def test_committed_release_equals_fresh_generation(demo_run, section):
     fresh_path = demo_run["root"] / "release" / section / f"{section}.ipynb"
     committed_path = ROOT / "release" / section / f"{section}.ipynb"
     # Compare digests, never the bytes: pytest's diff of two large notebooks can run for many minutes.
-    if _sha(fresh_path) == _sha(committed_path):
+    if file_digest(fresh_path) == file_digest(committed_path):
         return
     fresh, committed = load_nb(fresh_path)["cells"], load_nb(committed_path)["cells"]
     first = next((i for i, (a, b) in enumerate(zip(fresh, committed)) if a != b), min(len(fresh), len(committed)))
     pytest.fail(f"release/{section} is stale (first difference at cell {first}; {len(fresh)} vs {len(committed)} cells): "
                 "run `make release` and commit it")
 
-
-def _sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

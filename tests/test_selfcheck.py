@@ -4,7 +4,6 @@ cells, and never touches the learner's file."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import subprocess
 
@@ -12,7 +11,7 @@ import course
 import grading_corpus as gc
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import ROOT, file_digest
 
 from course_lib.grading import CellScore, NotebookScore
 
@@ -46,11 +45,11 @@ def test_check_copes_with_moved_and_extra_cells_and_shows_hidden_messages(tmp_pa
     good = course.partial_notebook(copy.deepcopy(release), source, 1.0)
     gc.reordered_extra_cells(tmp_path / "moved", gc.wrong_sdpa(good), release)
     nb = tmp_path / "moved" / f"{gc.SECTION}.ipynb"
-    before = hashlib.sha256(nb.read_bytes()).hexdigest()
+    before = file_digest(nb)
     proc = subprocess.run(["make", "-s", "-C", str(ROOT), "check", f"NB={nb}"], capture_output=True, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert hashlib.sha256(nb.read_bytes()).hexdigest() == before, "make check modified the learner's notebook"
+    assert file_digest(nb) == before, "make check modified the learner's notebook"
     assert f"{gc.SECTION} / self: 25 / 31 points" in out, out
     assert "[FAIL] 01_1_sdpa" in out and "[ok  ] 01_4_decode" in out and "[ok  ] 01_1_kv_cache" in out
     assert "hidden test test_01_1_sdpa_hidden: AssertionError:" in out, "the failed hidden test's message is shown"
