@@ -34,7 +34,7 @@ c.GenerateSolution.preprocessors = [
     "nbgrader.preprocessors.LockCells",
     "nbgrader.preprocessors.ClearOutput",
     "nbgrader.preprocessors.ClearHiddenTests",
-    "course_lib.grading.StripSolutionMarkers",
+    "course_judge.preprocessors.StripSolutionMarkers",
     "nbgrader.preprocessors.Execute",
 ]
 
@@ -53,25 +53,23 @@ c.Execute.iopub_timeout = 20
 c.Execute.extra_arguments = []
 c.CourseExecute.notebook_timeout = int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200))
 
-# Autograde with the course's safety net (course_lib/grading.py, course_lib/sandbox.py, course_lib/guard.py):
-# course cells restored to the release (deleted, moved, edited or duplicated ones), a guard before every
-# graded test, student code in a bubblewrap sandbox with limits, scores that ignore stderr noise.
+# Autograde through the course's judge (course_judge/): course cells restored to the release (deleted, moved,
+# edited or duplicated ones), student code in a bubblewrap sandbox with limits, and every graded cell scored by
+# the judge module of its exercise, run here in the grader against the learner's objects (never in the kernel).
 c.Autograde.sanitize_preprocessors = [
     "nbgrader.preprocessors.ClearOutput",
-    "course_lib.grading.RestoreSourceCells",
+    "course_judge.preprocessors.RestoreSourceCells",
     "nbgrader.preprocessors.DeduplicateIds",
     "nbgrader.preprocessors.OverwriteKernelspec",
     "nbgrader.preprocessors.OverwriteCells",
     "nbgrader.preprocessors.CheckCellMetadata",
-    "course_lib.grading.GuardTestCells",
 ]
 c.Autograde.autograde_preprocessors = [
-    "course_lib.grading.CourseExecute",
-    "course_lib.grading.AuditGuards",
+    "course_judge.preprocessors.CourseExecute",
     "nbgrader.preprocessors.IgnorePattern",
     "nbconvert.preprocessors.ClearMetadataPreprocessor",
     "nbgrader.preprocessors.LimitOutput",
-    "course_lib.grading.CourseSaveAutoGrades",
+    "course_judge.preprocessors.CourseSaveAutoGrades",
     "nbgrader.preprocessors.AssignLatePenalties",
     "nbgrader.preprocessors.CheckCellMetadata",
 ]
@@ -85,13 +83,8 @@ c.FileNameCollectorPlugin.named_regexp = r"^.*/(?P<student_id>[^/_]+)_(?:LATE_|l
 c.IgnorePattern.enabled = True
 c.IgnorePattern.pattern = r"Warning|warnings\.warn|\d+%\|"
 
-# Feedback handed to students hides hidden test source unless an instructor opts in.
+# Feedback: the autograded notebook with the judge's report at each graded cell (no hidden test exists to hide).
 c.GenerateFeedback.preprocessors = [
-    "nbgrader.preprocessors.GetGrades",
-    "course_lib.grading.HideHiddenTests",
-    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
-    "nbgrader.preprocessors.ClearHiddenTests",
-] if os.environ.get("COURSE_FEEDBACK_SHOW_HIDDEN") != "1" else [
     "nbgrader.preprocessors.GetGrades",
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
 ]

@@ -100,6 +100,13 @@ def assert_close(
         raise AssertionError(_with_hint(f"{name} has dtype {actual.dtype}, expected {expected.dtype}", hint))
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
+    bad = ~torch.isfinite(a) & torch.isfinite(e)
+    if bool(bad.any()):  # non-finite values first: their cause is never the hint about values
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(
+            f"{name} has {int(bad.sum())} NaN/inf entries where finite values are expected (first at index {first})\n"
+            "  likely cause: a row whose every entry is masked (softmax over only -inf), a division by zero, "
+            "or an overflow: check masks and denominators first")
     both_nan = torch.isnan(a) & torch.isnan(e)
     ok = ((a - e).abs() <= atol + rtol * e.abs()) | both_nan
     ok &= ~(torch.isinf(a) ^ torch.isinf(e)) | both_nan

@@ -74,7 +74,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False):
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_sdpa points=2]
+# %% [test id=test_01_1_sdpa points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): output and weights against torch in float64 (several shapes), causal with S > T, boolean masks, the 1/sqrt(d) scale.
 from course_lib.testing import assert_close, assert_shape
 
 torch.manual_seed(0)
@@ -90,41 +91,6 @@ _out_c, _ = scaled_dot_product_attention(_q, _k, _v, is_causal=True)
 assert_close(_out_c, F.scaled_dot_product_attention(_q, _k, _v, is_causal=True), atol=1e-5, name="causal output",
              hint="query t may only see keys 0..t: mask the upper triangle with -inf before the softmax")
 print("scaled_dot_product_attention: visible tests passed")
-
-# %% [test id=test_01_1_sdpa_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import math as _m
-import torch as _t
-import torch.nn.functional as _F
-from course_lib.testing import assert_close as _close, assert_true as _true
-
-_g = _t.Generator().manual_seed(11)
-for (_B, _H, _T, _S, _d, _dv) in [(1, 1, 1, 1, 1, 1), (3, 2, 7, 7, 16, 5), (2, 4, 3, 9, 32, 32)]:
-    _q = _t.randn(_B, _H, _T, _d, generator=_g, dtype=_t.float64)
-    _k = _t.randn(_B, _H, _S, _d, generator=_g, dtype=_t.float64)
-    _v = _t.randn(_B, _H, _S, _dv, generator=_g, dtype=_t.float64)
-    _o, _w = scaled_dot_product_attention(_q, _k, _v)
-    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v), atol=1e-10, name=f"output B{_B} H{_H} T{_T} S{_S} d{_d}",
-           hint="scale by 1/sqrt(d) where d is the query/key size (not the value size)")
-    # causal with S > T: the T queries are the last T positions of the S keys (decoding with a cache)
-    _o, _w = scaled_dot_product_attention(_q, _k, _v, is_causal=True)
-    _ref_mask = _t.ones(_T, _S, dtype=_t.bool).tril(diagonal=_S - _T)
-    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v, attn_mask=_ref_mask), atol=1e-10,
-           name=f"causal output T{_T} S{_S}", hint="with S > T the causal mask is tril(diagonal=S-T): queries sit at the end")
-    _true(bool((_w.masked_select(~_ref_mask) == 0).all()), "causal weights on future keys must be exactly 0")
-    # boolean mask, broadcast over batch and heads
-    _mask = _t.rand(_T, _S, generator=_g) > 0.3
-    _mask[:, 0] = True
-    _o, _w = scaled_dot_product_attention(_q, _k, _v, mask=_mask)
-    _close(_o, _F.scaled_dot_product_attention(_q, _k, _v, attn_mask=_mask), atol=1e-10, name="masked output",
-           hint="True in the mask means 'may attend'; fill the False entries with -inf before the softmax")
-# scale: a wrong scale is visible with large d
-_q = _t.randn(1, 1, 4, 64, generator=_g, dtype=_t.float64)
-_o, _w = scaled_dot_product_attention(_q, _q, _q)
-_ref = _t.softmax(_q @ _q.transpose(-2, -1) / _m.sqrt(64), -1)
-_close(_w, _ref, atol=1e-10, name="weights with d=64", hint="the scale is 1/sqrt(d), not 1/d and not missing")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint:** your attention matches `torch.nn.functional.scaled_dot_product_attention`, masks included.
@@ -151,23 +117,11 @@ def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_e
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_kv_cache points=1]
+# %% [test id=test_01_1_kv_cache points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): the factor 2 for K and V, every argument, the defaults (batch 1, bf16).
 assert kv_cache_bytes(1, 1, 1, 1, 1, 1) == 2, "one layer, one head of size 1, one token: a key and a value"
 assert kv_cache_bytes(2, 4, 8, 10, 1, 2) == 2 * 2 * 4 * 8 * 10 * 2
 print("kv_cache_bytes: visible tests passed")
-
-# %% [test id=test_01_1_kv_cache_hidden points=2]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-from course_lib.testing import assert_true as _true
-
-for (_L, _H, _D, _T, _B, _e) in [(61, 128, 128, 1, 1, 2), (32, 8, 128, 4096, 4, 2), (3, 5, 7, 11, 13, 1)]:
-    _want = _L * _H * _D * _T * _B * _e * 2
-    _got = kv_cache_bytes(_L, _H, _D, _T, _B, _e)
-    _true(_got == _want, f"kv_cache_bytes({_L}, {_H}, {_D}, {_T}, {_B}, {_e}) = {_got}, expected {_want}",
-          hint="2 (K and V) x layers x kv heads x head dim x tokens x batch x bytes per element")
-_true(kv_cache_bytes(61, 128, 128, 1) == 61 * 2 * 128 * 128 * 2, "defaults: batch=1, bytes_per_elem=2 (bf16)")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint:** a DeepSeek-V3-sized MHA (61 layers, 128 heads of 128) would cache
@@ -246,7 +200,8 @@ def effective_rank(W, energy=0.9):
     ### END SOLUTION
 
 
-# %% [test id=test_01_2_low_rank points=2]
+# %% [test id=test_01_2_low_rank points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): factor shapes, the Eckart–Young error for ranks 0 .. min(m, n), optimality, B's orthonormal rows, energy, effective rank.
 from course_lib.testing import assert_close, assert_shape
 
 torch.manual_seed(0)
@@ -259,46 +214,6 @@ assert abs(torch.linalg.norm(_W - _A @ _B) - _S[4:].norm()) < 1e-9, "the error s
 assert abs(energy_kept(_S, 9) - 1.0) < 1e-12, "all singular values keep all the energy"
 assert effective_rank(torch.eye(10, dtype=torch.float64), 0.9) == 9, "identity: every direction holds 10% of the energy"
 print("low-rank: visible tests passed")
-
-# %% [test id=test_01_2_low_rank_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import torch as _t
-from course_lib.testing import assert_close as _close, assert_true as _true
-
-_g = _t.Generator().manual_seed(5)
-for (_rows, _n, _r) in [(20, 7, 3), (5, 30, 5), (16, 16, 0), (8, 6, 6)]:
-    _W = _t.randn(_rows, _n, generator=_g, dtype=_t.float64)
-    _A, _B = low_rank_factors(_W, _r)
-    _true(tuple(_A.shape) == (_rows, _r) and tuple(_B.shape) == (_r, _n),
-          f"shapes for W {(_rows, _n)}, r={_r}: got A {tuple(_A.shape)}, B {tuple(_B.shape)}")
-    _S = _t.linalg.svdvals(_W)
-    _err = float(_t.linalg.norm(_W - _A @ _B))
-    _true(abs(_err - float(_S[_r:].norm())) < 1e-9, f"rank-{_r} error {_err:.6g} != Eckart-Young bound {float(_S[_r:].norm()):.6g}",
-          hint="keep the LARGEST r singular values (svd returns them in descending order)")
-    # optimality: beats a random rank-r projection of the same size
-    if 0 < _r < min(_rows, _n):
-        _P = _t.linalg.qr(_t.randn(_n, _r, generator=_g, dtype=_t.float64))[0]
-        _true(_err <= float(_t.linalg.norm(_W - _W @ _P @ _P.T)) + 1e-12, "a random projection beat your factors")
-    # B must have orthonormal rows (it is V_r^T): the compression loses no scale information
-    if _r:
-        _close(_B @ _B.T, _t.eye(_r, dtype=_t.float64), atol=1e-9, name="B B^T",
-               hint="B is V_r^T (orthonormal rows); the singular values belong in A")
-    _S = _t.linalg.svdvals(_W)
-    _want = float((_S[:_r] ** 2).sum() / (_S**2).sum())
-    _true(abs(energy_kept(_S, _r) - _want) < 1e-12, f"energy_kept(S, {_r}) = {energy_kept(_S, _r)}, expected {_want}",
-          hint="use squared singular values (energy), not the singular values themselves")
-# effective rank on a matrix with a known spectrum
-_U = _t.linalg.qr(_t.randn(30, 30, generator=_g, dtype=_t.float64))[0]
-_V = _t.linalg.qr(_t.randn(20, 20, generator=_g, dtype=_t.float64))[0]
-_s = _t.tensor([10.0, 5.0, 2.0, 1.0] + [0.1] * 16, dtype=_t.float64)
-_W = _U[:, :20] @ _t.diag(_s) @ _V.T
-_cum = _t.cumsum(_s**2, 0) / (_s**2).sum()
-for _e in (0.5, 0.8, 0.95, 0.99, 1.0):
-    _want = int((_cum < _e - 1e-12).sum()) + 1
-    _true(effective_rank(_W, _e) == _want, f"effective_rank at energy {_e}: got {effective_rank(_W, _e)}, expected {_want}",
-          hint="the smallest r with cumulative energy >= threshold (ranks start at 1)")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint:** your factors reach the Eckart–Young error exactly; no other rank-$r$ matrix does better.
@@ -445,7 +360,8 @@ def max_violation(load):
     ### END SOLUTION
 
 
-# %% [test id=test_01_3_gating points=2]
+# %% [test id=test_01_3_gating points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): chosen experts against sorting, softmax weights not renormalised, sigmoid weights renormalised, int64 indices, loads, MaxVio.
 from course_lib.testing import assert_close, assert_shape
 
 _logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
@@ -458,38 +374,6 @@ assert_close(_w.sum(-1), torch.ones(1), atol=1e-6, name="sigmoid weights sum", h
 assert expert_load(torch.tensor([[0, 2], [2, 3]]), 5).tolist() == [1, 0, 2, 1, 0]
 assert abs(max_violation(torch.tensor([2, 2, 2, 2])) - 0.0) < 1e-12
 print("gating: visible tests passed")
-
-# %% [test id=test_01_3_gating_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import torch as _t
-from course_lib.testing import assert_close as _close, assert_true as _true
-
-_g = _t.Generator().manual_seed(3)
-for (_T, _N, _k) in [(1, 2, 1), (17, 8, 2), (64, 32, 6)]:
-    _lg = _t.randn(_T, _N, generator=_g, dtype=_t.float64) * 2
-    # independent oracle: sort every row
-    _p = _t.softmax(_lg, -1)
-    _order = _t.argsort(_p, dim=-1, descending=True)[:, :_k]
-    _w, _i = topk_gating(_lg, _k, "softmax")
-    _true(_t.equal(_i, _order), f"softmax gating chose the wrong experts (T={_T}, N={_N}, k={_k})")
-    _close(_w, _t.gather(_p, 1, _order), atol=1e-12, name="softmax gating weights",
-           hint="softmax over ALL experts first, then keep the top-k probabilities without renormalising")
-    _s = _t.sigmoid(_lg)
-    _w, _i = topk_gating(_lg, _k, "sigmoid")
-    _true(_t.equal(_i, _order), "sigmoid gating chose different experts than sorting the scores")
-    _ws = _t.gather(_s, 1, _order)
-    _close(_w, _ws / _ws.sum(-1, keepdim=True), atol=1e-12, name="sigmoid gating weights",
-           hint="sigmoid scores of the chosen experts divided by their sum (not a softmax)")
-    _true(_i.dtype == _t.int64, f"indices should be int64, got {_i.dtype}")
-    _load = expert_load(_i, _N)
-    _want = _t.tensor([int((_i == e).sum()) for e in range(_N)])
-    _true(_t.equal(_load.to(_t.int64), _want), f"expert_load: got {_load.tolist()}, expected {_want.tolist()}",
-          hint="count every (token, slot) pair; experts nobody chose still get a 0 (minlength)")
-_true(abs(max_violation(_t.tensor([4, 0, 0, 0])) - 3.0) < 1e-12, "MaxVio of [4,0,0,0] is 4/1 - 1 = 3")
-_true(abs(max_violation(_t.tensor([3, 1])) - 0.5) < 1e-12, "MaxVio of [3,1] is 3/2 - 1 = 0.5",
-      hint="max load divided by the MEAN load, minus 1")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint:** softmax gating keeps the top-k probabilities; sigmoid gating renormalises the chosen scores.
@@ -582,39 +466,14 @@ def fp8_limits(fmt="e4m3"):
     ### END SOLUTION
 
 
-# %% [test id=test_01_4_decode points=2]
+# %% [test id=test_01_4_decode points=7]
+# Checks you can run now. When graded, the judge runs these and more (7 points): all 256 codes of E4M3 and E5M2 against torch's float8 dtypes, NaN/inf rules, subnormals, max / min normal / min subnormal.
 assert decode_fp8(0b0_0111_000, "e4m3") == 1.0, "exponent 7 = bias, mantissa 0: 1.0"
 assert decode_fp8(0b1_1000_100, "e4m3") == -3.0, "sign 1, 2^(8-7) x 1.5"
 assert decode_fp8(0b0_0000_001, "e4m3") == 2.0**-9, "the smallest subnormal of E4M3 is 2^-9"
 assert decode_fp8(0b0_01111_00, "e5m2") == 1.0
 assert fp8_limits("e4m3")[0] == 448.0, "E4M3's largest finite value"
 print("decode_fp8: visible tests passed")
-
-# %% [test id=test_01_4_decode_hidden points=5]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import math as _m
-import torch as _t
-from course_lib.testing import assert_true as _true
-
-# every code of both formats against torch's own float8 dtypes
-for _fmt, _dt in (("e4m3", _t.float8_e4m3fn), ("e5m2", _t.float8_e5m2)):
-    _ref = _t.arange(256, dtype=_t.int64).to(_t.uint8).view(_dt).to(_t.float64).tolist()
-    for _c in range(256):
-        _got = decode_fp8(_c, _fmt)
-        _want = _ref[_c]
-        _ok = (_m.isnan(_got) and _m.isnan(_want)) or _got == _want
-        _true(_ok, f"{_fmt} code {_c:#010b}: decoded {_got}, torch says {_want}",
-              hint=("exponent 0 is subnormal: 2^(1-bias) x m/2^M (no implicit 1)" if (_c >> (3 if _fmt == "e4m3" else 2)) & (15 if _fmt == "e4m3" else 31) == 0
-                    else "E4M3 (fn) has no infinity: exponent 1111 holds normal numbers except mantissa 111 (NaN)" if _fmt == "e4m3"
-                    else "E5M2: exponent 11111 with mantissa 0 is inf, otherwise NaN"))
-for _fmt, _dt in (("e4m3", _t.float8_e4m3fn), ("e5m2", _t.float8_e5m2)):
-    _fi = _t.finfo(_dt)
-    _mx, _mn, _sub = fp8_limits(_fmt)
-    _true(_mx == _fi.max, f"{_fmt} max: got {_mx}, expected {_fi.max}")
-    _true(_mn == _fi.smallest_normal, f"{_fmt} min normal: got {_mn}, expected {_fi.smallest_normal}")
-    _true(_sub == _fi.smallest_normal * _fi.eps, f"{_fmt} min subnormal: got {_sub}, expected {_fi.smallest_normal * _fi.eps}")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint:** you decode all 256 codes of both formats exactly as PyTorch does.
@@ -696,19 +555,11 @@ ANSWER_Q4 = "c"
 ANSWER_Q5 = "b"
 ### END SOLUTION
 
-# %% [test id=test_01_quiz points=0.5]
+# %% [test id=test_01_quiz points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): each answer is one letter; 0.5 points per correct answer, 0.5 for well-formed answers.
 for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
-
-# %% [test id=test_01_quiz_hidden points=2.5]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-_key = {1: "b", 2: "b", 3: "c", 4: "c", 5: "b"}
-_given = {1: ANSWER_Q1, 2: ANSWER_Q2, 3: ANSWER_Q3, 4: ANSWER_Q4, 5: ANSWER_Q5}
-_wrong = [q for q in _key if _given[q] != _key[q]]
-assert not _wrong, f"quiz questions answered incorrectly: {_wrong}"
-### END HIDDEN TESTS
 
 # %% [markdown]
 # ## Summary

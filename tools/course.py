@@ -14,7 +14,8 @@
 
 Every nbgrader step runs as a subprocess of the real ``nbgrader`` command with the course's
 ``nbgrader_config.py``; work on temporary copies never touches the instructor's gradebook. Student code
-runs sandboxed (``course_lib/sandbox.py``; ``COURSE_SANDBOX=off|auto|require``).
+runs sandboxed (``course_judge/sandbox.py``; ``COURSE_SANDBOX=off|auto|require``); every graded cell is scored by
+the judge (``course_judge/``), which runs in the grader and drives the learner's objects from outside the kernel.
 """
 
 from __future__ import annotations
@@ -37,16 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.grading import (  # noqa: E402
-    BEGIN_SOLUTION,
-    END_SOLUTION,
-    CellScore,
+from course_judge import static  # noqa: E402
+from course_judge.preprocessors import BEGIN_SOLUTION, END_SOLUTION  # noqa: E402
+from course_judge.scores import (  # noqa: E402
     NotebookScore,
-    error_messages,
     exercise_of,
     nbgrader_cli,
     read_scores,
-    stdout_of,
+    verdicts_from_diagnoses,
 )
 
 COURSE_ID = "deepseek-v3-from-scratch"
@@ -180,31 +179,10 @@ ATTENTION = {  # diagnosis kind -> counts as "needs attention" in the summary
     "missing_notebook", "broken_notebook", "renamed", "several_notebooks", "wrong_notebook", "grading_failed",
     "kernel_stopped", "notebook_timeout", "cell_timeout", "memory", "output_flood", "tamper", "restored", "suspicious",
     "edited_locked", "deleted_restored", "deleted_exercise", "duplicated", "unknown_cells", "shadow_package",
-    "unsandboxed", "stderr", "invalid_student",
+    "unsandboxed", "stderr", "invalid_student", "reference_use", "inconclusive",
 }
-REVIEW = {"tamper", "suspicious", "grading_failed", "invalid_student"}  # a person should look at these
-
-# Constructs that have no business in a learner's answer cells: flagged for a person to review, never penalised.
-SUSPICIOUS_MODULES = {
-    "threading": "starts threads", "_thread": "starts threads", "multiprocessing": "starts processes",
-    "asyncio": "schedules background tasks", "signal": "handles signals", "socket": "opens network connections",
-    "urllib": "opens network connections", "requests": "opens network connections", "http": "opens network connections",
-    "ftplib": "opens network connections", "smtplib": "opens network connections", "subprocess": "runs programs",
-    "pty": "runs programs", "ctypes": "calls C directly", "gc": "walks the interpreter's objects",
-    "inspect": "inspects frames", "builtins": "touches builtins", "importlib": "re-imports modules",
-    "IPython": "talks to IPython", "ipykernel": "talks to the kernel", "nbgrader": "imports the grader",
-}
-SUSPICIOUS_CODE = [
-    (re.compile(r"^get_ipython$|^__import__$|^__builtins__"), "talks to IPython or the import system"),
-    (re.compile(r"input_transformers|ast_transformers|set_custom_exc|events\.register|displayhook|excepthook|"
-                r"showtraceback|run_cell|shell_handlers|iopub|\.session\b"), "hooks the kernel's cell execution"),
-    (re.compile(r"^sys\.(settrace|setprofile|addaudithook|modules|meta_path|path_hooks|_getframe|prefix|stdout|stderr|__stdout__)"),
-     "changes interpreter internals"),
-    (re.compile(r"^os\.(system|popen|exec\w*|spawn\w*|fork\w*|_exit|kill\w*)$"), "runs or stops processes"),
-    (re.compile(r"__code__|__globals__|f_globals|f_locals|f_back|tb_frame|__closure__"), "reaches into frames or code objects"),
-]
-PATCHABLE_ROOTS = {"course_lib", "torch", "F", "np", "numpy", "math", "nn", "plt"}
-GRADER_PATHS = re.compile(r"gradebook|(^|/)(source|solutions|release|autograded|submitted|feedback)(/|$)|\.\./|^/(?!tmp\b)\w+/")
+REVIEW = {"tamper", "suspicious", "grading_failed", "invalid_student", "reference_use"}  # a person should look at these
+QUIET = {"verdict", "timing"}  # grader records, not diagnoses
 
 @dataclass
 class GradeRun:
@@ -227,6 +205,8 @@ class Record:
     score: float = 0.0
     max_score: float = 0.0
     cells: dict = field(default_factory=dict)  # grade_id -> [score, max, message]
+    parts: dict = field(default_factory=dict)  # grade_id -> [[part name, points, passed], ...] (the judge's verdict)
+    timing: dict = field(default_factory=dict)  # execution_s, kernel_start_s, judge_s, channel_s, judge_calls
     diagnoses: list = field(default_factory=list)  # {"kind", "detail", ...}
     seconds: float = 0.0
     notebook_seconds: float | None = None
@@ -234,6 +214,7 @@ class Record:
     graded_at: str = ""
     skipped: bool = False
     log: str = ""
+    verdicts: dict = field(default_factory=dict, repr=False)  # grade_id -> course_judge.verdict.Verdict (not saved)
 
     @property
     def attention(self) -> list[dict]:
@@ -259,20 +240,10 @@ def submissions(root: Path, students: list[str] | None = None, names: list[str] 
     return out
 
 
-def timing_file(root: Path, student: str, a: str) -> Path:
-    return root / "autograded" / ".timing" / f"{student}__{a}.json"
-
-
 def execution_seconds(root: Path, student: str, a: str) -> float | None:
-    """Seconds from the setup cell to the last cell of the latest grading run (None if unknown)."""
-    path = timing_file(root, student, a)
-    if not path.exists():
-        return None
-    try:
-        t = json.loads(path.read_text())
-        return float(t["end"]) - float(t["start"])
-    except (ValueError, KeyError, TypeError):  # written inside the sandbox: never trusted blindly
-        return None
+    """Seconds from the first cell to the last of the latest grading run, judge included (the grader's clock)."""
+    rec = load_record(root, student, a)
+    return rec.notebook_seconds if rec else None
 
 
 def _state_path(root: Path, student: str, a: str) -> Path:
@@ -294,7 +265,7 @@ def save_record(root: Path, rec: Record) -> None:
     """Atomic: a crash leaves the previous state or the new one, never half of one."""
     p = _state_path(root, rec.student, rec.section)
     p.parent.mkdir(parents=True, exist_ok=True)
-    d = {k: getattr(rec, k) for k in Record.__dataclass_fields__ if k not in ("skipped", "log")}
+    d = {k: getattr(rec, k) for k in Record.__dataclass_fields__ if k not in ("skipped", "log", "verdicts")}
     tmp = p.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(json.dumps(d, indent=1))
     os.replace(tmp, p)
@@ -316,7 +287,7 @@ def submission_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-GRADING_CORE = ("__init__", "grading", "sandbox", "guard", "testing", "utils", "bench")
+GRADING_CORE = ("__init__", "testing", "utils", "bench", "agent", "wire")
 _LIB_FROM = re.compile(r"\bfrom\s+course_lib((?:\.\w+)*)\s+import\s+\(?([\w, ]+)")
 _LIB_REF = re.compile(r"\bcourse_lib((?:\.\w+)*)|^\s*from\s+(\.+\w*(?:\.\w+)*)\s+import", re.M)
 
@@ -360,6 +331,7 @@ def grading_fingerprint(root: Path, a: str) -> str:
         for g in _course_lib_files(f.read_text(), f) - files:
             files.add(g)
             todo.append(g)
+    files |= set((ROOT / "course_judge").rglob("*.py"))  # the judge decides every grade
     for f in sorted(files):
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
@@ -371,97 +343,6 @@ def _diag(kind: str, detail: str, **extra) -> dict:
 
 def graded_ids(nb: dict) -> set[str]:
     return {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in nb.get("cells", []) if isinstance(c, dict)} - {None}
-
-
-def scan_code(nb: dict, course_ids: set[str], course_names: set[str] = frozenset()) -> list[str]:
-    """Reasons to review a notebook: suspicious constructs in the learner's own code cells (not comments)."""
-    found: dict[str, str] = {}
-    for c in nb.get("cells", []):
-        if not isinstance(c, dict) or c.get("cell_type") != "code":
-            continue
-        meta = c.get("metadata", {}).get("nbgrader", {}) or {}
-        if meta.get("grade_id") in course_ids and meta.get("locked"):
-            continue  # the course's own cell (restored before grading anyway)
-        for why, what in _suspicious_in(_src(c), course_names):
-            found.setdefault(why, what)
-    return [f"{why} ({what})" for why, what in found.items()]
-
-
-def course_imported_names(nb: dict) -> set[str]:
-    """Names the course's locked cells import (torch, F, np, ...): tests rely on them."""
-    import ast
-
-    names: set[str] = set()
-    for c in nb.get("cells", []):
-        meta = c.get("metadata", {}).get("nbgrader", {}) or {} if isinstance(c, dict) else {}
-        if not isinstance(c, dict) or c.get("cell_type") != "code" or not meta.get("locked") or meta.get("grade"):
-            continue
-        try:
-            tree = ast.parse(_src(c))
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for alias in node.names:
-                    names.add(alias.asname or (alias.name.split(".")[0] if isinstance(node, ast.Import) else alias.name))
-    return names
-
-
-def _suspicious_in(src: str, course_names: set[str] = frozenset()) -> list[tuple[str, str]]:
-    import ast
-
-    code = "\n".join(ln for ln in src.split("\n") if not ln.lstrip().startswith(("%", "!")))
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return []  # it will not run either
-    hits: list[tuple[str, str]] = []
-    patchable = set(PATCHABLE_ROOTS) | set(course_names)
-    for node in ast.walk(tree):  # aliases of course or library modules count as those modules
-        if isinstance(node, ast.Import):
-            patchable |= {a.asname for a in node.names if a.asname and a.name.split(".")[0] in PATCHABLE_ROOTS | {"course_lib"}}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PATCHABLE_ROOTS | {"course_lib"}:
-            patchable |= {a.asname or a.name for a in node.names}
-    for node in tree.body:  # top-level rebinding of a name the course imported (F = my_fake)
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id in course_names:
-                hits.append(("rebinds a name the course's tests use", t.id))
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            mods = [n.name for n in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            for m in mods:
-                root = m.split(".")[0]
-                if root in SUSPICIOUS_MODULES:
-                    hits.append((SUSPICIOUS_MODULES[root], f"import {m}"))
-        elif isinstance(node, (ast.Attribute, ast.Name)):
-            dotted = ast.unparse(node)
-            for pat, why in SUSPICIOUS_CODE:
-                if pat.search(dotted):
-                    hits.append((why, dotted[:40]))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) < 300:
-            if GRADER_PATHS.search(node.value):
-                hits.append(("refers to the grader's files or absolute paths", repr(node.value[:40])))
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id in ("exec", "eval", "compile"):
-                hits.append(("runs code built at run time", node.func.id))
-            if node.func.id in ("setattr", "delattr") and node.args and _root_name(node.args[0]) in patchable:
-                hits.append(("replaces library or test-helper functions", ast.unparse(node)[:40]))
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-            targets = [node.target]
-        for t in targets:
-            if isinstance(t, ast.Attribute) and _root_name(t) in patchable and not ast.unparse(t).startswith("torch.backends"):
-                hits.append(("replaces library or test-helper functions", ast.unparse(t)[:40]))
-    return hits
-
-
-def _root_name(node) -> str | None:
-    import ast
-
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
 
 
 def _src(cell: dict) -> str:
@@ -555,14 +436,8 @@ def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
     ids = graded_ids(nb)
     if course_ids and not ids & course_ids:
         diags.append(_diag("wrong_notebook", f"{chosen} holds none of {a}'s cells (another section's notebook?)"))
-    source_nb = root / "source" / a / expected
     with _AST_LOCK:  # CPython 3.11's ast is not safe to use from two threads at once
-        names = course_imported_names(_load(release_nb)) if release_nb.exists() else set()
-        if source_nb.exists():
-            from course_lib.grading import solution_names
-
-            names -= solution_names(nbformat.read(source_nb, as_version=4))
-        flagged = scan_code(nb, course_ids, names)
+        flagged = static.scan(nb)
     if flagged:
         diags.append(_diag("suspicious", "review the code: " + "; ".join(flagged)))
     nbformat.write(nb, dest / expected)
@@ -607,7 +482,8 @@ def _die_with_parent() -> None:  # children die with the batch (a crashed batch 
 # nbgrader takes seconds to import; a fork server that has imported it once starts each grading
 # process (still one fresh process per submission) without paying that again.
 _PRELOAD = ["nbgrader.apps.nbgraderapp", "nbgrader.converters", "nbgrader.preprocessors", "nbclient", "nbconvert",
-            "jupyter_client.manager", "sqlalchemy", "nbformat", "course_lib.grading", "course_lib.sandbox"]
+            "jupyter_client.manager", "sqlalchemy", "nbformat", "torch", "course_judge.preprocessors", "course_judge.sandbox",
+            "course_judge.kernel", "course_judge.static", "copydetect"]
 _MP = None
 
 
@@ -694,7 +570,7 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
     old = load_record(root, student, a)
     graded_nb = root / "autograded" / student / a / f"{a}.ipynb"
     if (not force and old is not None and old.hash == h and old.fingerprint == fp and old.status in ("graded", "zero")
-            and (old.status == "zero" or graded_nb.exists())):
+            and (old.status == "zero" or graded_nb.exists()) and not any(d["kind"] == "inconclusive" for d in old.diagnoses)):
         old.skipped = True
         return old
     rec = Record(student, a, hash=h, fingerprint=fp)
@@ -710,25 +586,30 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
     diag_file = batch / "diag" / f"{student}__{a}.jsonl"
     diag_file.parent.mkdir(parents=True, exist_ok=True)
     diag_file.unlink(missing_ok=True)
-    tfile = timing_file(root, student, a)
-    tfile.parent.mkdir(parents=True, exist_ok=True)
-    tfile.unlink(missing_ok=True)
     if staged is None:
         zero_in_gradebook(root, student, a)
         rec.status = "zero"
     else:
-        env = {"COURSE_DIAG_FILE": str(diag_file), "COURSE_ROOT": str(root), "COURSE_TIMING_FILE": str(tfile),
+        env = {"COURSE_DIAG_FILE": str(diag_file), "COURSE_ROOT": str(root), "COURSE_SECTION": a,
                "COURSE_GRADER_LOCK": str(batch / "grader.lock")}
         limit = float(os.environ.get("COURSE_SUBMISSION_TIMEOUT", int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200)) + 300))
         rc, out = _run_autograde(root, student, a, env, limit)
         rec.log = out
         log = batch / "logs" / f"{student}__{a}.log"
+        records = []
         if diag_file.exists():
             for line in diag_file.read_text().splitlines():
                 try:
-                    rec.diagnoses.append(json.loads(line))
+                    records.append(json.loads(line))
                 except ValueError:
                     pass
+        rec.diagnoses += [d for d in records if d.get("kind") not in QUIET]
+        rec.verdicts = verdicts_from_diagnoses(records)
+        rec.timing = next((d for d in reversed(records) if d.get("kind") == "timing"), {})
+        rec.timing = {k: v for k, v in rec.timing.items() if k not in ("kind", "detail")}
+        if any(v.inconclusive for v in rec.verdicts.values()):
+            rec.diagnoses.append(_diag("inconclusive", "benchmark inconclusive on a busy machine (left ungraded): regrade "
+                                       "with `make autograde` (such submissions are never skipped)"))
         if rc == 0 and graded_nb.exists():
             rec.status = "graded"
         else:
@@ -739,7 +620,7 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
             rec.status = "failed"
     _fill_scores(root, rec)
     rec.seconds = time.perf_counter() - t0
-    rec.notebook_seconds = execution_seconds(root, student, a) if rec.status == "graded" else None
+    rec.notebook_seconds = rec.timing.get("execution_s") if rec.status == "graded" else None
     rec.sandboxed = not any(d["kind"] == "unsandboxed" for d in rec.diagnoses) if rec.status == "graded" else None
     rec.graded_at = time.strftime("%Y-%m-%d %H:%M:%S")
     save_record(root, rec)
@@ -747,15 +628,14 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
 
 
 def _fill_scores(root: Path, rec: Record) -> None:
-    sc = scores(root, rec.student, rec.section)
+    verdicts = getattr(rec, "verdicts", {})
+    sc = scores(root, rec.student, rec.section, {g: "\n".join(v.messages) for g, v in verdicts.items()})
     rec.cells = {c.grade_id: [c.score, c.max_score, c.message] for c in sc.cells}
+    rec.parts = {g: [[p.name, p.points, p.passed] for p in v.parts] for g, v in verdicts.items()}
     rec.score, rec.max_score = sc.score, sc.max_score
     graded_nb = root / "autograded" / rec.student / rec.section / f"{rec.section}.ipynb"
     if not graded_nb.exists():
         return
-    noisy = [g for g, (_, _, m) in rec.cells.items() if "wrote to stderr" in m]
-    if noisy:
-        rec.diagnoses.append(_diag("stderr", "graded cells wrote to stderr (not penalised): " + ", ".join(noisy)))
     mem = [g for g, (_, _, m) in rec.cells.items() if re.search(r"MemoryError|can't allocate memory|out of memory", m)]
     nb = _load(graded_nb)
     for i, c in enumerate(nb["cells"]):
@@ -815,7 +695,7 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
     """Grade every submission, continue past failures, skip unchanged ones; write grades.csv and the summary."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from course_lib.sandbox import sandbox_status, sweep_stale
+    from course_judge.sandbox import sandbox_status, sweep_stale
 
     sweep_stale()
     todo = [(s, a) for s, a in submissions(root, students, names) if (root / "source" / a).exists()]
@@ -876,9 +756,12 @@ def autograde(
             for r in batch(root, students, names, workers)]
 
 
-def scores(root: Path, student: str, a: str) -> NotebookScore:
+def scores(root: Path, student: str, a: str, messages: dict[str, str] | None = None) -> NotebookScore:
     db = f"sqlite:///{root / 'gradebook.db'}"
-    return read_scores(db, COURSE_ID, a, student, root / "autograded" / student / a / f"{a}.ipynb")
+    if messages is None:
+        rec = load_record(root, student, a)
+        messages = {g: c[2] for g, c in rec.cells.items()} if rec else {}
+    return read_scores(db, COURSE_ID, a, student, root / "autograded" / student / a / f"{a}.ipynb", messages)
 
 
 # ---------------------------------------------------------------- batch summary
@@ -897,18 +780,22 @@ def exercise_stats(records: list[Record]) -> dict[str, list[dict]]:
                     groups[exercise_of(gid)].append(gid)
         rows = []
         for ex, gids in groups.items():
-            vis = [g for g in gids if not g.endswith("_hidden")]
-            hid = [g for g in gids if g.endswith("_hidden")]
             n = len(recs)
 
             def passed(r: Record, ids: list[str]) -> bool:
                 return all(r.cells.get(g, [0, 1])[0] >= r.cells.get(g, [0, 1])[1] for g in ids)
 
+            def parts_passed(r: Record, visible: bool, gids: list[str] = gids) -> bool | None:
+                parts = [p for g in gids for p in r.parts.get(g, []) if str(p[0]).startswith("visible") == visible]
+                return all(p[2] for p in parts) if parts else None
+
+            vis = [parts_passed(r, True) for r in recs]
+            hid = [parts_passed(r, False) for r in recs]
             rows.append({
                 "exercise": ex, "points": sum(recs[0].cells.get(g, [0, 0])[1] for g in gids) if recs else 0, "n": n,
                 "full_marks": sum(passed(r, gids) for r in recs) / n if n else 0.0,
-                "visible_passed": sum(passed(r, vis) for r in recs) / n if n and vis else None,
-                "hidden_passed": sum(passed(r, hid) for r in recs) / n if n and hid else None,
+                "visible_passed": sum(bool(x) for x in vis) / n if n and any(x is not None for x in vis) else None,
+                "hidden_passed": sum(bool(x) for x in hid) / n if n and any(x is not None for x in hid) else None,
                 "mean_points": sum(sum(r.cells.get(g, [0, 0])[0] for g in gids) for r in recs) / n if n else 0.0,
             })
         out[a] = rows
@@ -940,7 +827,7 @@ def write_summary(root: Path, records: list[Record], wall: float, workers: int, 
         lines.append(f"| {a} | {len(rs)} | {sum(pct) / len(pct):.0f}% | {med:.0f}% | {pct[0]:.0f}% | {pct[-1]:.0f}% | {full} |")
     lines += ["", "## Per-exercise pass rates", ""]
     for a, rows in stats.items():
-        lines += [f"### {a}", "", "| exercise | points | full marks | visible tests passed | hidden tests passed | mean points |",
+        lines += [f"### {a}", "", "| exercise | points | full marks | visible checks passed | hidden checks passed | mean points |",
                   "|---|---|---|---|---|---|"]
         for row in rows:
             def pc(x):
@@ -1093,36 +980,36 @@ def infer_section(nb_path: Path) -> str:
 
 
 def print_report(sc: NotebookScore, seconds: float | None = None, rec: Record | None = None, root: Path | None = None) -> None:
-    """Points per exercise, the message of each failed test (hidden ones included), benchmarks, diagnoses."""
+    """Points per exercise, each part the judge checked with its message, timings, diagnoses."""
     head = f"{sc.section} / {sc.student}: {sc.score:g} / {sc.max_score:g} points"
     extra = [f"graded in {seconds:.0f} s" if seconds is not None else ""]
     if rec is not None and rec.sandboxed is not None:
         extra.append("sandboxed" if rec.sandboxed else "UNSANDBOXED")
     print(head + (f"  ({', '.join(e for e in extra if e)})" if any(extra) else ""))
-    groups: dict[str, list[CellScore]] = {}
+    verdicts = rec.verdicts if rec is not None else {}
     for c in sc.cells:
-        groups.setdefault(exercise_of(c.grade_id), []).append(c)
-    for ex, cells in groups.items():
-        got, mx = sum(c.score for c in cells), sum(c.max_score for c in cells)
-        mark = "ok  " if got >= mx else ("part" if got > 0 else "FAIL")
-        parts = "  ".join(f"{'hidden' if c.grade_id.endswith('_hidden') else 'visible'} {c.score:g}/{c.max_score:g}" for c in cells)
-        print(f"  [{mark}] {ex:<28} {got:g}/{mx:g}   ({parts})")
-        for c in cells:
+        mark = "ok  " if c.score >= c.max_score else ("part" if c.score > 0 else "FAIL")
+        v = verdicts.get(c.grade_id)
+        if v is not None and v.inconclusive:
+            mark = "??  "
+        print(f"  [{mark}] {exercise_of(c.grade_id):<28} {c.score:g}/{c.max_score:g}")
+        if v is None:
             if c.message and c.score < c.max_score:
-                kind = "hidden test" if c.grade_id.endswith("_hidden") else "test"
-                print(f"         {kind} {c.grade_id}: {c.message[:500]}")
-    graded_nb = (root / "autograded" / sc.student / sc.section / f"{sc.section}.ipynb") if root else None
-    if graded_nb is not None and graded_nb.exists():
-        outs = stdout_of(graded_nb)
-        bench = [c for c in sc.cells if c.grade_id.startswith("bench_")]
-        if bench:
-            print("  benchmarks:")
-            for c in bench:
-                text = " ".join(ln.strip() for ln in outs.get(c.grade_id, "").splitlines() if ln.strip())
-                status = "passed" if c.score >= c.max_score else "FAILED"
-                print(f"    {c.grade_id}: {status} ({c.score:g}/{c.max_score:g}) {text[:300]}")
-                if c.message and c.score < c.max_score:
-                    print(f"      {c.message[:300]}")
+                print(f"         {c.message[:500]}")
+            continue
+        if v.rejected:
+            print(f"         REFUSED: {v.rejected}")
+        for p in v.parts:
+            if not p.passed:
+                first, *rest = (p.message or "failed").splitlines()
+                print(f"         {'?' if p.passed is None else 'x'} {p.name} (0/{p.points:g}): {first[:400]}")
+                for ln in rest[:4]:
+                    print(f"             {ln[:400]}")
+    if rec is not None and rec.timing:
+        t = rec.timing
+        print(f"  timing: notebook {t.get('execution_s') or 0:.1f} s (judge {t.get('judge_s') or 0:.1f} s, "
+              f"{t.get('judge_calls', 0)} calls, channel {t.get('channel_s') or 0:.2f} s); "
+              f"kernel start {t.get('kernel_start_s') or 0:.1f} s")
     for p in sc.problems:
         print(f"  problem: {p}")
     if rec is not None:
@@ -1132,7 +1019,7 @@ def print_report(sc: NotebookScore, seconds: float | None = None, rec: Record | 
 
 def check(nb_path: Path, section: str | None = None) -> NotebookScore:
     """Grade one notebook against the hidden tests on a copy; print the report and the feedback path."""
-    from course_lib.sandbox import sandbox_status
+    from course_judge.sandbox import sandbox_status
 
     nb_path = nb_path.resolve()
     if not nb_path.exists():
@@ -1179,7 +1066,7 @@ def verify(a: str, keep: bool = False) -> int:
             rec = grade_submission(tmp, student, a, force=True)
             sc = scores(tmp, student, a)
             print_report(sc, rec.seconds, rec, tmp)
-            ex = execution_seconds(tmp, student, a)
+            ex = rec.notebook_seconds
             if ex is not None:
                 print(f"  notebook execution: {ex:.1f} s (budget 90 s)")
                 if ex > 90:
@@ -1193,13 +1080,6 @@ def verify(a: str, keep: bool = False) -> int:
             if student == "blank" and sc.score > 0:
                 status = 1
                 print("  !! the untouched release must score 0")
-            graded = tmp / "autograded" / student / a / f"{a}.ipynb"
-            if graded.exists():
-                errs = error_messages(graded)
-                noisy = [g for g, m in errs.items() if "wrote to stderr" in m]
-                if noisy and student == "reference":
-                    print("  !! graded cells wrote to stderr:", ", ".join(noisy))
-                    status = 1
             print()
         if keep:
             print(f"kept {tmp}")

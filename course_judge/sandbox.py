@@ -5,14 +5,18 @@ autograde and ``make check`` the course swaps in :class:`SandboxKernelManager` (
 ``nbgrader_config.py``), which starts every kernel as
 
     bwrap --unshare-net --unshare-pid --unshare-ipc --unshare-uts --die-with-parent --cap-drop ALL
-          --ro-bind <python, venv, /usr, a few /etc files, course_lib>   (read-only)
+          --ro-bind <python, venv, /usr, a few /etc files>   (read-only)
+          --ro-bind <the section's view of course_lib> <course_lib>
           --tmpfs /tmp --bind <private copy of the working folder> <working folder>
           -- python <set rlimits> -- python -P -m ipykernel_launcher -f <private connection file>
 
 so student code sees neither ``source/``, ``solutions/``, the gradebook, other submissions, feedback,
-nor the notebook file holding the hidden tests; it cannot reach any network (the kernel talks to the
-grader over IPC sockets in a private folder), and it runs under memory (address space), CPU-time,
-file-size and open-file limits. Whatever it writes goes to a throw-away copy.
+the judge (``course_judge/``) nor the submitted notebook; it cannot reach any network (the kernel
+talks to the grader over IPC sockets in a private folder), and it runs under memory (address space),
+CPU-time, file-size and open-file limits. Whatever it writes goes to a throw-away copy.
+
+The view of ``course_lib`` holds only what the section's own cells import (:func:`course_lib_view`):
+the modules that answer the section's exercises are not there, so a kernel cannot import its answers.
 
 Where bubblewrap is missing or cannot create namespaces, grading still works: the kernel runs with
 the same limits, private connection folder and working copy, but unsandboxed, and
@@ -37,7 +41,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+LIB_DIR = ROOT / "course_lib"
 
 # Variables the kernel may see; everything else in the grader's environment stays outside.
 _PASS_ENV = (
@@ -46,7 +51,7 @@ _PASS_ENV = (
 )
 # Course variables the kernel may see. Not the grader's own (COURSE_ROOT, COURSE_DIAG_FILE, COURSE_GRADER_LOCK,
 # COURSE_BENCH_LOCK: the grader holds the benchmark lock itself, see grading.CourseExecute).
-_PASS_COURSE = ("COURSE_TIMING_FILE", "COURSE_LIB_DIR", "COURSE_LIGHT", "COURSE_DEVICE", "COURSE_HEADLESS")
+_PASS_COURSE = ("COURSE_LIGHT", "COURSE_DEVICE", "COURSE_HEADLESS")
 _ETC = (
     "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf", "hosts",
     "host.conf", "fonts", "mime.types", "alternatives", "os-release",
@@ -177,7 +182,7 @@ def clean_env(env: dict[str, str], home: str = "/tmp/home") -> dict[str, str]:
 
 
 def bwrap_argv(cmd: list[str], *, workdir: Path, work_copy: Path, runtime: Path, env: dict[str, str],
-               writable_files: list[Path] = (), limits: Limits | None = None) -> list[str]:
+               lib_view: Path, limits: Limits | None = None) -> list[str]:
     """The full ``bwrap ... -- <limits> -- cmd`` command line."""
     limits = limits or Limits.from_env()
     argv = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -187,11 +192,8 @@ def bwrap_argv(cmd: list[str], *, workdir: Path, work_copy: Path, runtime: Path,
         argv += ["--dev-bind", str(dev), str(dev)]
     for root in _python_roots(cmd[0]):
         argv += ["--ro-bind", str(root), str(root)]
-    lib = Path(env.get("COURSE_LIB_DIR") or PACKAGE_DIR).resolve()
-    argv += ["--ro-bind", str(lib), str(lib)]
+    argv += ["--ro-bind", str(lib_view), str(LIB_DIR)]
     argv += ["--bind", str(runtime), str(runtime)]
-    for f in writable_files:
-        argv += ["--bind", str(f), str(f)]
     argv += ["--bind", str(work_copy), str(workdir), "--chdir", str(workdir), "--clearenv"]
     for k, v in sorted(env.items()):
         argv += ["--setenv", k, v]
@@ -224,6 +226,45 @@ def sweep_stale(tmp: str | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
             removed += 1
     return removed
+
+
+def course_lib_view(section: str | None, dest: Path, root: Path | None = None) -> list[str]:
+    """Copy into ``dest`` the course_lib files ``section``'s kernel may import; returns the module names.
+
+    Allowed: the import closure of the section's given, check and demo cells, minus every module that
+    holds (or imports) one of its answers (``course_judge.kernel_excludes`` and the judges' REFERENCE).
+    Without a known section, all of course_lib. Data files (recorded runs) always come along.
+    """
+    import json
+
+    import course_judge
+    from course_judge import static
+
+    dest.mkdir(parents=True, exist_ok=True)
+    src_nb = (root or ROOT) / "source" / str(section) / f"{section}.ipynb"
+    if section and src_nb.exists():
+        answers = set(course_judge.kernel_excludes(section))
+        for mod in course_judge.judges(section).values():
+            answers |= set(getattr(mod, "REFERENCE", ()))
+        allowed = static.kernel_modules(json.loads(src_nb.read_text())) - static.forbidden_modules(answers)
+    else:
+        allowed = {static._module_name(f) for f in LIB_DIR.rglob("*.py")}
+    for name in sorted(allowed):
+        f = static.module_file(name)
+        if f is None:
+            continue
+        out = dest / f.relative_to(LIB_DIR)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out)
+        for pyc in (f.parent / "__pycache__").glob(f"{f.stem}.*.pyc"):
+            (out.parent / "__pycache__").mkdir(exist_ok=True)
+            shutil.copy2(pyc, out.parent / "__pycache__" / pyc.name)
+    for data in LIB_DIR.rglob("*"):
+        if data.is_file() and data.suffix not in (".py", ".pyc") and "__pycache__" not in data.parts:
+            out = dest / data.relative_to(LIB_DIR)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data, out)
+    return sorted(allowed)
 
 
 try:
@@ -264,18 +305,18 @@ class SandboxKernelManager(AsyncKernelManager):
         work = private / "work"
         shutil.rmtree(work, ignore_errors=True)
         working_copy(workdir, work)
-        writable = [Path(env[k]) for k in ("COURSE_TIMING_FILE",) if env.get(k)]
-        for f in writable:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()
+        view = private / "lib" / "course_lib"
+        root = os.environ.get("COURSE_ROOT")
+        course_lib_view(os.environ.get("COURSE_SECTION"), view, Path(root) if root else None)
         if sandboxed:
-            cmd = bwrap_argv(cmd, workdir=workdir, work_copy=work, runtime=rt, env=env, writable_files=writable, limits=limits)
+            cmd = bwrap_argv(cmd, workdir=workdir, work_copy=work, runtime=rt, env=env, lib_view=view, limits=limits)
             kw["env"] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         else:
             cmd = [*limits.argv(cmd[0]), *cmd]
             home = private / "home"
             home.mkdir(exist_ok=True)
             env = clean_env(kw.get("env") or dict(os.environ), home=str(home))
+            env["PYTHONPATH"] = str(view.parent)  # the view, not the checkout (the judge lives there)
             kw["env"] = env
             kw["cwd"] = str(work)
         return cmd, kw

@@ -1,0 +1,39 @@
+"""Section 1's quiz: five multiple-choice answers, checked against the key held here."""
+
+from __future__ import annotations
+
+from course_judge.checks import assert_true
+from course_judge.local import Alternative, Mutant
+
+GRADE_ID = "test_01_quiz"
+POINTS = 3
+ANSWERS = ("quiz_01_answers",)
+SUMMARY = "each answer is one letter; 0.5 points per correct answer, 0.5 for well-formed answers"
+REFERENCE = ()
+KEY = {1: "b", 2: "b", 3: "c", 4: "c", 5: "b"}
+
+
+def judge(k, t):
+    given = {}
+    with t.part("answers are well-formed (one of 'a', 'b', 'c', 'd')", 0.5):
+        for q in KEY:
+            given[q] = k.get(k.g[f"ANSWER_Q{q}"])
+        for q, a in given.items():
+            assert_true(a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
+    for q, key in KEY.items():
+        with t.part(f"question {q}", 0.5):
+            a = given.get(q)
+            if a is None:
+                a = k.get(k.g[f"ANSWER_Q{q}"])
+            assert_true(a == key, f"question {q} is answered incorrectly", hint="reread the section it refers to")
+
+
+MUTANTS = [
+    Mutant("Q1 wrong", 'ANSWER_Q1 = "b"', 'ANSWER_Q1 = "a"', expect="question 1 is answered incorrectly"),
+    Mutant("Q3 wrong", 'ANSWER_Q3 = "c"', 'ANSWER_Q3 = "b"', expect="question 3 is answered incorrectly"),
+    Mutant("Q5 wrong", 'ANSWER_Q5 = "b"', 'ANSWER_Q5 = "d"', expect="question 5 is answered incorrectly"),
+    Mutant("upper-case letter", 'ANSWER_Q2 = "b"', 'ANSWER_Q2 = "B"', expect="must be one of"),
+    Mutant("answer missing", 'ANSWER_Q4 = "c"\n', "", expect="defines no 'ANSWER_Q4'"),
+]
+
+ALTERNATIVES = [Alternative("single quotes", 'ANSWER_Q1 = "b"', "ANSWER_Q1 = 'b'")]
