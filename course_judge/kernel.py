@@ -16,7 +16,7 @@ import queue
 import time
 
 from course_judge.session import CallTimeout, ChannelError, KernelGone
-from course_lib.agent import ENTRY, MIME
+from course_lib.agent import ENTRY, MIME, request_digest
 
 
 class KernelChannel:
@@ -40,23 +40,21 @@ class KernelChannel:
         kc = self.ex.kc
         code = ENTRY.format(payload=base64.b64encode(request).decode("ascii"))
         msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=False, stop_on_error=False)
-        reply, idle = await self._collect(msg_id, time.monotonic() + timeout)
+        reply, idle = await self._collect(msg_id, time.monotonic() + timeout, request_digest(request))
         if not idle:
             await self._interrupt(msg_id)
             raise CallTimeout(f"the call did not finish within {timeout:g} s (the kernel was interrupted)")
         await self._drain_shell(msg_id)
         if reply is None:
             raise ChannelError("the kernel did not answer the judge's request (is course_lib.agent intact?)")
-        if len(reply) > self.max_reply_bytes * 4 // 3 + 8:
+        if reply == b"":
             raise ChannelError(f"the kernel's answer is over {self.max_reply_bytes >> 20} MB")
-        try:
-            return base64.b64decode(reply, validate=True)
-        except (binascii.Error, ValueError):
-            raise ChannelError("the kernel's answer is not base64") from None
+        return reply
 
-    async def _collect(self, msg_id: str, deadline: float) -> tuple[str | None, bool]:
+    async def _collect(self, msg_id: str, deadline: float, digest: bytes = b"") -> tuple[bytes | None, bool]:
+        """The answer to ``msg_id`` (the first display message carrying ``digest``) and whether the kernel went idle."""
         kc = self.ex.kc
-        reply: str | None = None
+        reply: bytes | None = None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -71,10 +69,19 @@ class KernelChannel:
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             kind, content = msg.get("msg_type"), msg.get("content", {})
-            if kind in ("display_data", "execute_result") and reply is None:
+            if kind in ("display_data", "execute_result") and reply is None and digest:
                 data = content.get("data", {}).get(MIME)
-                if isinstance(data, str):
-                    reply = data
+                if not isinstance(data, str):
+                    continue
+                if len(data) > self.max_reply_bytes * 4 // 3 + 64:
+                    reply = b""  # too big: refused below (the kernel's answer is not read)
+                    continue
+                try:
+                    raw = base64.b64decode(data, validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                if raw[:16] == digest:
+                    reply = raw[16:]
             elif kind == "status" and content.get("execution_state") == "idle":
                 return reply, True
 

@@ -219,7 +219,10 @@ if _NbgraderExecute is not None:
         max_output_bytes = Integer(1_000_000, help="output kept per cell; the rest is dropped").tag(config=True)
         notebook_timeout = Integer(1200, help="seconds for the whole notebook; later cells are not run").tag(config=True)
         responsive_timeout = Integer(15, help="seconds a kernel gets to answer after an interrupted cell").tag(config=True)
-        judge_call_timeout = Integer(60, help="seconds one judge call into the kernel may take").tag(config=True)
+        judge_call_timeout = Integer(int(os.environ.get("COURSE_JUDGE_CALL_TIMEOUT", 60)),
+                                     help="seconds one judge call into the kernel may take").tag(config=True)
+        judge_max_reply_mb = Integer(int(os.environ.get("COURSE_JUDGE_MAX_REPLY_MB", 64)),
+                                     help="largest answer (MB) the judge reads from the kernel").tag(config=True)
 
         def __init__(self, *args, **kwargs):
             from course_judge.sandbox import SandboxKernelManager
@@ -317,8 +320,11 @@ if _NbgraderExecute is not None:
                 rejected = static.reference_use(self.nb, set(getattr(module, "REFERENCE", ())))
                 review = static.similarity_review(self.nb, module)
                 timeout = float(self._get_timeout(cell) or self.judge_call_timeout)
-                channel = KernelChannel(self, asyncio.get_running_loop(), responsive_timeout=self.responsive_timeout)
-                session = Session(channel, timeout=min(self.judge_call_timeout, timeout), deadline=time.monotonic() + timeout)
+                limit = self.judge_max_reply_mb << 20
+                channel = KernelChannel(self, asyncio.get_running_loop(), responsive_timeout=self.responsive_timeout,
+                                        max_reply_bytes=limit)
+                session = Session(channel, timeout=min(self.judge_call_timeout, timeout), deadline=time.monotonic() + timeout,
+                                  max_reply_bytes=limit)
                 try:
                     v = await asyncio.to_thread(V.run, module, session, rejected=rejected, review=review)
                 except Exception as e:  # noqa: BLE001 - a bug in a judge must not stop the batch

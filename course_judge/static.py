@@ -190,8 +190,11 @@ def references(src: str) -> set[str]:
                 found |= {".".join(parts[:k]) for k in range(1, len(parts) + 1) if module_file(".".join(parts[:k]))}
                 if parts[0] == "course_judge":
                     found.add(d)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"course_(lib|judge)\.\w", node.value):
-            found |= {m for m in re.findall(r"course_(?:lib|judge)(?:\.\w+)+", node.value)}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"course_(lib|judge)[./]\w", node.value):
+            for m in re.findall(r"course_(?:lib|judge)(?:[./]\w+)+", node.value):  # dotted names and file paths
+                parts = m.removesuffix(".py").replace("/", ".").split(".")
+                found |= {".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                          if module_file(".".join(parts[:k])) or parts[0] == "course_judge"}
     return found
 
 

@@ -16,8 +16,9 @@ A judge module grades one exercise (one graded placeholder cell of the notebook)
         assert_close(...)
 
 A failing check (``AssertionError``), an exception from the learner's code or a call over its time
-limit fails that part with a message and the judge goes on with the next; a dead kernel ends the
-exercise. A benchmark that cannot decide (a busy machine) marks its part inconclusive.
+limit fails that part with a message and the judge goes on with the next; a kernel that dies or stops
+answering fails the whole exercise (and the notebook's later cells are not run). A benchmark that
+cannot decide (a busy machine) marks its part inconclusive.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ def run(module: ModuleType, session: Session, *, rejected: str = "", review: lis
         except (ChannelError, LearnerError) as e:
             g.dead = f"the kernel did not answer ({e})"
         module.judge(session, g)
+        if g.dead:  # a kernel that dies or hangs during an exercise fails the whole exercise, not only what followed
+            for p in v.parts:
+                p.passed, p.message = False, f"not graded: {g.dead}"
         declared = sum(p.points for p in v.parts)
         if abs(declared - v.points) > 1e-9:
             raise RuntimeError(f"{module.__name__}: parts add up to {declared} points, POINTS says {v.points}")

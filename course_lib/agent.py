@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import importlib
 import io
 import linecache
@@ -253,12 +254,22 @@ def _kernel_namespace() -> dict:
     return ip.user_ns
 
 
+def request_digest(request: bytes) -> bytes:
+    """What binds an answer to its request: the first 16 bytes of the request's SHA-256."""
+    return hashlib.sha256(request).digest()[:16]
+
+
 def serve(payload: str) -> None:
-    """Kernel entry point: decode one base64 request, answer it as a display message of type MIME."""
+    """Kernel entry point: decode one base64 request, answer it as a display message of type MIME.
+
+    The answer starts with :func:`request_digest` of the request, so a display message sent by anything
+    else in the kernel (a thread, a hook) is not taken for the answer to this request.
+    """
     global _AGENT
     if _AGENT is None:
         _AGENT = Agent(_kernel_namespace)
-    reply = _AGENT.handle(base64.b64decode(payload))
+    request = base64.b64decode(payload)
+    reply = _AGENT.handle(request)
     from IPython.display import publish_display_data
 
-    publish_display_data({MIME: base64.b64encode(reply).decode("ascii")})
+    publish_display_data({MIME: base64.b64encode(request_digest(request) + reply).decode("ascii")})

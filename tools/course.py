@@ -852,8 +852,8 @@ def write_summary(root: Path, records: list[Record], wall: float, workers: int, 
     (out_dir / "summary.json").write_text(json.dumps({
         "wall_seconds": wall, "workers": workers, "graded_now": len(graded_now), "submissions_per_minute": rate,
         "sandbox": sandbox_line, "exercises": stats,
-        "submissions": [{k: getattr(r, k) for k in Record.__dataclass_fields__ if k != "log"} | {"attention": bool(r.attention),
-                         "review": r.review} for r in records],
+        "submissions": [{k: getattr(r, k) for k in Record.__dataclass_fields__ if k not in ("log", "verdicts")}
+                        | {"attention": bool(r.attention), "review": r.review} for r in records],
     }, indent=1))
     print(f"\nsummary: {md}  ({len(need)} needing attention; {rate:.2f} submissions/minute over {len(graded_now)} graded now)")
     return md
