@@ -166,7 +166,10 @@ def _function_payload(fn: types.FunctionType, _stack: tuple[str, ...] = ()) -> t
         )
     try:
         source = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError):
+        tree = ast.parse(source)
+        if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == fn.__name__ for n in tree.body):
+            source = None  # linecache held some other file's lines under this name
+    except (OSError, TypeError, SyntaxError):
         source = None
     if source is None:  # code run by exec() (no linecache entry): the workers run the same interpreter
         buf = io.BytesIO()
