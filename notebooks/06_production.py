@@ -746,9 +746,11 @@ print(f"data parallel over 2 processes vs one process: max gradient difference {
 # send_counts, recv_counts)` from `course_lib.cluster` wraps `dist.all_to_all_single` with that backward.
 # Use it for the rows and the expert ids. For the counts, call `dist.all_to_all_single` yourself on int64 tensors.
 #
-# Given: `all_to_all(x, send_counts, recv_counts, group)` (differentiable for floating tensors),
+# Given: `all_to_all(x, send_counts, recv_counts, group)` (differentiable for floating tensors; before any row moves
+# it checks that the ranks agree on the split sizes, so a mismatch is a `ValueError` on every rank rather than a hang),
 # `DispatchPlan(order, token_of, send_counts, recv_counts, n_tokens)` (what combine needs),
-# `run_local_experts(recv_x, recv_expert, experts)`.
+# `run_local_experts(recv_x, recv_expert, experts)`. When graded, your two functions run on the two workers for eight
+# layers and routings (uneven shards, a rank without tokens, every token routed to one rank, ...), forward and backward.
 
 # %% [solution id=ex_06_4_expert_parallel]
 def ep_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, group=None):

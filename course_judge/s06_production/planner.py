@@ -196,12 +196,11 @@ def judge(k, t):
         assert_true(isinstance(m, dict) and "total" in m, f"per_gpu_memory should return a dict with 'total', got {type(m).__name__}")
         assert_true(abs(expect_float(m["total"], "per_gpu_memory()['total']") - 18 * total) < 1e6,
                     "on one GPU with BF16_MIXED every parameter costs 2 + 4 + 4 + 8 = 18 bytes")
-    if not cfgs:
-        cfgs.update(_configs(k))
     main = ["V3", "V2", "V2-Lite", "odd"]
     real = _real_counts()
     yours: dict = {}  # the learner's own counts, to tell a wrong count_params from a wrong formula on top of it
     with t.part("count_params: attention with and without query compression (four configs, real MLA modules)", 1):
+        cfgs.update(cfgs or _configs(k))
         mine = _counts(k, cp, cfgs, main + ["one MLA layer, q_lora_rank 0", "one MLA layer"])
         for n in ("one MLA layer, q_lora_rank 0", "one MLA layer"):
             got = mine[n]["attention"]
@@ -212,6 +211,7 @@ def judge(k, t):
         for n in main:
             _check_component(n, cfgs[n][0], mine[n], "attention")
     with t.part("count_params: embedding, dense MLP, shared and routed experts, router, norms, head (and a real MoE layer)", 1):
+        cfgs.update(cfgs or _configs(k))
         mine = _counts(k, cp, cfgs, main + ["one MoE layer"])
         yours.update(mine)
         moe = mine["one MoE layer"]
@@ -225,6 +225,7 @@ def judge(k, t):
             for key in ("embedding", "dense_mlp", "shared_experts", "routed_experts", "router", "norms", "head"):
                 _check_component(n, cfgs[n][0], mine[n], key)
     with t.part("active_params on V3, V2 (21B), V2-Lite and an odd config", 1):
+        cfgs.update(cfgs or _configs(k))
         res = k.many([(act, (cfgs[n][1],), {}) for n in main])
         for n, r in zip(main, res):
             if isinstance(r, LearnerError):
@@ -251,6 +252,7 @@ def judge(k, t):
             raise AssertionError(f"{n}: active_params = {got:,}, expected {want:,}\n  likely cause: "
                                  + (_first(got, cands) or "all parameters but the unchosen routed experts and the embedding table"))
     with t.part("kv_cache_bytes_per_token: MLA and MHA on four configs, bytes_per_element, ValueError for other kinds", 1):
+        cfgs.update(cfgs or _configs(k))
         calls = [(n, kind, bpe) for n in main for kind in ("mla", "mha") for bpe in (2, 1)]
         res = k.many([(kv, (cfgs[n][1], kind, bpe), {}) for n, kind, bpe in calls])
         for (n, kind, bpe), r in zip(calls, res):
@@ -286,6 +288,7 @@ def judge(k, t):
                 continue
             raise AssertionError(f"kv_cache_bytes_per_token(kind={kind!r}) returned {got!r}: an unknown kind must raise ValueError")
     with t.part("per_gpu_memory: five layouts x three precisions, ZeRO-1 on and off", 1):
+        cfgs.update(cfgs or _configs(k))
         par_mk, prec_mk = k.lib("course_lib.plan_config:Parallelism"), k.lib("course_lib.plan_config:Precision")
         pars = [k.call_opts(par_mk, kwargs=lay, keep=True) for lay in LAYOUTS]
         precs = [k.call_opts(prec_mk, prec, keep=True) for prec in PRECISIONS]

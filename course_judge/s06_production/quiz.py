@@ -21,7 +21,8 @@ def judge(k, t):
     for q, key in KEY.items():
         with t.part(f"question {q}", 1):
             a = k.get(k.g[f"ANSWER_Q{q}"])
-            assert_true(a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
+            assert_true(isinstance(a, str) and a in ("a", "b", "c", "d"),
+                        f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {type(a).__name__} {str(a)[:40]!r})")
             assert_true(a == key, f"question {q} is answered incorrectly", hint=_WHY[q])
 
 
