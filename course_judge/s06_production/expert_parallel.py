@@ -47,24 +47,24 @@ CASES = {  # label: (MoE switches, tokens, shard sizes, seed, gate bias, backwar
 
 _DETACHED = ("gradient does not flow through the combine weights: do not detach topk_weight (the router learns through "
              "the weights it gives each expert's output)")
-_UNWEIGHTED = ("combine weights not applied: multiply each returned row by its (token, expert) weight "
-               "(topk_weight.reshape(-1)[plan.order]) before summing per token")
+_UNWEIGHTED = ("combine weights not applied: multiply each returned row by the weight of its own (token, expert) pair "
+               "before summing per token")
 _PAIR_ORDER = ("the combine weights are in (token, k) order while the returned rows are sorted by expert: index them with "
-               "plan.order (topk_weight.reshape(-1)[plan.order])")
+               "plan.order, like the rows")
 _ROWS_NOT_DIFF = ("the rows travel through an exchange without autograd: send them with the given all_to_all (differentiable) "
                   "in dispatch, and the results back with it in combine")
 _ERROR_HINTS = [
     (r"did not finish|timed out|TimeoutError", "every rank must call the same collectives in the same order (a rank that "
                                                "skips an all_to_all, or takes part in one the others do not, hangs them all)"),
-    (r"GLOBAL expert ids", "send LOCAL expert ids: subtract r * E/W, the first expert this rank owns"),
-    (r"received expert ids", "the expert ids sent with the rows must be the rows' experts, in the rows' sorted order "
-                             "(topk_idx.flatten()[order]), as local ids on arrival"),
+    (r"GLOBAL expert ids", "send LOCAL expert ids: rank j's experts are numbered from 0 there (the first one it owns is 0)"),
+    (r"received expert ids", "the expert ids sent with the rows must be the rows' own experts, in the rows' sorted order, "
+                             "as local ids on arrival"),
     (r"recv_counts .* disagree", "exchange the counts first: recv_counts must come from dist.all_to_all_single of the "
                                  "send counts, not be computed locally"),
-    (r"x has \d+ rows but send_counts", "send the results back with the dispatch splits reversed: "
-                                        "all_to_all(y, plan.recv_counts, plan.send_counts)"),
+    (r"x has \d+ rows but send_counts", "send the results back with the dispatch splits reversed (what a rank received "
+                                        "from j goes back to j)"),
     (r"one entry per rank|divide equally|split_sizes|split sizes|collective mismatch",
-     "send_counts needs one entry per rank (not per expert), also for ranks that get nothing: bincount(dest, minlength=W)"),
+     "send_counts needs one entry per rank (not per expert), also for ranks that get nothing (a count of 0)"),
     (r"combine returned", "combine returns one (D,) row per token of this rank: (N, D)"),
 ]
 
@@ -208,14 +208,14 @@ def _check_structure(label: str, t: dict) -> None:
         ok = (isinstance(order, torch.Tensor) and order.dim() == 1 and not order.is_floating_point() and order.numel() == n_r * K
               and torch.equal(order.long().sort().values, torch.arange(n_r * K)))
         assert_true(ok, f"{label}: rank {r} plan.order should be a permutation of the {n_r * K} (token, expert) pairs",
-                    hint="order = argsort(topk_idx.flatten()): positions of the sorted pairs in topk_idx.flatten()")
+                    hint="order lists the positions in topk_idx.flatten() of the pairs, sorted by expert")
         order = order.long()
         dest = idx[order] // per
         assert_true(bool((dest[1:] >= dest[:-1]).all()), f"{label}: rank {r} plan.order does not group the pairs by "
                     "destination rank", hint="sort the pairs by expert id: rows for rank j must be consecutive, in rank order")
         assert_true(isinstance(token_of, torch.Tensor) and torch.equal(token_of.long(), order // K),
                     f"{label}: rank {r} plan.token_of is not the token of each sorted pair",
-                    hint="token_of[i] = order[i] // K (pair p of topk_idx.flatten() belongs to token p // K)")
+                    hint="token_of[i] is the token the i-th sorted pair came from (topk_idx.flatten() lists K pairs per token)")
     for j, res in enumerate(ranks):
         recv = res["recv_expert"].long()
         chunks = recv.split(res["recv_counts"]) if sum(res["recv_counts"]) == recv.numel() else None
@@ -226,7 +226,7 @@ def _check_structure(label: str, t: dict) -> None:
             want = idx[idx // per == j] - j * per
             assert_true(torch.equal(chunks[i], want), f"{label}: the expert ids rank {j} received from rank {i} "
                         f"({chunks[i].tolist()[:12]}) are not the local ids of the rows it sent ({want.tolist()[:12]})",
-                        hint="send topk_idx.flatten()[order] (the ids in the rows' sorted order) minus r * E/W on arrival")
+                        hint="send each row's own expert id along with it, in the rows' sorted order, made local on arrival")
 
 
 def _check_out(label: str, t: dict, ref: dict, mistakes) -> None:
