@@ -127,6 +127,46 @@ def test_error_on_one_rank_is_reported_quickly_not_as_a_hang(cluster):
     assert cluster.run(D.rank) == [0, 1]
 
 
+@pytest.mark.distributed
+def test_functions_without_source_travel_as_code_objects(cluster):
+    """Code run by exec() has no source to read (no linecache entry): it travels as its code object."""
+    ns = {"__name__": "__main__", "dist": dist, "OFFSET": 2.0}
+    exec(compile("def job(x, scale=3.0):\n    return x * scale + OFFSET + dist.get_rank()\n", "<no source>", "exec"), ns)
+    out = cluster.run(ns["job"], torch.ones(2))
+    for r, y in enumerate(out):
+        torch.testing.assert_close(y, torch.full((2,), 5.0 + r))
+
+
+def _wrong_recv_counts() -> list:
+    send = [1, 2] if dist.get_rank() == 0 else [3, 1]
+    recv = [1, 3] if dist.get_rank() == 0 else [1, 1]  # rank 1 should expect [2, 1]
+    return D.all_to_all(torch.zeros(sum(send), 2), send, recv).shape[0]
+
+
+@pytest.mark.distributed
+def test_inconsistent_splits_fail_on_every_rank_and_keep_the_cluster(cluster):
+    with pytest.raises(D.WorkerError, match="disagree") as e:
+        cluster.run(_wrong_recv_counts, timeout=30)
+    assert e.value.exc_types == ["ValueError", "ValueError"]  # both ranks, cleanly: no hang, no dead worker
+    assert cluster.alive and cluster.run(D.rank) == [0, 1]
+
+
+@pytest.mark.distributed
+def test_ep_trial_returns_data_or_the_error(cluster):
+    cfg = dict(dim=12, moe_inter_dim=6, n_routed_experts=8, n_activated_experts=3, n_expert_groups=2, n_limited_groups=2)
+    g = torch.Generator().manual_seed(0)
+    x, probe = torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(9, 12, generator=g, dtype=torch.float64)
+    res = D.ep_trial(cfg, x, probe, dispatch=D.ep_dispatch, combine=D.ep_combine, seed=3, sizes=[5, 4], cluster=cluster)
+    ref = D.single_process_reference(D.make_moe(3, **cfg), x, probe)
+    assert max(D.compare_ep(res["ranks"], ref).values()) < TOL
+    for r, out in enumerate(res["ranks"]):  # the plan travels as data
+        assert torch.equal(out["token_of"], out["order"] // 3) and out["n_tokens"] == [5, 4][r]
+    stub = _main_function("def stub(*args, **kwargs):\n    raise NotImplementedError\n", "stub", {})
+    bad = D.ep_trial(cfg, x, probe, dispatch=stub, combine=D.ep_combine, cluster=cluster)
+    assert bad["error"] == "WorkerError" and bad["types"] == ["NotImplementedError"] * 2
+    assert cluster.alive
+
+
 # ---------------------------------------------------------------------------------------------- DP
 
 

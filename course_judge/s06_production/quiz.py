@@ -1,0 +1,39 @@
+"""Section 6's quiz: four multiple-choice answers, checked against the key held here (1 point each)."""
+
+from __future__ import annotations
+
+from course_judge.checks import assert_true
+from course_judge.local import Alternative, Mutant
+
+GRADE_ID = "test_06_quiz"
+POINTS = 4
+ANSWERS = ("quiz_06_answers",)
+SUMMARY = "each answer is one letter; 1 point per correct answer"
+REFERENCE = ()
+KEY = {1: "b", 2: "c", 3: "c", 4: "a"}
+_WHY = {1: "reread 6.4.1: what must a rank know before all_to_all_single can allocate its output?",
+        2: "reread the ZeRO-1 formula of 6.3: which states does it shard?",
+        3: "reread 6.4.2: what does node-limited routing bound?",
+        4: "reread 6.2.1: what does a checkpointed block keep, and what does it redo?"}
+
+
+def judge(k, t):
+    for q, key in KEY.items():
+        with t.part(f"question {q}", 1):
+            a = k.get(k.g[f"ANSWER_Q{q}"])
+            assert_true(isinstance(a, str) and a in ("a", "b", "c", "d"),
+                        f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {type(a).__name__} {str(a)[:40]!r})")
+            assert_true(a == key, f"question {q} is answered incorrectly", hint=_WHY[q])
+
+
+MUTANTS = [
+    Mutant("Q1 wrong", 'ANSWER_Q1 = "b"', 'ANSWER_Q1 = "a"', expect="question 1 is answered incorrectly"),
+    Mutant("Q2 wrong: ZeRO shards everything", 'ANSWER_Q2 = "c"', 'ANSWER_Q2 = "a"', expect="question 2 is answered incorrectly"),
+    Mutant("Q3 wrong", 'ANSWER_Q3 = "c"', 'ANSWER_Q3 = "a"', expect="question 3 is answered incorrectly"),
+    Mutant("Q4 wrong", 'ANSWER_Q4 = "a"', 'ANSWER_Q4 = "c"', expect="question 4 is answered incorrectly"),
+    Mutant("upper-case letter", 'ANSWER_Q2 = "c"', 'ANSWER_Q2 = "C"', expect="must be one of"),
+    Mutant("a number instead of a letter", 'ANSWER_Q1 = "b"', "ANSWER_Q1 = 2", expect="must be one of"),
+    Mutant("answer missing", 'ANSWER_Q4 = "a"\n', "", expect="defines no 'ANSWER_Q4'"),
+]
+
+ALTERNATIVES = [Alternative("single quotes", 'ANSWER_Q3 = "c"', "ANSWER_Q3 = 'c'")]
