@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import linecache
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,10 @@ def namespace(nb: dict, upto: str) -> dict:
             if str(m.get("grade_id", "")).startswith("check_"):
                 continue
             src = "\n".join(ln for ln in static.cell_source(c).split("\n") if not ln.lstrip().startswith(("%", "!")))
+            name = f"<cell {m.get('grade_id') or i}>"
+            linecache.cache[name] = (len(src), None, src.splitlines(keepends=True), name)  # inspect.getsource works, as in IPython
             try:
-                exec(compile(src, f"<cell {m.get('grade_id') or i}>", "exec"), ns)  # noqa: S102 - the course's own cells
+                exec(compile(src, name, "exec"), ns)  # noqa: S102 - the course's own cells
             except Exception as e:  # noqa: BLE001 - a broken answer leaves its names undefined, as in a kernel
                 ns.setdefault("__cell_errors__", []).append(f"{m.get('grade_id')}: {type(e).__name__}: {e}")
     raise LookupError(f"no placeholder cell {upto} in the notebook")
@@ -114,5 +117,5 @@ def grade(section: str, module: ModuleType, changes: list[Mutant | Alternative] 
     nb = patched_notebook(nb or notebook(section), module, list(changes))
     ns = namespace(nb, module.GRADE_ID)
     session = Session(LocalChannel(ns))
-    rejected = static.reference_use(nb, set(getattr(module, "REFERENCE", ())))
+    rejected = static.rejection(nb, module)
     return verdict.run(module, session, rejected=rejected)

@@ -317,7 +317,7 @@ if _NbgraderExecute is not None:
             elif self._course_stop is not None:
                 v = V.not_run(module, self._course_stop)
             else:
-                rejected = static.reference_use(self.nb, set(getattr(module, "REFERENCE", ())))
+                rejected = static.rejection(self.nb, module)
                 review = static.similarity_review(self.nb, module)
                 timeout = float(self._get_timeout(cell) or self.judge_call_timeout)
                 limit = self.judge_max_reply_mb << 20

@@ -212,6 +212,29 @@ def reference_use(nb: dict, answer_modules: set[str]) -> str:
     return ""
 
 
+def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -> str:
+    """Why an exercise is refused because its answer cells use a name the kernel has but the answer may not."""
+    if not names:
+        return ""
+    for c in nb.get("cells", []):
+        if not isinstance(c, dict) or _meta(c).get("grade_id") not in answer_ids:
+            continue
+        tree = _parse(cell_source(c))
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} if tree else set()
+        used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} if tree else set()
+        hit = sorted(used & names)
+        if hit:
+            return (f"{_meta(c)['grade_id']} uses {hit[0]}, which the course gives for other purposes and which "
+                    "answers this exercise for you: this exercise scores 0")
+    return ""
+
+
+def rejection(nb: dict, module) -> str:
+    """Why a judge module refuses to grade an exercise at all (``""``: it grades it)."""
+    return (reference_use(nb, set(getattr(module, "REFERENCE", ())))
+            or forbidden_name_use(nb, tuple(getattr(module, "ANSWERS", ())), set(getattr(module, "FORBIDDEN_NAMES", ()))))
+
+
 # ---------------------------------------------------------------- constructs a person should look at
 
 SUSPICIOUS_MODULES = {
@@ -275,6 +298,9 @@ def suspicious(src: str) -> list[tuple[str, str]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) < 300:
             if GRADER_PATHS.search(node.value):
                 hits.append(("refers to the grader's files or absolute paths", repr(node.value[:40])))
+            for pat, why in SUSPICIOUS_CODE:  # names spelled as strings (getattr, attrgetter, __import__)
+                if any(pat.search(part) for part in re.split(r"[^\w.]+", node.value) if part):
+                    hits.append((why, repr(node.value[:40])))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             name = node.func.id
             if name in DYNAMIC_CALLS:

@@ -50,20 +50,20 @@ def test_no_test_code_is_hidden_in_the_notebooks(section):
             assert "BEGIN HIDDEN TESTS" not in path.read_text(), f"{path} still holds hidden tests"
 
 
-@pytest.mark.parametrize("section,gid", EXERCISES)
+@pytest.mark.parametrize("section,gid", EXERCISES, ids=[f"{s}:{g}" for s, g in EXERCISES])
 def test_solution_scores_full_marks(section, gid):
     v = local.grade(section, course_judge.find(section, gid))
     assert v.score == v.points, v.report()
 
 
-@pytest.mark.parametrize("section,gid", EXERCISES)
+@pytest.mark.parametrize("section,gid", EXERCISES, ids=[f"{s}:{g}" for s, g in EXERCISES])
 def test_release_scores_zero(section, gid):
     nb = json.loads((ROOT / "release" / section / f"{section}.ipynb").read_text())
     v = local.grade(section, course_judge.find(section, gid), nb=nb)
     assert v.score == 0, v.report()
 
 
-@pytest.mark.parametrize("section,gid", EXERCISES)
+@pytest.mark.parametrize("section,gid", EXERCISES, ids=[f"{s}:{g}" for s, g in EXERCISES])
 def test_each_judge_ships_wrong_and_alternative_answers(section, gid):
     mod = course_judge.find(section, gid)
     need = getattr(mod, "MIN_MUTANTS", MIN_MUTANTS)
@@ -72,7 +72,7 @@ def test_each_judge_ships_wrong_and_alternative_answers(section, gid):
     assert mod.ALTERNATIVES, f"{gid}: no alternative correct answer"
 
 
-@pytest.mark.parametrize("section,gid,mutant", MUTANTS, ids=[f"{g}:{m.name}" for _, g, m in MUTANTS])
+@pytest.mark.parametrize("section,gid,mutant", MUTANTS, ids=[f"{s}:{g}:{m.name}" for s, g, m in MUTANTS])
 def test_wrong_answer_fails_with_its_diagnosis(section, gid, mutant):
     v = local.grade(section, course_judge.find(section, gid), [mutant])
     assert v.score is not None and v.score < v.points, f"the wrong answer {mutant.name!r} kept full marks"
@@ -80,7 +80,7 @@ def test_wrong_answer_fails_with_its_diagnosis(section, gid, mutant):
     assert mutant.expect.lower() in text.lower(), f"{mutant.name!r} failed, but no message says {mutant.expect!r}:\n{text}"
 
 
-@pytest.mark.parametrize("section,gid,alt", ALTERNATIVES, ids=[f"{g}:{a.name}" for _, g, a in ALTERNATIVES])
+@pytest.mark.parametrize("section,gid,alt", ALTERNATIVES, ids=[f"{s}:{g}:{a.name}" for s, g, a in ALTERNATIVES])
 def test_alternative_answer_keeps_full_marks(section, gid, alt):
     v = local.grade(section, course_judge.find(section, gid), [alt])
     assert v.score == v.points, v.report()
