@@ -44,23 +44,21 @@ from torch import nn
 
 from course_lib import viz
 from course_lib.deepseek.common import RMSNorm, SwiGLU
-from course_lib.deepseek.fp8 import E4M3, E5M2, FORMATS, FP8Format, round_to_bits, sqnr_db
-from course_lib.deepseek import fp8 as ref  # the course's reference: used by figures while your exercise is unfinished
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits, sqnr_db
 
 # This section's tensors are small (128-wide tiles): one thread runs them faster than two, and is not slowed
 # down by other processes competing for the cores.
 torch.set_num_threads(1)
 
 
-def yours_or_reference(yours, reference, what, _told=set()):  # noqa: B006 - remembers what it announced
-    """Run ``yours()``; while the exercise is unfinished (NotImplementedError) fall back to ``reference()``."""
+def yours_or_placeholder(figure, what):
+    """Run ``figure()`` (a figure or table built with your code); while the exercise it needs is unfinished
+    (NotImplementedError), print one line instead."""
     try:
-        return yours()
+        return figure()
     except NotImplementedError:
-        if what not in _told:
-            _told.add(what)
-            print(f"[{what} is not implemented yet: this cell uses the course's reference implementation]")
-        return reference()
+        print(f"(finish {what} to see this figure)")
+        return None
 
 
 for f in (E4M3, E5M2):
@@ -435,27 +433,29 @@ print("quantize: hidden checks passed")
 mags = torch.logspace(-12, 17, 60000, base=2.0)  # a dense grid of magnitudes, 2^-12 .. 2^17
 
 
-def round_trip(x: torch.Tensor, f: FP8Format) -> torch.Tensor:
-    conv = FP8Converter(f)
-    return yours_or_reference(lambda: conv.decode(conv.encode(x)), lambda: ref.round_to_format(x, f), "FP8Converter")
+def rounding_error_figure():
+    bins = torch.linspace(-12, 17, 30 * 8 + 1)  # 8 bins per binade
+    centers = 2 ** ((bins[1:] + bins[:-1]) / 2)
+    rels = {}
+    for f in (E4M3, E5M2):
+        conv = FP8Converter(f)
+        rels[f] = (conv.decode(conv.encode(mags)) - mags).abs() / mags  # your codec's round trip
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for f, rel in rels.items():
+        which = torch.bucketize(torch.log2(mags), bins).clamp(1, len(bins) - 1) - 1
+        worst = torch.zeros(len(bins) - 1).scatter_reduce(0, which, rel, reduce="amax")  # worst error per bin
+        line, = ax.step(centers.numpy(), 100 * worst.numpy(), where="mid", label=f"{f.name}: worst case per bin")
+        for edge in (f.min_subnormal, f.min_normal, f.max):
+            ax.axvline(edge, color=line.get_color(), ls="--", lw=0.7)
+    ax.axhline(100 * 2**-4, color="k", lw=0.7, ls=":", label="$2^{-4}$ = 6.25% (E4M3 normal range)")
+    ax.axhline(100 * 2**-3, color="gray", lw=0.7, ls=":", label="$2^{-3}$ = 12.5% (E5M2 normal range)")
+    ax.set(xscale="log", yscale="log", ylim=(1, 150), xlabel="|x|  (dashed: min subnormal, min normal, max)",
+           ylabel="relative rounding error (%)", title="FP8 rounding error vs magnitude (saturating)")
+    ax.legend(fontsize=8, loc="upper center")
+    plt.show()
 
 
-fig, ax = plt.subplots(figsize=(8, 4))
-bins = torch.linspace(-12, 17, 30 * 8 + 1)  # 8 bins per binade
-centers = 2 ** ((bins[1:] + bins[:-1]) / 2)
-for f in (E4M3, E5M2):
-    rel = (round_trip(mags, f) - mags).abs() / mags
-    which = torch.bucketize(torch.log2(mags), bins).clamp(1, len(bins) - 1) - 1
-    worst = torch.zeros(len(bins) - 1).scatter_reduce(0, which, rel, reduce="amax")  # worst error per bin
-    line, = ax.step(centers.numpy(), 100 * worst.numpy(), where="mid", label=f"{f.name}: worst case per bin")
-    for edge in (f.min_subnormal, f.min_normal, f.max):
-        ax.axvline(edge, color=line.get_color(), ls="--", lw=0.7)
-ax.axhline(100 * 2**-4, color="k", lw=0.7, ls=":", label="$2^{-4}$ = 6.25% (E4M3 normal range)")
-ax.axhline(100 * 2**-3, color="gray", lw=0.7, ls=":", label="$2^{-3}$ = 12.5% (E5M2 normal range)")
-ax.set(xscale="log", yscale="log", ylim=(1, 150), xlabel="|x|  (dashed: min subnormal, min normal, max)",
-       ylabel="relative rounding error (%)", title="FP8 rounding error vs magnitude (saturating)")
-ax.legend(fontsize=8, loc="upper center")
-plt.show()
+yours_or_placeholder(rounding_error_figure, "exercise 4.1 (FP8Converter.encode / decode)")
 
 # %% [markdown]
 # **Granularity and outliers.** The signal-to-quantisation-noise ratio
@@ -470,22 +470,34 @@ g = torch.Generator().manual_seed(0)
 act = torch.randn(256, 1024, generator=g)
 outlier = torch.rand(act.shape, generator=g) < 1e-3
 act_out = torch.where(outlier, act * 1e5, act)
-rows = []
-for gran in ("tensor", "row", "block", "tile"):
-    clean = sqnr_db(act, ref.dequantize(*ref.quantize(act, gran)))
-    bulk = sqnr_db(act_out, ref.dequantize(*ref.quantize(act_out, gran)), mask=~outlier)
-    rows.append((gran, clean, bulk))
-print(f"{'granularity':<12}{'no outliers':>14}{'0.1% x 1e5 (bulk)':>20}")
-for gran, clean, bulk in rows:
-    print(f"{gran:<12}{clean:>11.1f} dB{bulk:>17.1f} dB")
-fig, ax = plt.subplots(figsize=(7, 3.5))
-xpos = np.arange(len(rows))
-ax.bar(xpos - 0.2, [r[1] for r in rows], 0.4, label="Gaussian activations")
-ax.bar(xpos + 0.2, [r[2] for r in rows], 0.4, label="with 0.1% outliers x 1e5")
-ax.set_xticks(xpos, ["per tensor", "per row (1xK)", "128x128 block", "1x128 tile"])
-ax.set(ylabel="SQNR of ordinary values (dB)", title="E4M3 quantisation error by scaling granularity")
-ax.legend(fontsize=8)
-plt.show()
+
+
+def round_trip_q(x: torch.Tensor, gran: str) -> torch.Tensor:
+    """Your quantise-then-dequantise; a row is one 1xK tile (a converter whose tile is the whole row)."""
+    conv = FP8Converter("e4m3", tile=x.shape[1]) if gran == "row" else FP8Converter("e4m3")
+    return conv.dequantize(*conv.quantize(x, "tile" if gran == "row" else gran))
+
+
+def granularity_figure():
+    rows = []
+    for gran in ("tensor", "row", "block", "tile"):
+        clean = sqnr_db(act, round_trip_q(act, gran))
+        bulk = sqnr_db(act_out, round_trip_q(act_out, gran), mask=~outlier)
+        rows.append((gran, clean, bulk))
+    print(f"{'granularity':<12}{'no outliers':>14}{'0.1% x 1e5 (bulk)':>20}")
+    for gran, clean, bulk in rows:
+        print(f"{gran:<12}{clean:>11.1f} dB{bulk:>17.1f} dB")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xpos = np.arange(len(rows))
+    ax.bar(xpos - 0.2, [r[1] for r in rows], 0.4, label="Gaussian activations")
+    ax.bar(xpos + 0.2, [r[2] for r in rows], 0.4, label="with 0.1% outliers x 1e5")
+    ax.set_xticks(xpos, ["per tensor", "per row (1xK)", "128x128 block", "1x128 tile"])
+    ax.set(ylabel="SQNR of ordinary values (dB)", title="E4M3 quantisation error by scaling granularity")
+    ax.legend(fontsize=8)
+    plt.show()
+
+
+yours_or_placeholder(granularity_figure, "exercise 4.1 (FP8Converter.quantize / dequantize)")
 
 # %% [markdown]
 # ### 4.1.2 Fine-grained FP8 GEMM and accumulation precision
@@ -615,35 +627,40 @@ print("gemm: hidden checks passed")
 # truncation error piles up with every addition; with promotion every 128 products it stays flat.
 
 # %% [code]
-def run_accumulate(a8: torch.Tensor, b8: torch.Tensor, bits: int, promote: int | None) -> torch.Tensor:
-    return yours_or_reference(lambda: accumulate(a8, b8, bits, promote),
-                              lambda: ref.accumulate_limited(a8, b8, bits, promote), "accumulate")
+def to_e4m3_values(x: torch.Tensor) -> torch.Tensor:
+    """float32 tensor holding E4M3 values (clamp, then torch's cast): their products are exact in float32."""
+    return x.clamp(-E4M3.max, E4M3.max).to(E4M3.torch_dtype).to(torch.float32)
 
 
-g = torch.Generator().manual_seed(0)
-Ks = sizes([128, 256, 512, 1024, 2048], [128, 256, 512, 1024, 2048, 4096])
-settings = {"14-bit accumulator": (14, None), "14-bit + FP32 promotion every 128": (14, 128)}
-curves = {name: [] for name in settings}
-fp32_max = []
-print(f"{'K':>6}{'14-bit':>12}{'promoted':>12}{'FP32 (max)':>12}   median relative error of the 8x8 outputs")
-for K in Ks:
-    a8 = ref.round_to_format(torch.randn(8, K, generator=g) * 4)  # FP8 values: their products are exact
-    b8 = ref.round_to_format(torch.randn(8, K, generator=g) * 4)
-    exact = a8.double() @ b8.double().T
-    for name, (bits, promote) in settings.items():
-        out = run_accumulate(a8, b8, bits, promote)
-        curves[name].append(float(((out - exact).abs() / exact.abs()).median()))
-    fp32_max.append(float(((run_accumulate(a8, b8, 23, None) - exact).abs() / exact.abs()).max()))
-    print(f"{K:>6}{curves['14-bit accumulator'][-1]:>12.2e}{curves['14-bit + FP32 promotion every 128'][-1]:>12.2e}{fp32_max[-1]:>12.1e}")
-fig, ax = plt.subplots(figsize=(7, 4))
-for name, errs in curves.items():
-    ax.plot(Ks, [100 * e for e in errs], "o-", label=name)
-ax.set(xscale="log", yscale="log", xlabel="contraction length K", ylabel="median relative error (%)",
-       title="Accumulation error of an FP8 GEMM vs K")
-ax.minorticks_off()
-ax.set_xticks(Ks, [str(k) for k in Ks])
-ax.legend(fontsize=8)
-plt.show()
+def accumulation_figure():
+    g = torch.Generator().manual_seed(0)
+    Ks = sizes([128, 256, 512, 1024, 2048], [128, 256, 512, 1024, 2048, 4096])
+    settings = {"14-bit accumulator": (14, None), "14-bit + FP32 promotion every 128": (14, 128)}
+    curves = {name: [] for name in settings}
+    fp32_max = []
+    print(f"{'K':>6}{'14-bit':>12}{'promoted':>12}{'FP32 (max)':>12}   median relative error of the 8x8 outputs")
+    for K in Ks:
+        a8 = to_e4m3_values(torch.randn(8, K, generator=g) * 4)
+        b8 = to_e4m3_values(torch.randn(8, K, generator=g) * 4)
+        exact = a8.double() @ b8.double().T
+        for name, (bits, promote) in settings.items():
+            out = accumulate(a8, b8, bits, promote)  # your simulation
+            curves[name].append(float(((out - exact).abs() / exact.abs()).median()))
+        fp32_max.append(float(((accumulate(a8, b8, 23, None) - exact).abs() / exact.abs()).max()))
+        print(f"{K:>6}{curves['14-bit accumulator'][-1]:>12.2e}{curves['14-bit + FP32 promotion every 128'][-1]:>12.2e}"
+              f"{fp32_max[-1]:>12.1e}")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, errs in curves.items():
+        ax.plot(Ks, [100 * e for e in errs], "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="contraction length K", ylabel="median relative error (%)",
+           title="Accumulation error of an FP8 GEMM vs K")
+    ax.minorticks_off()
+    ax.set_xticks(Ks, [str(k) for k in Ks])
+    ax.legend(fontsize=8)
+    plt.show()
+
+
+yours_or_placeholder(accumulation_figure, "exercise 4.1 (accumulate)")
 
 # %% [markdown]
 # ### 4.1.3 An FP8 linear layer
@@ -1086,7 +1103,7 @@ for prec in ("fp32", "bf16", "fp8"):
     try:
         logs = [trainer.train_step(sample(128, gen)) for _ in range(steps)]
     except NotImplementedError:
-        print(f"[{prec}: finish MixedPrecisionTrainer.train_step (and FP8LinearFunction for fp8) to run this study]")
+        print(f"(finish exercise 4.2 (train_step){' and 4.1 (FP8LinearFunction)' if prec == 'fp8' else ''} to see {prec} in this figure)")
         continue
     seconds[prec] = time.perf_counter() - t0
     curves[prec] = [lg["loss"] for lg in logs]
@@ -1123,21 +1140,28 @@ from course_lib.bench import tensor_bytes
 torch.manual_seed(0)
 W = torch.randn(2048, 7168)  # one expert's w1 (moe_inter_dim x dim)
 X = torch.randn(sizes(256, 1024), 7168)  # tokens entering it
-measured = {
-    "FP32": (tensor_bytes(W) / W.numel(), tensor_bytes(X) / X.numel()),
-    "BF16": (tensor_bytes(W.bfloat16()) / W.numel(), tensor_bytes(X.bfloat16()) / X.numel()),
-    "FP8 + scales": (tensor_bytes(ref.quantize_blocks(W)) / W.numel(), tensor_bytes(ref.quantize_tiles(X)) / X.numel()),
-}
-fig, ax = plt.subplots(figsize=(7, 3.5))
-xpos = np.arange(len(measured))
-ax.bar(xpos - 0.2, [v[0] for v in measured.values()], 0.4, label="weight (128x128 block scales)")
-ax.bar(xpos + 0.2, [v[1] for v in measured.values()], 0.4, label="activation (1x128 tile scales)")
-ax.set_xticks(xpos, list(measured))
-ax.set(ylabel="bytes per element", title="Storage per parameter / activation by format")
-ax.legend(fontsize=8)
-plt.show()
-for k, (wb, xb) in measured.items():
-    print(f"{k:<13} weight {wb:.4f} B/param   activation {xb:.4f} B/element")
+
+
+def memory_figure():
+    conv = FP8Converter("e4m3")
+    measured = {
+        "FP32": (tensor_bytes(W) / W.numel(), tensor_bytes(X) / X.numel()),
+        "BF16": (tensor_bytes(W.bfloat16()) / W.numel(), tensor_bytes(X.bfloat16()) / X.numel()),
+        "FP8 + scales": (tensor_bytes(conv.quantize(W, "block")) / W.numel(), tensor_bytes(conv.quantize(X, "tile")) / X.numel()),
+    }
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xpos = np.arange(len(measured))
+    ax.bar(xpos - 0.2, [v[0] for v in measured.values()], 0.4, label="weight (128x128 block scales)")
+    ax.bar(xpos + 0.2, [v[1] for v in measured.values()], 0.4, label="activation (1x128 tile scales)")
+    ax.set_xticks(xpos, list(measured))
+    ax.set(ylabel="bytes per element", title="Storage per parameter / activation by format")
+    ax.legend(fontsize=8)
+    plt.show()
+    for k, (wb, xb) in measured.items():
+        print(f"{k:<13} weight {wb:.4f} B/param   activation {xb:.4f} B/element")
+
+
+yours_or_placeholder(memory_figure, "exercise 4.1 (FP8Converter.quantize)")
 print("DeepSeek-V3 training also keeps per parameter: FP32 master weight (4 B), FP32 gradient, BF16 AdamW moments (2 x 2 B)")
 
 # %% [markdown]
@@ -1320,7 +1344,7 @@ for step in range(steps_m):
         st_d = mon.observe("act", act, scale=delayed)
         st_o = mon.observe("act (online)", act, scale=float(act.abs().max()) / 448)
     except NotImplementedError:
-        print("[finish StabilityMonitor to run this experiment]")
+        print("(finish exercise 4.3 (StabilityMonitor) to see this figure)")
         break
     overflow_delayed.append(st_d["overflow"])
     overflow_online.append(st_o["overflow"])
@@ -1350,11 +1374,12 @@ def precision_explorer(fmt: str = "e4m3", tile: object = 128, outlier_scale: flo
     x = torch.randn(128, 1024, generator=g)
     mask = torch.rand(x.shape, generator=g) < 1e-3
     x = torch.where(mask, x * outlier_scale, x)
-    if tile == "tensor":
-        xq, s = ref.quantize_tensorwise(x, fmt)
-    else:
-        xq, s = ref.quantize_tiles(x, fmt, tile=int(tile))
-    xh = ref.dequantize(xq, s, block=128 if tile == "tensor" else int(tile))
+    conv = FP8Converter(fmt, tile=128 if tile == "tensor" else int(tile))
+    try:
+        xh = conv.dequantize(*conv.quantize(x, "tensor" if tile == "tensor" else "tile"))  # your quantiser
+    except NotImplementedError:
+        print("(finish exercise 4.1 (FP8Converter.quantize / dequantize) to see this figure)")
+        return
     rel = ((xh - x).abs() / x.abs().clamp_min(1e-12))[~mask]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(np.log10(rel.clamp_min(1e-8).numpy()), bins=80)
@@ -1379,8 +1404,42 @@ viz.interactive(precision_explorer, fmt=["e4m3", "e5m2"], tile=[128, 32, 512, "t
 # %% [code]
 from course_lib.utils import has_fp8_tensor_cores
 
+
+def scaled_mm_recipes() -> list[str]:
+    """The scalings torch._scaled_mm runs on this GPU, each checked against your dequantise-then-matmul."""
+    M, N, K = 128, 256, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(M, K, device="cuda", generator=gen)
+    b = torch.randn(N, K, device="cuda", generator=gen)
+
+    def col(t):  # a column-major copy, as cuBLASLt wants block-wise scales
+        return t.t().contiguous().t()
+
+    recipes = {  # name: (tile of the converter, a's granularity, b's granularity, scale layouts for _scaled_mm)
+        "blockwise": (128, "tile", "block", lambda sa, sb: (col(sa), sb.contiguous().t())),  # (M, K/128), (K/128, N/128)
+        "rowwise": (K, "tile", "tile", lambda sa, sb: (sa.contiguous(), sb.reshape(1, N).contiguous())),  # (M, 1), (1, N)
+        "tensorwise": (128, "tensor", "tensor", lambda sa, sb: (sa, sb)),
+    }
+    ok = []
+    for name, (tile, ga, gb, layout) in recipes.items():
+        conv = FP8Converter("e4m3", tile=tile)
+        aq, sa = conv.quantize(a, ga)
+        bq, sb = conv.quantize(b, gb)
+        want = conv.dequantize(aq, sa) @ conv.dequantize(bq, sb).T
+        scale_a, scale_b = layout(sa, sb)
+        try:
+            y = torch._scaled_mm(aq, bq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            continue
+        if float((y.float() - want).abs().max()) <= 0.02 * float(want.abs().max()):
+            ok.append(name)
+    return ok
+
+
 if has_fp8_tensor_cores():
-    print("FP8 recipes torch._scaled_mm runs on this GPU:", ref.cuda_recipes(0))
+    recipes = yours_or_placeholder(scaled_mm_recipes, "exercise 4.1 (FP8Converter.quantize / dequantize)")
+    if recipes is not None:
+        print("FP8 recipes torch._scaled_mm runs on this GPU (checked against your quantiser):", recipes)
     print("run `make gpu-check` for the full table of TFLOP/s")
 else:
     print("no FP8 tensor cores here: the course emulates the FP8 GEMMs exactly (same numbers, no speed-up)")
@@ -1418,60 +1477,19 @@ else:
 #
 # Write each answer as a single letter string.
 
-# %% [solution id=quiz_04_1]
+# %% [solution id=quiz_04_answers]
 ### BEGIN SOLUTION
 ANSWER_Q1 = "b"
-### END SOLUTION
-
-# %% [test id=test_04_quiz_1 points=1]
-assert ANSWER_Q1 in ("a", "b", "c", "d"), "answer with one letter: 'a', 'b', 'c' or 'd'"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q1 == "b", "Q1: per-tile scaling supplies the range, so the extra mantissa bit of E4M3 pays off"
-### END HIDDEN TESTS
-
-# %% [solution id=quiz_04_2]
-### BEGIN SOLUTION
 ANSWER_Q2 = "c"
-### END SOLUTION
-
-# %% [test id=test_04_quiz_2 points=1]
-assert ANSWER_Q2 in ("a", "b", "c", "d"), "answer with one letter: 'a', 'b', 'c' or 'd'"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q2 == "c", "Q2: one scale per 1x128 tile: (M, K/128) = (4096, 56)"
-### END HIDDEN TESTS
-
-# %% [solution id=quiz_04_3]
-### BEGIN SOLUTION
 ANSWER_Q3 = "c"
-### END SOLUTION
-
-# %% [test id=test_04_quiz_3 points=1]
-assert ANSWER_Q3 in ("a", "b", "c", "d"), "answer with one letter: 'a', 'b', 'c' or 'd'"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q3 == "c", "Q3: the outlier sets the scale, the ordinary values land in the subnormals or at zero"
-### END HIDDEN TESTS
-
-# %% [solution id=quiz_04_4]
-### BEGIN SOLUTION
 ANSWER_Q4 = "b"
-### END SOLUTION
-
-# %% [test id=test_04_quiz_4 points=1]
-assert ANSWER_Q4 in ("a", "b", "c", "d"), "answer with one letter: 'a', 'b', 'c' or 'd'"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q4 == "b", "Q4: limited accumulation precision (~14 bits) in the tensor cores"
-### END HIDDEN TESTS
-
-# %% [solution id=quiz_04_5]
-### BEGIN SOLUTION
 ANSWER_Q5 = "c"
 ### END SOLUTION
 
-# %% [test id=test_04_quiz_5 points=1]
-assert ANSWER_Q5 in ("a", "b", "c", "d"), "answer with one letter: 'a', 'b', 'c' or 'd'"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q5 == "c", "Q5: the scale doubles after growth_interval = 2000 clean steps"
-### END HIDDEN TESTS
+# %% [test id=test_04_quiz points=5]
+for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
+    assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
+print("quiz: answers well-formed")
 
 # %% [markdown]
 # ## Summary
