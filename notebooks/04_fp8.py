@@ -460,7 +460,6 @@ def accumulation_figure():
     settings = {"14-bit accumulator": (14, None), "14-bit + FP32 promotion every 128": (14, 128)}
     curves = {name: [] for name in settings}
     fp32_max = []
-    print(f"{'K':>6}{'14-bit':>12}{'promoted':>12}{'FP32 (max)':>12}   median relative error of the 8x8 outputs")
     for K in Ks:
         a8 = to_e4m3_values(torch.randn(8, K, generator=g) * 4)
         b8 = to_e4m3_values(torch.randn(8, K, generator=g) * 4)
@@ -469,8 +468,10 @@ def accumulation_figure():
             out = accumulate(a8, b8, bits, promote)  # your simulation
             curves[name].append(float(((out - exact).abs() / exact.abs()).median()))
         fp32_max.append(float(((accumulate(a8, b8, 23, None) - exact).abs() / exact.abs()).max()))
-        print(f"{K:>6}{curves['14-bit accumulator'][-1]:>12.2e}{curves['14-bit + FP32 promotion every 128'][-1]:>12.2e}"
-              f"{fp32_max[-1]:>12.1e}")
+    print(f"{'K':>6}{'14-bit':>12}{'promoted':>12}{'FP32 (max)':>12}   median relative error of the 8x8 outputs")
+    for i, K in enumerate(Ks):
+        print(f"{K:>6}{curves['14-bit accumulator'][i]:>12.2e}{curves['14-bit + FP32 promotion every 128'][i]:>12.2e}"
+              f"{fp32_max[i]:>12.1e}")
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, errs in curves.items():
         ax.plot(Ks, [100 * e for e in errs], "o-", label=name)
@@ -846,10 +847,10 @@ def memory_figure():
     plt.show()
     for k, (wb, xb) in measured.items():
         print(f"{k:<13} weight {wb:.4f} B/param   activation {xb:.4f} B/element")
+    print("DeepSeek-V3 training also keeps per parameter: FP32 master weight (4 B), FP32 gradient, BF16 AdamW moments (2 x 2 B)")
 
 
 yours_or_placeholder(memory_figure, "exercise 4.1 (FP8Converter.quantize)")
-print("DeepSeek-V3 training also keeps per parameter: FP32 master weight (4 B), FP32 gradient, BF16 AdamW moments (2 x 2 B)")
 
 # %% [markdown]
 # ## 4.3 Stability monitoring
@@ -1057,7 +1058,7 @@ def scaled_mm_recipes() -> list[str]:
         want = conv.dequantize(aq, sa) @ conv.dequantize(bq, sb).T
         scale_a, scale_b = layout(sa, sb)
         try:
-            y = torch._scaled_mm(aq, bq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+            y = torch._scaled_mm(aq.contiguous(), bq.contiguous().t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
         except (RuntimeError, NotImplementedError, ValueError, TypeError):
             continue
         if float((y.float() - want).abs().max()) <= 0.02 * float(want.abs().max()):

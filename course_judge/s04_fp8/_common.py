@@ -89,3 +89,12 @@ def close(got, want: torch.Tensor, *, name: str, atol: float, rtol: float = 0.0,
         raise AssertionError(f"{name} has {int(bad.sum())} NaN/inf entries where finite values are expected (first at index {first})"
                              + (f"\n  likely cause: {nonfinite_hint or hint}" if (nonfinite_hint or hint) else ""))
     assert_close(got, want, atol=atol, rtol=rtol, name=name, hint=hint)
+
+
+def batch(k, calls: list) -> list:
+    """``k.many(calls)`` (one round trip); the first call that raised raises here, as a direct call would."""
+    out = k.many(calls)
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+    return out

@@ -9,7 +9,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_tensor
 from course_judge.local import Alternative, Mutant
-from course_judge.s04_fp8._common import BIT_LEVEL_FORBIDDEN, bytecode_names, close, hexes
+from course_judge.s04_fp8._common import BIT_LEVEL_FORBIDDEN, batch, bytecode_names, close, hexes
 from course_lib.deepseek import fp8 as ref
 from course_lib.deepseek.fp8_formats import E4M3, E5M2, FP8Format
 
@@ -153,34 +153,39 @@ def judge(k, t):
     conv = k.g.FP8Converter("e4m3")
     with t.part("visible checks: five E4M3 codes, five decoded values, the NaN code, a tie to even, saturation", 1):
         x5 = torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9])
-        got = expect_tensor(conv.encode(x5), "encode([1, -2, 448, 0, 2^-9])", shape=(5,))
+        c5 = [0x38, 0x01, 0x08, 0x7E, 0xB8]
+        r_enc, r_dec, r_nan, r_tie, r_sat = batch(k, [
+            (conv.encode, (x5,), {}), (conv.decode, (torch.tensor(c5, dtype=torch.uint8),), {}),
+            (conv.decode, (torch.tensor([0x7F], dtype=torch.uint8),), {}), (conv.encode, (torch.tensor([1 + 1 / 16]),), {}),
+            (conv.encode, (torch.tensor([1000.0]),), {})])
+        got = expect_tensor(r_enc, "encode([1, -2, 448, 0, 2^-9])", shape=(5,))
         assert_true(got.dtype == torch.uint8, f"encode should return uint8 codes, got {got.dtype}")
         close(got.to(torch.int64), _encode_variant(x5, E4M3), atol=0, name="E4M3 codes of [1, -2, 448, 0, 2^-9]",
               mistakes=_encode_mistakes(x5, E4M3))
         assert_true(got.tolist() == [0x38, 0xC0, 0x7E, 0x00, 0x01],
                     f"E4M3 codes of [1, -2, 448, 0, 2^-9] should be [0x38, 0xc0, 0x7e, 0x0, 0x1], got {hexes(got.tolist())}",
                     hint="sign in bit 7, exponent field (bias 7) in bits 6-3, mantissa in bits 2-0; 2^-9 is subnormal")
-        c5 = [0x38, 0x01, 0x08, 0x7E, 0xB8]
-        vals = expect_tensor(conv.decode(torch.tensor(c5, dtype=torch.uint8)), "decode(codes)")
+        vals = expect_tensor(r_dec, "decode(codes)")
         close(vals, torch.tensor([1.0, 2.0**-9, 2.0**-6, 448.0, -1.0]), atol=0,
               name="decoded E4M3 values of [0x38, 0x01, 0x08, 0x7e, 0xb8]",
               mistakes={w: v[c5] for w, v in _decode_mistakes(E4M3).items()},
               hint="normal: 2^(e-7) (1 + m/8); subnormal (e = 0): 2^-6 m/8")
-        nan = expect_tensor(conv.decode(torch.tensor([0x7F], dtype=torch.uint8)), "decode(0x7f)")
+        nan = expect_tensor(r_nan, "decode(0x7f)")
         assert_true(bool(torch.isnan(nan).all()), "0x7f is E4M3's NaN")
-        tie = expect_tensor(conv.encode(torch.tensor([1 + 1 / 16])), "encode(1 + 1/16)")
+        tie = expect_tensor(r_tie, "encode(1 + 1/16)")
         assert_true(tie.numel() == 1 and tie.item() == 0x38,
                     "1 + 1/16 lies halfway between 1.0 (mantissa 000) and 1.125 (001): ties go to the even mantissa",
                     hint="use torch.round (half to even) on x / spacing, not floor(x + 0.5)")
-        sat = expect_tensor(conv.encode(torch.tensor([1000.0])), "encode(1000)")
+        sat = expect_tensor(r_sat, "encode(1000)")
         assert_true(sat.numel() == 1 and sat.item() == 0x7E, "1000 must saturate to 448 (0x7e) when saturate=True",
                     hint="saturate=True clamps to +-max before rounding")
 
     convs = {f: k.g.FP8Converter(f.name) for f in (E4M3, E5M2)}
     with t.part("decode: all 256 codes of E4M3 and E5M2 against torch's float8 dtypes (subnormals, -0.0, NaN, inf)", 1):
-        for f, c in convs.items():
+        res = batch(k, [(c.decode, (x,), {}) for c in convs.values() for x in (_CODES, _CODES.reshape(16, 16))])
+        for f, (r_all, r_grid) in zip(convs, zip(res[::2], res[1::2])):
             want = _values(f)
-            got = expect_tensor(c.decode(_CODES), f"{f.name} decode(all 256 codes)", shape=(256,))
+            got = expect_tensor(r_all, f"{f.name} decode(all 256 codes)", shape=(256,))
             assert_true(got.dtype == torch.float32, f"decode should return float32, got {got.dtype}")
             close(got, want, atol=0, name=f"{f.name}: decoded values of the 256 codes", mistakes=_decode_mistakes(f))
             bad = ~_same(got.double(), want)
@@ -190,16 +195,27 @@ def judge(k, t):
                             hint="the sign applies to zero too: code 0x80 is -0.0")
                 assert_true(False, f"{f.name}: decode disagrees with torch on codes {hexes(_CODES[bad].tolist())[:8]}: "
                             f"got {got[bad].tolist()[:8]}, torch {want[bad].tolist()[:8]}", hint=_decode_hint(f, first))
-            grid = expect_tensor(c.decode(_CODES.reshape(16, 16)), f"{f.name} decode of a (16, 16) tensor of codes")
+            grid = expect_tensor(r_grid, f"{f.name} decode of a (16, 16) tensor of codes")
             assert_true(tuple(grid.shape) == (16, 16), f"decode must keep the shape of its input: got {tuple(grid.shape)} for (16, 16)")
 
     g = torch.Generator().manual_seed(41)
     with t.part("encode: every tie (half to even), dense random values, -0.0 and the round trip, against torch's clamped cast; "
                 "x read exactly in float64", 1):
-        for f, c in convs.items():
-            x = _ties_and_random(f, g)
+        inputs = {}
+        for f in convs:
+            vals = _values(f)
+            grid = vals[torch.isfinite(vals)].unique()
+            mid = (grid[:-1] + grid[1:]) / 2
+            x64 = torch.cat([mid * (1 + 2.0**-40), mid * (1 - 2.0**-40)]).to(torch.float64)  # a hair off each tie, in float64
+            inputs[f] = (_ties_and_random(f, g), vals, x64)
+        res = batch(k, [call for f, c in convs.items() for call in ((c.encode, (inputs[f][0],), {}),
+                                                                     (c.encode, (inputs[f][1].float(),), {"saturate": False}),
+                                                                     (c.encode, (inputs[f][2],), {}))])
+        for i, f in enumerate(convs):
+            x, vals, x64 = inputs[f]
+            r_x, r_back, r_64 = res[3 * i:3 * i + 3]
             want = x.clamp(-f.max, f.max).to(f.torch_dtype).view(torch.uint8).to(torch.int64)
-            got = expect_tensor(c.encode(x), f"{f.name} encode(x)", shape=tuple(x.shape))
+            got = expect_tensor(r_x, f"{f.name} encode(x)", shape=tuple(x.shape))
             assert_true(got.dtype == torch.uint8, f"encode should return uint8 codes, got {got.dtype}")
             got = got.to(torch.int64)
             close(got, want, atol=0, name=f"{f.name}: codes of {x.numel()} values (ties, random, +-0, +-1e9)",
@@ -211,19 +227,15 @@ def judge(k, t):
                         else "round half to even on the tick spacing of the value's binade")
                 assert_true(False, f"{f.name}: encode disagrees with torch's (clamped) cast at {x[bad][:5].tolist()}: "
                             f"got {hexes(got[bad][:5])}, torch {hexes(want[bad][:5])}", hint=hint)
-            vals = _values(f)
             keep = ~torch.isnan(vals)
-            back = expect_tensor(c.encode(vals.float(), saturate=False), f"{f.name} encode(decoded codes, saturate=False)")
+            back = expect_tensor(r_back, f"{f.name} encode(decoded codes, saturate=False)")
             assert_true(torch.equal(back.to(torch.int64)[keep], _CODES.to(torch.int64)[keep]),
                         f"{f.name}: encode(value of code) != code for codes "
                         f"{hexes(_CODES[keep][back.to(torch.int64)[keep] != _CODES.to(torch.int64)[keep]])[:8]}",
                         hint="every representable value (and -0.0) must encode to its own code")
             # float64 values a hair above / below each tie: one rounding, read exactly in float64
-            grid = vals[torch.isfinite(vals)].unique()
-            mid = (grid[:-1] + grid[1:]) / 2
-            x64 = torch.cat([mid * (1 + 2.0**-40), mid * (1 - 2.0**-40)]).to(torch.float64)
             want64 = ref.encode(x64, f).to(torch.int64)
-            got64 = expect_tensor(c.encode(x64), f"{f.name} encode(float64 values next to the ties)").to(torch.int64)
+            got64 = expect_tensor(r_64, f"{f.name} encode(float64 values next to the ties)").to(torch.int64)
             close(got64, want64, atol=0, name=f"{f.name}: codes of float64 values a hair off each tie",
                   mistakes={"x is read through float32 (a float32 detour or torch's float8 cast, which rounds via float32): "
                             "a value a hair above a tie is rounded twice; read x exactly in float64":
@@ -233,25 +245,32 @@ def judge(k, t):
     with t.part("overflow without saturation (E5M2 inf, E4M3 NaN), saturation to +-max, NaN codes, shapes; "
                 "bit level (no torch float8 casts)", 1):
         e5, e4 = convs[E5M2], convs[E4M3]
-        got = expect_tensor(e5.encode(torch.tensor([1e6, -1e6, math.inf]), saturate=False), "E5M2 encode(overflow, saturate=False)")
+        r = batch(k, [(e5.encode, (torch.tensor([1e6, -1e6, math.inf]),), {"saturate": False}),
+                      (e5.encode, (torch.tensor([1e6, -math.inf]),), {}),
+                      (e4.encode, (torch.tensor([500.0, -1e6]),), {"saturate": False}),
+                      (e4.encode, (torch.tensor([-math.inf]),), {}),
+                      (e4.encode, (torch.tensor([math.nan, -math.nan]),), {}),
+                      (e5.encode, (torch.tensor([math.nan, -math.nan]),), {}),
+                      (e4.encode, (torch.tensor([[1.0, 2.0], [3.0, 4.0]]),), {})])
+        got = expect_tensor(r[0], "E5M2 encode(overflow, saturate=False)")
         assert_true(got.tolist() == [0x7C, 0xFC, 0x7C], f"E5M2 without saturation: overflow and inf encode to +-inf (0x7c / 0xfc), "
                     f"got {hexes(got.tolist())}",
                     hint=("saturate=False must not clamp" if got.tolist()[0] == 0x7B else "E5M2's inf is S.11111.00"))
-        got = expect_tensor(e5.encode(torch.tensor([1e6, -math.inf])), "E5M2 encode(overflow)")
+        got = expect_tensor(r[1], "E5M2 encode(overflow)")
         assert_true(got.tolist() == [0x7B, 0xFB], f"E5M2 with saturation: +-57344 (0x7b / 0xfb), got {hexes(got.tolist())}",
                     hint="saturate=True clamps to +-max before rounding, infinities too")
-        got = expect_tensor(e4.encode(torch.tensor([500.0, -1e6]), saturate=False), "E4M3 encode(overflow, saturate=False)")
+        got = expect_tensor(r[2], "E4M3 encode(overflow, saturate=False)")
         assert_true(got.tolist() == [0x7F, 0xFF], f"E4M3 has no inf: an overflow without saturation is NaN (0x7f / 0xff), "
                     f"got {hexes(got.tolist())}",
                     hint=("E4M3 has no inf code: S.1111.000 is the normal number 256; an overflow without saturation is NaN"
                           if got.tolist()[0] == 0x78 else "magnitudes that round above 448 have no code: NaN, S.1111.111"))
-        got = expect_tensor(e4.encode(torch.tensor([-math.inf])), "E4M3 encode(-inf)")
+        got = expect_tensor(r[3], "E4M3 encode(-inf)")
         assert_true(got.tolist() == [0xFE], f"E4M3 saturates -inf to -448 (0xfe), got {hexes(got.tolist())}")
-        for f, c in convs.items():
-            nan = expect_tensor(c.encode(torch.tensor([math.nan, -math.nan])), f"{f.name} encode(NaN)").to(torch.int64)
+        for f, rn in ((E4M3, r[4]), (E5M2, r[5])):
+            nan = expect_tensor(rn, f"{f.name} encode(NaN)").to(torch.int64)
             assert_true(bool(torch.isnan(ref.decode(nan, f)).all()), f"{f.name}: NaN must encode to a NaN code, got {hexes(nan)}",
                         hint="check for NaN before rounding (NaN compares false with everything)")
-        got = expect_tensor(e4.encode(torch.tensor([[1.0, 2.0], [3.0, 4.0]])), "encode of a (2, 2) tensor")
+        got = expect_tensor(r[6], "encode of a (2, 2) tensor")
         assert_true(tuple(got.shape) == (2, 2), f"encode must keep the shape of its input: got {tuple(got.shape)} for (2, 2)")
         for meth in ("encode", "decode"):
             names = bytecode_names(k, getattr(k.g.FP8Converter, meth))

@@ -8,6 +8,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_float
 from course_judge.local import Alternative, Mutant
+from course_judge.s04_fp8._common import batch
 from course_judge.s04_fp8.trainer import _kernel_module
 from course_lib.deepseek.fp8_formats import E4M3, E5M2, FP8Format
 
@@ -78,7 +79,7 @@ def _check_counts(st, x, f: FP8Format, scale: float, what: str) -> None:
 
 def judge(k, t):
     Mon = k.g.StabilityMonitor
-    listing = k.lib("builtins:list")
+    listing, getattr_ = k.lib("builtins:list"), k.lib("builtins:getattr")
     with t.part("visible checks: one overflow, one underflow, one NaN, amax 500, the amax history", 1):
         mon = k.call_opts(Mon, ("e4m3",), keep=True)
         x = torch.tensor([1.0, -500.0, 1e-4, 0.0, math.nan])
@@ -96,39 +97,43 @@ def judge(k, t):
             x[::97] = math.nan
             x[::101] = math.inf
             x[::103] = 0.0
-            _check_counts(mon.observe("x", x, scale=3.0), x, f, 3.0, f"{f.name}: observe(x, scale=3)")
-            kinds = {a[1] for a in k.get(mon.alerts)}
-            assert_true(kinds == {"overflow", "underflow", "nonfinite"}, f"{f.name}: one alert per nonzero kind, got kinds {sorted(kinds)}",
-                        hint="append (name, kind, count) to self.alerts for each of overflow, underflow, nonfinite that is nonzero")
             over, half = _thresholds(f)
             sub = f.min_subnormal
-            for edge in (torch.tensor([half, half * 1.01, -half, 0.9 * sub, sub, 3 * sub, 0.0, -0.0, 0.0]),
-                         torch.tensor([f.max, (f.max + over) / 2, over, over * 1.0001, -over * 1.01])):
-                _check_counts(mon.observe("edge", edge), edge, f, 1.0, f"{f.name}: observe({[f'{v:.4g}' for v in edge.tolist()]})")
+            edges = (torch.tensor([half, half * 1.01, -half, 0.9 * sub, sub, 3 * sub, 0.0, -0.0, 0.0]),
+                     torch.tensor([f.max, (f.max + over) / 2, over, over * 1.0001, -over * 1.01]))
+            st, alerts, *st_edges = batch(k, [(mon.observe, ("x", x), {"scale": 3.0}), (getattr_, (mon, "alerts"), {})]
+                                          + [(mon.observe, ("edge", e), {}) for e in edges])
+            _check_counts(st, x, f, 3.0, f"{f.name}: observe(x, scale=3)")
+            kinds = {a[1] for a in alerts}
+            assert_true(kinds == {"overflow", "underflow", "nonfinite"}, f"{f.name}: one alert per nonzero kind, got kinds {sorted(kinds)}",
+                        hint="append (name, kind, count) to self.alerts for each of overflow, underflow, nonfinite that is nonzero")
+            for edge, st_e in zip(edges, st_edges):
+                _check_counts(st_e, edge, f, 1.0, f"{f.name}: observe({[f'{v:.4g}' for v in edge.tolist()]})")
         mon = k.call_opts(Mon, ("e4m3",), keep=True)
-        st = mon.observe("quiet", torch.tensor([1.0, 2.0]))
-        assert_true(st["overflow"] == st["underflow"] == st["nonfinite"] == 0 and k.get(mon.alerts) == [],
+        st, alerts = batch(k, [(mon.observe, ("quiet", torch.tensor([1.0, 2.0])), {}), (getattr_, (mon, "alerts"), {})])
+        assert_true(st["overflow"] == st["underflow"] == st["nonfinite"] == 0 and alerts == [],
                     "a tensor without problems must raise no alert (only nonzero counts are alerts)")
 
     with t.part("the amax history and delayed scale, a spike under delayed vs online scaling, the gradient norm with its square "
                 "root, non-finite gradients by name, diagnose", 1):
         for f in (E4M3, E5M2):
             mon = k.call_opts(Mon, (f.name,), {"history": 4}, keep=True)
-            k.many([(mon.observe, ("h", torch.tensor([v])), {}) for v in (9.0, 5.0, 2.0, 3.0, 4.0)])
-            hist = k.call(listing, mon.amax_history["h"])
+            *_, hist, ds, ds0 = batch(k, [(mon.observe, ("h", torch.tensor([v])), {}) for v in (9.0, 5.0, 2.0, 3.0, 4.0)]
+                                      + [(listing, (mon.amax_history["h"],), {}), (mon.delayed_scale, ("h",), {}),
+                                         (mon.delayed_scale, ("never seen",), {})])
             assert_true(hist == [5.0, 2.0, 3.0, 4.0], f"{f.name}: the amax history keeps the last `history` (4) values: got {hist}")
-            ds = expect_float(mon.delayed_scale("h"), "delayed_scale")
+            ds = expect_float(ds, "delayed_scale")
             why = ("the delayed scale uses the latest amax: take max(amax history)" if abs(ds - 4.0 / f.max) < 1e-12
                    else "the delayed scale uses the mean of the history: take max(amax history)" if abs(ds - 3.5 / f.max) < 1e-12
                    else "the delayed scale is stored as its reciprocal: max(amax history) / fmt.max" if abs(ds - f.max / 5.0) < 1e-9
                    else None)
             assert_true(abs(ds - 5.0 / f.max) < 1e-12, f"{f.name}: delayed scale {ds:g}, expected {5.0 / f.max:g}", hint=why)
-            ds = expect_float(mon.delayed_scale("never seen"), "delayed_scale('never seen')")
+            ds = expect_float(ds0, "delayed_scale('never seen')")
             assert_true(ds == 1.0, f"no history -> scale 1.0, got {ds}")
         mon = k.call_opts(Mon, ("e4m3",), keep=True)
-        k.many([(mon.observe, ("a", torch.randn(1024, generator=g)), {}) for _ in range(8)])
+        got = batch(k, [(mon.observe, ("a", torch.randn(1024, generator=g)), {}) for _ in range(8)] + [(mon.delayed_scale, ("a",), {})])
         spike = torch.randn(1024, generator=g) * 100
-        st_d = mon.observe("a", spike, scale=expect_float(mon.delayed_scale("a"), "delayed_scale('a')"))
+        st_d = mon.observe("a", spike, scale=expect_float(got[-1], "delayed_scale('a')"))
         st_o = mon.observe("a2", spike, scale=float(spike.abs().max()) / 448)
         assert_true(st_d["overflow"] > 0 and st_o["overflow"] == 0, "a 100x spike should overflow with the delayed scale only "
                     f"(overflows: delayed {st_d['overflow']}, online {st_o['overflow']})")

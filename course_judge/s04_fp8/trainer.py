@@ -10,6 +10,7 @@ from torch import nn
 
 from course_judge.checks import assert_true, expect_float
 from course_judge.local import Alternative, Mutant
+from course_judge.s04_fp8._common import batch
 from course_judge.session import LearnerError
 from course_lib.bench import threads
 from course_lib.deepseek.common import RMSNorm, SwiGLU
@@ -111,9 +112,12 @@ def _sample(P: torch.Tensor, n: int, g: torch.Generator) -> dict:
 
 
 def _kernel_module(k, build):
-    """Build a torch module in the kernel from ``build`` = (class path, args, children) trees; returns a handle."""
+    """Build a torch module in the kernel from ``build`` = (class path, args, children of one level); returns a handle.
+
+    The children are built in one round trip (modules are not data: they come back as handles).
+    """
     path, args, children = build
-    kids = [_kernel_module(k, c) for c in children]
+    kids = batch(k, [(k.lib(p), a, {}) for p, a, _ in children]) if children else []
     return k.call_opts(k.lib(path), (*kids, *args), keep=True)
 
 
@@ -221,24 +225,23 @@ def judge(k, t):
                     hint=_why_trajectory(got, pattern7, 7, 2.0**10) or "use self.growth_interval, self.growth_factor and "
                     "self.backoff_factor (not fixed numbers)")
         dflt = k.call_opts(Scaler, keep=True)
-        gi = k.get(dflt.growth_interval)
-        assert_true(gi == 2000 and k.get(dflt.scale_value) == 2.0**16, f"torch.amp.GradScaler's defaults: 2^16 and 2000 clean "
-                    f"steps (got {k.get(dflt.scale_value)} and {gi})")
-        Param = k.lib("torch.nn:Parameter")
+        gi, sv = batch(k, [(getattr_, (dflt, "growth_interval"), {}), (getattr_, (dflt, "scale_value"), {})])
+        assert_true(gi == 2000 and sv == 2.0**16, f"torch.amp.GradScaler's defaults: 2^16 and 2000 clean steps (got {sv} and {gi})")
+        Param, setattr_ = k.lib("torch.nn:Parameter"), k.lib("builtins:setattr")
         p = k.call_opts(Param, (torch.zeros(4),), keep=True)
         q = k.call_opts(Param, (torch.zeros(2),), keep=True)  # no gradient: skipped
-        k.set(p.grad, torch.tensor([2.0**16, 2.0**17, 0.0, -(2.0**15)]))
         s3 = k.call_opts(Scaler, keep=True)
-        found = s3.unscale_([p, q])
-        grad = k.get(p.grad)
+        _, found, grad, _, found_inf, _, found_nan = batch(k, [
+            (setattr_, (p, "grad", torch.tensor([2.0**16, 2.0**17, 0.0, -(2.0**15)])), {}), (s3.unscale_, ([p, q],), {}),
+            (getattr_, (p, "grad"), {}),
+            (setattr_, (p, "grad", torch.tensor([1.0, math.inf, 0.0, 0.0])), {}), (s3.unscale_, ([p, q],), {}),
+            (setattr_, (p, "grad", torch.tensor([1.0, math.nan, 0.0, 0.0])), {}), (s3.unscale_, ([q, p],), {})])
         assert_true(torch.equal(grad, torch.tensor([1.0, 2.0, 0.0, -0.5])), f"unscale_ should divide the gradients by the scale "
                     f"2^16: [2^16, 2^17, 0, -2^15] became {grad.tolist()}",
                     hint="unscale_ multiplies by the scale: divide" if float(grad[0]) > 2.0**16 else "p.grad /= scale, in place")
         assert_true(found is False, f"unscale_ of finite gradients should return False, got {found!r}")
-        k.set(p.grad, torch.tensor([1.0, math.inf, 0.0, 0.0]))
-        assert_true(s3.unscale_([p, q]) is True, "unscale_ must return True when any gradient holds inf or NaN")
-        k.set(p.grad, torch.tensor([1.0, math.nan, 0.0, 0.0]))
-        assert_true(s3.unscale_([q, p]) is True, "unscale_ must return True when any gradient holds NaN (not only inf)")
+        assert_true(found_inf is True, "unscale_ must return True when any gradient holds inf or NaN")
+        assert_true(found_nan is True, "unscale_ must return True when any gradient holds NaN (not only inf)")
 
     with t.part("fp16 training against torch.amp.GradScaler for 20 steps: scale, skipped steps, parameters, clipping after "
                 "unscaling, the unscaled loss and gradient norm", 1):
@@ -337,7 +340,7 @@ def judge(k, t):
             opt = k.call_opts(k.lib("torch.optim:AdamW"), (model.parameters(),), {"lr": 3e-3}, keep=True)
             tr = k.call_opts(Trainer, (model, opt, k.g.lm_loss, prec), keep=True)
             gb = torch.Generator().manual_seed(1)
-            batches = [_sample(P, 128, gb) for _ in range(6)]
+            batches = [_sample(P, 128, gb)] * 3  # one batch three times: its loss must fall (bf16 autocast is slow on CPU)
             logs = k.many([(tr.train_step, (b,), {}) for b in batches])
             for lg in logs:
                 if isinstance(lg, Exception):
@@ -349,7 +352,7 @@ def judge(k, t):
             bad = sorted(n for n, d in dtypes.items() if d != torch.float32)
             assert_true(not bad, f"{prec}: master weights must stay FP32, but {bad[:3]} are {dtypes[bad[0]] if bad else ''}",
                         hint="autocast casts inside the operations; never convert the model's parameters")
-            assert_true(losses[-1] < losses[0], f"{prec}: 6 steps should lower the loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
+            assert_true(losses[-1] < losses[0], f"{prec}: {len(losses)} steps should lower the loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
             assert_true(not any(lg["skipped"] for lg in logs), f"{prec}: no step should be skipped on a healthy model")
         try:
             kind = k.info(model.mlps[0].w1).get("type")
