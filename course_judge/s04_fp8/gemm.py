@@ -141,8 +141,8 @@ def judge(k, t):
         x8 = _fp8_values(torch.randn(6, 520, generator=g) * 4)
         w8 = _fp8_values(torch.randn(5, 520, generator=g) * 4)
         for pe in (N_C, None, 256):
-            want = ref.accumulate_limited(x8, w8, 14, pe)
             got = expect_tensor(acc(x8, w8, 14, pe), f"accumulate(a, b, 14, promote_every={pe})", shape=(6, 5))
+            want = ref.accumulate_limited(x8, w8, 14, pe)
             close(got, want, atol=0, rtol=1e-6, name=f"accumulate(K=520, 14 bits, promote_every={pe}) vs the reference simulation",
                   mistakes=partial(_acc_mistakes, x8, w8, 14, pe),
                   hint="acc = round_to_bits(acc + a[:, k, None] * b[None, :, k], bits, 'truncate') in order k = 0 .. K-1")

@@ -265,6 +265,9 @@ def judge(k, t):
         for b in batches:
             calls += [(tr.train_step, (b,), {}), (to_vec, (plist,), {})]
         out = k.many(calls)
+        for o in out[:2]:  # a train_step that cannot run fails here, before the reference loop is computed
+            if isinstance(o, Exception):
+                raise o
         want, snaps = _grad_scaler_run(state, batches, growth_interval=3, max_norm=0.5, lr=0.1)
         for i in range(len(batches)):
             log, vec = out[2 * i], out[2 * i + 1]
