@@ -3,7 +3,8 @@
 - ``common``  RMSNorm, rotary embeddings (interleaved pairs, as DeepSeek's code), SwiGLU
 - ``mla``     Multi-head Latent Attention: naive and absorbed paths, latent KV cache
 - ``moe``     DeepSeekMoE: sigmoid router with bias and group-limited routing, shared + routed experts
-- ``fp8``     FP8 formats, fine-grained (1x128 / 128x128) quantisation, emulated and CUDA GEMMs
+- ``fp8``     fine-grained (1x128 / 128x128) quantisation, emulated and CUDA GEMMs, FP8 linear, loss scaler
+- ``fp8_formats``  the FP8 formats, constants, SQNR and accumulator rounding (given to Section 4, re-exported by fp8)
 - ``model``   DeepSeekV3Mini with multi-token prediction, training step and loop
 - ``hf``      weight converter to and from HF transformers' ``DeepseekV3ForCausalLM`` (parity tests)
 """
