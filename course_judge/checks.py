@@ -8,7 +8,7 @@ missing") rather than only by how much it is off; otherwise NaN/inf entries are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,13 +69,25 @@ def matches(got: torch.Tensor, candidate: torch.Tensor, atol: float, rtol: float
 
 
 def expect_close(got: Any, want: torch.Tensor, *, name: str, atol: float, rtol: float = 0.0,
-                 mistakes: Mapping[str, torch.Tensor] | None = None, hint: str | None = None) -> None:
-    """``assert_close`` that names the mistake whose output ``got`` reproduces (checked most specific first)."""
+                 mistakes: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]] | None = None, hint: str | None = None,
+                 mistake_rtol: float | None = None) -> None:
+    """``assert_close`` that names the mistake whose output ``got`` reproduces (checked most specific first).
+
+    A mistake's output may be given as a function: it is computed only when ``got`` is wrong. ``mistake_rtol``
+    (default ``rtol``) is the tolerance for matching a mistake (e.g. looser when the answer runs in float32 and
+    the judge simulates the mistake in float64).
+    """
     expect_tensor(got, name, shape=tuple(want.shape))
     if matches(got, want, atol, rtol):
         return
+    m_rtol = rtol if mistake_rtol is None else mistake_rtol
     for what, out in (mistakes or {}).items():  # the most specific diagnosis first: a known mistake's output
-        if matches(got, out, atol, rtol):
+        if callable(out):
+            try:
+                out = out()
+            except Exception:  # noqa: BLE001 - a mistake that cannot be simulated here names nothing
+                continue
+        if matches(got, out, atol, m_rtol):
             raise AssertionError(f"{name} differs from the expected values ({_how_far(got, want)})\n  likely cause: {what}")
     assert_close(got, want, atol=atol, rtol=rtol, name=name, hint=hint)  # NaN/inf entries are reported first
 
@@ -85,4 +97,5 @@ def _how_far(got: torch.Tensor, want: torch.Tensor) -> str:
     nonfinite = int((~torch.isfinite(a) & torch.isfinite(b)).sum())
     if nonfinite:
         return f"{nonfinite} NaN/inf entries where finite values are expected"
-    return f"max abs error {float((a - b).abs().max()):.3g}" if a.numel() else "empty"
+    both = torch.isfinite(a) & torch.isfinite(b)
+    return f"max abs error {float((a - b)[both].abs().max()):.3g}" if bool(both.any()) else "no finite entries to compare"

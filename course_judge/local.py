@@ -118,4 +118,4 @@ def grade(section: str, module: ModuleType, changes: list[Mutant | Alternative] 
     ns = namespace(nb, module.GRADE_ID)
     session = Session(LocalChannel(ns))
     rejected = static.rejection(nb, module)
-    return verdict.run(module, session, rejected=rejected)
+    return verdict.run(module, session, rejected=rejected, source=static.answer_cells(nb, module.ANSWERS))

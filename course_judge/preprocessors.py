@@ -326,7 +326,8 @@ if _NbgraderExecute is not None:
                 session = Session(channel, timeout=min(self.judge_call_timeout, timeout), deadline=time.monotonic() + timeout,
                                   max_reply_bytes=limit)
                 try:
-                    v = await asyncio.to_thread(V.run, module, session, rejected=rejected, review=review)
+                    v = await asyncio.to_thread(V.run, module, session, rejected=rejected, review=review,
+                                                source=static.answer_cells(self.nb, module.ANSWERS))
                 except Exception as e:  # noqa: BLE001 - a bug in a judge must not stop the batch
                     v = V.Verdict(gid, points, parts=[V.PartResult("judge", points, False, f"the judge failed: {type(e).__name__}: {e}")])
                     note("grading_failed", f"the judge of {gid} failed ({type(e).__name__}: {str(e)[:200]}): scored 0", cell=gid)

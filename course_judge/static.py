@@ -368,3 +368,13 @@ def similarity_review(nb: dict, module) -> list[str]:
         if share >= SIMILARITY_REVIEW:
             out.append(f"the answer to {module.GRADE_ID} is {100 * share:.0f}% the source of {name} (copied reference code?)")
     return out
+
+
+def answer_cells(nb: dict, answer_ids) -> dict[str, str]:
+    """``{grade_id: source}`` of the answer cells ``answer_ids`` as submitted (the last copy of a duplicate wins)."""
+    out = {}
+    for c in nb.get("cells", []):
+        gid = _meta(c).get("grade_id") if isinstance(c, dict) else None
+        if gid in set(answer_ids):
+            out[gid] = cell_source(c)
+    return out

@@ -75,6 +75,11 @@ class Verdict:
         return min(self.points, sum(p.score for p in self.parts))
 
     @property
+    def failure_texts(self) -> list[str]:
+        """What the learner is told went wrong: the refusal and each failed part's message (no part names)."""
+        return ([self.rejected] if self.rejected else []) + [p.message for p in self.parts if not p.passed and p.message]
+
+    @property
     def messages(self) -> list[str]:
         out = [self.rejected] if self.rejected else []
         return out + [f"{p.name}: {p.message}" for p in self.parts if not p.passed and p.message]
@@ -108,11 +113,16 @@ class Verdict:
 
 
 class Grader:
-    """What a judge function receives as ``t``: parts, notes, inconclusive results."""
+    """What a judge function receives as ``t``: parts, notes, inconclusive results, the submitted source.
 
-    def __init__(self, verdict: Verdict):
+    ``t.source`` maps each answer cell's grade id (the module's ANSWERS) to the code the learner submitted, read
+    by the grader from the notebook file (the kernel cannot change it): for static checks of an answer.
+    """
+
+    def __init__(self, verdict: Verdict, source: dict[str, str] | None = None):
         self.verdict = verdict
         self.dead: str | None = None
+        self.source = dict(source or {})
 
     @contextlib.contextmanager
     def part(self, name: str, points: float):
@@ -148,14 +158,15 @@ class Grader:
         raise Inconclusive(why)
 
 
-def run(module: ModuleType, session: Session, *, rejected: str = "", review: list[str] | None = None) -> Verdict:
+def run(module: ModuleType, session: Session, *, rejected: str = "", review: list[str] | None = None,
+        source: dict[str, str] | None = None) -> Verdict:
     """Grade one exercise: the module's ``judge`` against ``session`` (``rejected``: static refusal)."""
     v = Verdict(module.GRADE_ID, float(module.POINTS), summary=getattr(module, "SUMMARY", ""), review=list(review or []))
     t0 = time.perf_counter()
     if rejected:
         v.rejected = rejected
     else:
-        g = Grader(v)
+        g = Grader(v, source)
         try:
             session.reset()
         except (ChannelError, LearnerError) as e:

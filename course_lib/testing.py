@@ -105,8 +105,8 @@ def assert_close(
         first = tuple(int(i) for i in torch.nonzero(bad)[0])
         raise AssertionError(
             f"{name} has {int(bad.sum())} NaN/inf entries where finite values are expected (first at index {first})\n"
-            "  likely cause: a row whose every entry is masked (softmax over only -inf), a division by zero, "
-            "or an overflow: check masks and denominators first")
+            "  likely cause: a division by zero, an overflow, a log or sqrt of a non-positive number, or (in attention) "
+            "a row whose every entry is masked: look for where the first non-finite value appears")
     both_nan = torch.isnan(a) & torch.isnan(e)
     ok = ((a - e).abs() <= atol + rtol * e.abs()) | both_nan
     ok &= ~(torch.isinf(a) ^ torch.isinf(e)) | both_nan
