@@ -1,22 +1,23 @@
 """The judge's channel to a real (sandboxed) Jupyter kernel, used while nbgrader executes a notebook.
 
-The judge runs in a worker thread of the grading process; each request is handed to the executor's
-event loop, which sends one fixed line of code (``course_lib.agent.ENTRY``) with the request as its
-argument and waits for the display message that carries the answer. Everything else the kernel
-prints meanwhile is dropped. A call past its time limit interrupts the kernel; a kernel that does not
-come back, or that dies, ends the judging of this notebook (:class:`KernelGone`).
+The judge runs in a worker thread of the grading process; each request is handed to the executor's event
+loop. The first request of a kernel runs one fixed line (``course_lib.agent.LISTEN``) that opens the
+kernel's end, then a Jupyter comm is opened to it. Every request is a comm message whose binary buffer
+holds the request; the answer is the comm message from the kernel that carries the request's digest
+(anything else the kernel sends meanwhile is dropped). Binary buffers skip base64 and JSON, which matters
+for weights and caches. A call past its time limit interrupts the kernel; a kernel that does not come
+back, or that dies, ends the judging of this notebook (:class:`KernelGone`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import queue
 import time
+import uuid
 
 from course_judge.session import CallTimeout, ChannelError, KernelGone
-from course_lib.agent import ENTRY, MIME, request_digest
+from course_lib.agent import LISTEN, TARGET, request_digest
 
 
 class KernelChannel:
@@ -29,6 +30,7 @@ class KernelChannel:
         self.max_reply_bytes = max_reply_bytes
         self.responsive_timeout = responsive_timeout
         self.dead: str | None = None
+        self.comm_id: str | None = None
 
     def roundtrip(self, request: bytes, timeout: float) -> bytes:
         if self.dead:
@@ -36,23 +38,41 @@ class KernelChannel:
         fut = asyncio.run_coroutine_threadsafe(self._roundtrip(request, timeout), self.loop)
         return fut.result()
 
-    async def _roundtrip(self, request: bytes, timeout: float) -> bytes:
+    async def _open(self, deadline: float) -> None:
+        """Start the kernel's end (one line of code) and open the comm to it."""
         kc = self.ex.kc
-        code = ENTRY.format(payload=base64.b64encode(request).decode("ascii"))
-        msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=False, stop_on_error=False)
-        reply, idle = await self._collect(msg_id, time.monotonic() + timeout, request_digest(request))
+        msg_id = kc.execute(LISTEN, silent=False, store_history=False, allow_stdin=False, stop_on_error=False)
+        _, idle = await self._collect(msg_id, deadline)
+        if not idle:
+            await self._interrupt(msg_id)
+            raise CallTimeout("the kernel did not start the judge's channel in time")
+        await self._drain_shell(msg_id)
+        self.comm_id = uuid.uuid4().hex
+        msg = kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": TARGET, "data": {}})
+        kc.shell_channel.send(msg)
+        await self._collect(msg["header"]["msg_id"], deadline)
+
+    async def _roundtrip(self, request: bytes, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        if self.comm_id is None:
+            await self._open(deadline)
+        kc = self.ex.kc
+        msg = kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": {}})
+        msg["buffers"] = [request]
+        kc.shell_channel.send(msg)
+        msg_id = msg["header"]["msg_id"]
+        reply, idle = await self._collect(msg_id, deadline, request_digest(request).hex())
         if not idle:
             await self._interrupt(msg_id)
             raise CallTimeout(f"the call did not finish within {timeout:g} s (the kernel was interrupted)")
-        await self._drain_shell(msg_id)
         if reply is None:
             raise ChannelError("the kernel did not answer the judge's request (is course_lib.agent intact?)")
         if reply == b"":
             raise ChannelError(f"the kernel's answer is over {self.max_reply_bytes >> 20} MB")
         return reply
 
-    async def _collect(self, msg_id: str, deadline: float, digest: bytes = b"") -> tuple[bytes | None, bool]:
-        """The answer to ``msg_id`` (the first display message carrying ``digest``) and whether the kernel went idle."""
+    async def _collect(self, msg_id: str, deadline: float, digest: str = "") -> tuple[bytes | None, bool]:
+        """The answer to ``msg_id`` (the first comm message carrying ``digest``) and whether the kernel went idle."""
         kc = self.ex.kc
         reply: bytes | None = None
         while True:
@@ -69,19 +89,12 @@ class KernelChannel:
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             kind, content = msg.get("msg_type"), msg.get("content", {})
-            if kind in ("display_data", "execute_result") and reply is None and digest:
-                data = content.get("data", {}).get(MIME)
-                if not isinstance(data, str):
+            if kind == "comm_msg" and reply is None and digest:
+                data = content.get("data") or {}
+                buffers = msg.get("buffers") or []
+                if content.get("comm_id") != self.comm_id or not isinstance(data, dict) or data.get("re") != digest or not buffers:
                     continue
-                if len(data) > self.max_reply_bytes * 4 // 3 + 64:
-                    reply = b""  # too big: refused below (the kernel's answer is not read)
-                    continue
-                try:
-                    raw = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    continue
-                if raw[:16] == digest:
-                    reply = raw[16:]
+                reply = b"" if len(buffers[0]) > self.max_reply_bytes else bytes(buffers[0])  # too big: refused
             elif kind == "status" and content.get("execution_state") == "idle":
                 return reply, True
 
@@ -90,14 +103,10 @@ class KernelChannel:
             await self.ex.km.interrupt_kernel()
         except Exception:  # noqa: BLE001 - a kernel that cannot be interrupted is treated as gone below
             pass
-        try:
-            _, idle = await self._collect(msg_id, time.monotonic() + self.responsive_timeout)
-        except KernelGone:
-            raise
+        _, idle = await self._collect(msg_id, time.monotonic() + self.responsive_timeout)
         if not idle:
             self.dead = "the kernel did not stop when a judge call ran past its time limit"
             raise KernelGone(self.dead)
-        await self._drain_shell(msg_id)
 
     async def _drain_shell(self, msg_id: str) -> None:
         kc = self.ex.kc

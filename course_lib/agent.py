@@ -1,12 +1,13 @@
 """The kernel's end of the judge's channel: run one request on the learner's objects, answer with data.
 
 While a notebook is graded, the course's judge (a trusted process outside the sandbox, see
-``docs/GRADING.md``) never sends test code into the kernel. It sends requests, each a
-:mod:`course_lib.wire` message, through one fixed line of code::
+``docs/GRADING.md``) never sends test code into the kernel. It runs one fixed line once::
 
-    __import__("course_lib.agent").agent.serve("<base64 request>")
+    __import__("course_lib.agent").agent.listen()
 
-and reads the answer from a display message. A request names what to do with the learner's objects:
+and then talks over a Jupyter comm (target ``course_judge``): each request is a :mod:`course_lib.wire`
+message in the comm message's binary buffer, each answer comes back the same way, tagged with a digest
+of its request. A request names what to do with the learner's objects:
 
 - ``get``: send back a value (tensors, numbers, strings, lists, dicts, dataclasses; anything else
   stays in the kernel and comes back as a handle);
@@ -27,7 +28,6 @@ ever travels here, and nothing this module answers is trusted beyond being the l
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import importlib
@@ -40,8 +40,8 @@ from typing import Any
 
 from course_lib import wire
 
-MIME = "application/vnd.course-judge.reply+base64"
-ENTRY = '__import__("course_lib.agent").agent.serve({payload!r})'
+TARGET = "course_judge"
+LISTEN = '__import__("course_lib.agent").agent.listen()'
 _LIB_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -246,12 +246,10 @@ def describe(e: BaseException) -> dict:
     return {"type": type(e).__name__, "message": str(e)[:2000], "where": where[-3:]}
 
 
-_AGENT: Agent | None = None
-
-
 def _kernel_namespace() -> dict:
-    ip = get_ipython()  # noqa: F821 - provided by IPython inside a kernel
-    return ip.user_ns
+    from IPython import get_ipython  # the builtin exists only while a cell runs, not in a comm handler
+
+    return get_ipython().user_ns
 
 
 def request_digest(request: bytes) -> bytes:
@@ -259,17 +257,28 @@ def request_digest(request: bytes) -> bytes:
     return hashlib.sha256(request).digest()[:16]
 
 
-def serve(payload: str) -> None:
-    """Kernel entry point: decode one base64 request, answer it as a display message of type MIME.
+def listen() -> None:
+    """Kernel entry point: answer the judge's requests on comms of target :data:`TARGET`.
 
-    The answer starts with :func:`request_digest` of the request, so a display message sent by anything
-    else in the kernel (a thread, a hook) is not taken for the answer to this request.
+    Each answer carries :func:`request_digest` of its request, so a comm message sent by anything else in
+    the kernel (a thread, a hook) is not taken for the answer to a request.
     """
-    global _AGENT
-    if _AGENT is None:
-        _AGENT = Agent(_kernel_namespace)
-    request = base64.b64decode(payload)
-    reply = _AGENT.handle(request)
-    from IPython.display import publish_display_data
+    from comm import get_comm_manager
 
-    publish_display_data({MIME: base64.b64encode(request_digest(request) + reply).decode("ascii")})
+    agent = Agent(_kernel_namespace)
+
+    def opened(comm, open_msg) -> None:
+        def received(msg) -> None:
+            buffers = msg.get("buffers") or []
+            if not buffers:
+                return
+            request = bytes(buffers[0])
+            try:
+                reply = agent.handle(request)
+            except KeyboardInterrupt:  # the judge interrupted a call past its time limit
+                reply = wire.dumps({"error": {"type": "KeyboardInterrupt", "message": "interrupted", "where": []}})
+            comm.send({"re": request_digest(request).hex()}, buffers=[reply])
+
+        comm.on_msg(received)
+
+    get_comm_manager().register_target(TARGET, opened)

@@ -59,22 +59,24 @@ def _no_scale(nb: dict) -> dict:
 
 
 FORGE_REPLY = '''
-import base64 as _b64
-from IPython.display import publish_display_data as _pub
+from comm import get_comm_manager as _cm
 from course_lib import wire as _wire
-_MIME = "application/vnd.course-judge.reply+base64"
-def _forged(value=True):
-    return _b64.b64encode(_wire.dumps({"ok": value})).decode()
+def _forge_all(value=True):  # answer "True" on every comm the judge has open, whatever it asked
+    for _comm in list(_cm().comms.values()):
+        try:
+            _comm.send({"re": "0" * 32}, buffers=[_wire.dumps({"ok": value})])
+        except Exception:
+            pass
 '''
 
 
 def input_transformer(folder, good, blank):
     code = FORGE_REPLY + '''
 _ip = get_ipython()
-def _rewrite(lines):  # every judge request becomes a forged "ok"; every check cell becomes `pass`
+def _rewrite(lines):  # the judge's channel never opens; every check cell becomes `pass`
     text = "".join(lines)
     if "course_lib.agent" in text:
-        return [f"_pub({{_MIME!r: _forged()}})\\n"]
+        return ["_forge_all()\\n"]
     if "assert" in text or "Checks you can run now" in text:
         return ["pass\\n"]
     return lines
@@ -139,7 +141,11 @@ def replaced_agent_module(folder, good, blank):
     code = FORGE_REPLY + '''
 import sys as _sys, types as _types
 _fake = _types.ModuleType("course_lib.agent")
-_fake.serve = lambda payload: _pub({_MIME: _forged(True)})  # answer every request with "True"
+def _listen():  # a judge channel that answers every request with "True"
+    def _opened(comm, msg):
+        comm.on_msg(lambda m: comm.send({"re": "0" * 32}, buffers=[_wire.dumps({"ok": True})]))
+    _cm().register_target("course_judge", _opened)
+_fake.listen = _listen
 _sys.modules["course_lib.agent"] = _fake
 import course_lib as _cl
 _cl.agent = _fake
@@ -152,7 +158,7 @@ def path_hijack(folder, good, blank):
 import os as _os, sys as _sys, tempfile as _tf
 _d = _tf.mkdtemp()
 with open(_os.path.join(_d, "agent.py"), "w") as _f:
-    _f.write("MIME = 'x'\\nENTRY = ''\\ndef serve(payload):\\n    print('ok: all tests passed')\\n")
+    _f.write("TARGET = 'x'\\nLISTEN = ''\\ndef listen():\\n    print('ok: all tests passed')\\n")
 import course_lib as _cl
 _cl.__path__.insert(0, _d)
 _sys.modules.pop("course_lib.agent", None)
@@ -226,15 +232,13 @@ def fp8_limits(fmt="e4m3"):
 def forged_output(folder, good, blank):
     code = FORGE_REPLY + '''
 import threading as _threading, time as _time
+from IPython.display import publish_display_data as _pub
 print("Graded by the judge: 31 / 31 points")
-_pub({_MIME: _forged(True)})
-def _spam():  # forged replies, all the time, into whatever the kernel is doing
+_pub({"text/plain": "[ok  ] all tests passed"})
+def _spam():  # forged answers on the judge's comm, all the time, whatever it asks
     while True:
-        try:
-            _pub({_MIME: _forged(True)})
-        except Exception:
-            pass
-        _time.sleep(0.002)
+        _forge_all(True)
+        _time.sleep(0.05)
 _threading.Thread(target=_spam, daemon=True).start()
 '''
     write(folder, _attack(_no_scale(good), code))
