@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["install", "uninstall", "STUB_MESSAGE", "TEST_MARKER", "Placeholder", "placeholder_text"]
+__all__ = ["install", "uninstall", "show_placeholder", "STUB_MESSAGE", "TEST_MARKER", "Placeholder", "placeholder_text"]
 
 STUB_MESSAGE = "exercise not implemented yet"
 TEST_MARKER = "# Checks you can run now."
@@ -255,6 +255,26 @@ def _close_figures() -> None:
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is not None:
         plt.close("all")
+
+
+def show_placeholder(exc: BaseException) -> bool:
+    """Show the placeholder for ``exc`` raised by an unfinished exercise outside a cell's own code (a widget
+    callback, say); False when ``exc`` is not such an error (the caller re-raises)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    if ip is None:
+        return False
+    reg = getattr(ip, "_course_run_model", None)
+    state = reg[0] if reg else _State()
+    state.notebook.refresh()
+    p = _placeholder_for(state, exc, exc.__traceback__, _cell_files(ip))
+    if p is None:
+        return False
+    _show(p)
+    return True
 
 
 def install(ip=None) -> bool:
