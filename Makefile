@@ -63,7 +63,7 @@ lab: install
 	$(PY) tools/lab.py publish
 	env -u MPLBACKEND PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) JUPYTER_CONFIG_PATH=$(CURDIR)$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH)) \
 	  $(VENV)/bin/jupyter lab --notebook-dir="$(LAB_DIR)" --port=$(LAB_PORT) --LabApp.default_url=/lab/tree/$(LAB_OPEN) \
-	  --LabApp.app_settings_dir=$(CURDIR)/tools/lab/settings \
+	  --LabApp.app_settings_dir=$(CURDIR)/tools/jupyter/settings \
 	  $(if $(LAB_TOKEN),--IdentityProvider.token=$(LAB_TOKEN)) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_OPTS)
 
 source: install

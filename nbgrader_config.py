@@ -97,7 +97,7 @@ c.GenerateFeedback.preprocessors = [
     "nbgrader.preprocessors.GetGrades",
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
 ]
-# The course's feedback template (tools/lab/templates/feedback, extending nbgrader's): the table of contents names
+# The course's feedback template (tools/jupyter/templates/feedback, extending nbgrader's): the table of contents names
 # each exercise, no empty "Comments: No response." boxes, long assertion lines wrap, and math renders offline with
 # the MathJax of the jupyter-server-mathjax package (served by the lab, or read from this venv for a file:// page).
 # nbgrader's own template folder stays second so the Formgrader's templates are unchanged.
@@ -110,7 +110,7 @@ def _course_templates() -> list[str]:
     # A throw-away course (make check) holds only this file: find the templates next to the course_lib in use.
     spec = _ilu.find_spec("course_lib")
     roots = [HERE] + ([Path(spec.origin).resolve().parents[1]] if spec and spec.origin else [])
-    return [str(r / "tools" / "lab" / "templates") for r in roots if (r / "tools" / "lab" / "templates").is_dir()][:1]
+    return [str(r / "tools" / "jupyter" / "templates") for r in roots if (r / "tools" / "jupyter" / "templates").is_dir()][:1]
 
 
 c.HTMLExporter.extra_template_basedirs = _course_templates() + [
