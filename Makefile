@@ -16,18 +16,22 @@ export PYTHONHASHSEED := 0
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes small ops 30x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install lab source release solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
+.PHONY: help install lab test-browser source release solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
 
 help:
 	@echo "make demo      build releases, autograde sample submissions, print the grade table"
 	@echo "make test      the whole test suite"
-	@echo "make lab       JupyterLab on release/ (students)"
+	@echo "make lab       JupyterLab on the course, opened at release/ (students) [LAB_PORT= LAB_TOKEN= LAB_DIR= LAB_OPTS=]"
 	@echo "make check NB=path/to/notebook.ipynb [SECTION=02_mla]   grade one notebook (self-learners)"
 	@echo "make install source release solutions autograde feedback grades bench gpu-check lint clean"
 	@echo "make autograde [FORCE=1] [SECTION=02_mla]   grade every submitted/STUDENT/SECTION (unchanged ones skipped)"
 	@echo "make collect SECTION=02_mla   LMS zip(s) in downloaded/SECTION/archive/ -> submitted/ (nbgrader zip_collect)"
 
 install: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || true
+	@command -v chromium >/dev/null 2>&1 || echo "note: chromium is missing: the browser tests are skipped (install it: apt-get install chromium)"
 	@command -v bwrap >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || true
@@ -39,14 +43,28 @@ $(STAMP):
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . || \
 	  $(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@# The display name must equal tools/nbsrc.py's KERNELSPEC, or JupyterLab marks every notebook modified on open.
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (DeepSeek-V3 course)" >/dev/null
 	-$(VENV)/bin/jupyter server extension enable --sys-prefix --py nbgrader >/dev/null 2>&1
 	-$(VENV)/bin/jupyter labextension enable --level=sys_prefix nbgrader >/dev/null 2>&1
 	$(PY) -c "import torch, nbgrader; print('installed: torch', torch.__version__, '| nbgrader', nbgrader.__version__)"
 	touch $(STAMP)
 
+# JupyterLab for learners. Knobs: LAB_PORT, LAB_TOKEN (empty: Jupyter makes one and prints the URL), LAB_DIR (the
+# server's root: the course folder, so README.md, the Formgrader and nbgrader's panels work), LAB_OPEN (the folder
+# it opens), LAB_OPTS (more jupyter options, e.g. --no-browser). Kernels draw figures inline (MPLBACKEND unset),
+# import this checkout's course_lib, and nbgrader's Assignment List reads nbgrader_config.py (its exchange).
+LAB_PORT ?= 8888
+LAB_TOKEN ?=
+LAB_DIR ?= $(CURDIR)
+LAB_OPEN ?= release
+LAB_OPTS ?=
 lab: install
-	$(VENV)/bin/jupyter lab --notebook-dir=release
+	$(PY) tools/lab.py publish
+	env -u MPLBACKEND PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) JUPYTER_CONFIG_PATH=$(CURDIR)$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH)) \
+	  $(VENV)/bin/jupyter lab --notebook-dir="$(LAB_DIR)" --port=$(LAB_PORT) --LabApp.default_url=/lab/tree/$(LAB_OPEN) \
+	  --LabApp.app_settings_dir=$(CURDIR)/tools/jupyter/settings \
+	  $(if $(LAB_TOKEN),--IdentityProvider.token=$(LAB_TOKEN)) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_OPTS)
 
 source: install
 	$(PY) tools/nbsrc.py build
@@ -84,14 +102,19 @@ check: install
 verify: install
 	$(COURSE) verify $(SECTION)
 
-# Two phases: unit and static tests on both cores, then the real-nbgrader pipeline alone, so each graded
-# notebook gets the machine it is budgeted for (<= 90 s on 2 cores).
+# Three phases: unit and static tests on both cores, then the real-nbgrader pipeline alone, so each graded
+# notebook gets the machine it is budgeted for (<= 90 s on 2 cores), then the browser suite (headless Chromium
+# against the server `make lab` starts, in a fresh copy; screenshots in .cache/screenshots/).
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not pipeline" tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not pipeline and not browser" tests
 	$(PY) -m pytest -q -m pipeline tests
+	$(PY) -m pytest -q -m browser tests
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not pipeline" tests
+	$(PY) -m pytest -q -n 2 -m "not pipeline and not browser" tests
+
+test-browser: install
+	$(PY) -m pytest -q -m browser tests
 
 # Section 5's recorded comparison runs (course_lib/checkpoints/05_integration_runs.json), about 7 minutes.
 checkpoints: install

@@ -20,6 +20,15 @@ c.CourseDirectory.db_url = f"sqlite:///{HERE / 'gradebook.db'}?timeout=120"
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "course_lib", "course_lib.py",
                             "__MACOSX"]
 
+# Exchange: nbgrader's Assignment List in the learner's lab (`make lab` publishes every release/SECTION to
+# EXCHANGE/COURSE_ID/outbound; release/SECTION counts as fetched; Submit copies it to inbound/, `nbgrader collect`
+# files it under submitted/). Course-local by default; a shared (JupyterHub) exchange: set COURSE_EXCHANGE to its
+# root and COURSE_ASSIGNMENT_DIR to where learners keep their copies.
+c.Exchange.root = os.environ.get("COURSE_EXCHANGE", str(HERE / ".exchange"))
+c.Exchange.assignment_dir = os.environ.get("COURSE_ASSIGNMENT_DIR", str(HERE / "release"))
+if "COURSE_EXCHANGE" not in os.environ:
+    c.Exchange.cache = str(HERE / ".exchange" / ".cache")  # the learner's submission records, kept with the course
+
 c.ClearSolutions.code_stub = {
     "python": (
         "# YOUR CODE HERE: replace the next line with your answer (the text above says what it must do)\n"
@@ -88,3 +97,25 @@ c.GenerateFeedback.preprocessors = [
     "nbgrader.preprocessors.GetGrades",
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
 ]
+# The course's feedback template (tools/jupyter/templates/feedback, extending nbgrader's): the table of contents names
+# each exercise, no empty "Comments: No response." boxes, long assertion lines wrap, and math renders offline with
+# the MathJax of the jupyter-server-mathjax package (served by the lab, or read from this venv for a file:// page).
+# nbgrader's own template folder stays second so the Formgrader's templates are unchanged.
+import importlib.util as _ilu  # noqa: E402
+
+import nbgrader as _nbgrader  # noqa: E402
+
+
+def _course_templates() -> list[str]:
+    # A throw-away course (make check) holds only this file: find the templates next to the course_lib in use.
+    spec = _ilu.find_spec("course_lib")
+    roots = [HERE] + ([Path(spec.origin).resolve().parents[1]] if spec and spec.origin else [])
+    return [str(r / "tools" / "jupyter" / "templates") for r in roots if (r / "tools" / "jupyter" / "templates").is_dir()][:1]
+
+
+c.HTMLExporter.extra_template_basedirs = _course_templates() + [
+    str(Path(_nbgrader.__file__).parent / "server_extensions" / "formgrader" / "templates"),
+]
+_mathjax = _ilu.find_spec("jupyter_server_mathjax")
+if _mathjax and _mathjax.origin:
+    c.HTMLExporter.mathjax_url = (Path(_mathjax.origin).parent / "static" / "MathJax.js").as_uri()

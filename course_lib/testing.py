@@ -2,7 +2,8 @@
 
 Every helper raises ``AssertionError`` with a message that says what was expected, what came out, where
 the largest error sits, and (via ``hint``) which mistake most likely caused it. Visible and hidden
-tests in the notebooks use these, so a failing test teaches instead of just saying "False".
+tests in the notebooks use these, so a failing test teaches instead of just saying "False". Each helper
+sets ``__tracebackhide__``: a notebook's traceback ends at the learner's line, not inside this module.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ def _with_hint(msg: str, hint: str | None) -> str:
 
 def assert_true(cond: bool, msg: str, hint: str | None = None) -> None:
     """``assert cond`` with a message and an optional likely cause."""
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     if not cond:
         raise AssertionError(_with_hint(msg, hint))
 
 
 def assert_shape(t: torch.Tensor, expected: Sequence[int | None], name: str = "tensor", hint: str | None = None) -> None:
     """Check ``t.shape`` against ``expected``; ``None`` entries match any size."""
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     if not isinstance(t, torch.Tensor):
         raise AssertionError(_with_hint(f"{name} should be a torch.Tensor, got {type(t).__name__}", hint))
     ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
@@ -50,6 +53,7 @@ def assert_shape(t: torch.Tensor, expected: Sequence[int | None], name: str = "t
 
 
 def assert_dtype(t: torch.Tensor, expected: torch.dtype, name: str = "tensor", hint: str | None = None) -> None:
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     if t.dtype != expected:
         raise AssertionError(_with_hint(f"{name} has dtype {t.dtype}, expected {expected}", hint))
 
@@ -90,6 +94,7 @@ def assert_close(
 
     Passes when ``|actual - expected| <= atol + rtol * |expected|`` everywhere (NaNs must match).
     """
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     if not isinstance(actual, torch.Tensor):
         raise AssertionError(_with_hint(f"{name} should be a torch.Tensor, got {type(actual).__name__}", hint))
     if actual.shape != expected.shape:
@@ -141,6 +146,7 @@ def gradcheck_fd(
 
     Checks up to ``max_entries`` randomly chosen entries per input (all of them for small inputs).
     """
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     gen = torch.Generator().manual_seed(seed)
     xs = [x.detach().to(torch.float64).requires_grad_(x.is_floating_point()) for x in inputs]
     weights = None
@@ -190,6 +196,7 @@ def copy_weights(src: nn.Module, dst: nn.Module, mapping: dict[str, str] | None 
 
     Raises with the missing or mis-shaped names, so a learner sees which layer is off.
     """
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     mapping = mapping or {}
     src_state = src.state_dict()
     dst_state = dst.state_dict()
@@ -218,6 +225,7 @@ def compare_modules(
     hint: str | None = None,
 ) -> None:
     """Load the reference's weights into ``module`` and compare their outputs (float64 by default)."""
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     module = module.to(dtype)
     reference = reference.to(dtype)
     copy_weights(reference, module, mapping)
@@ -232,6 +240,7 @@ def compare_modules(
 
 def expect_raises(fn: Callable[[], object], exc: type[BaseException], must_mention: Sequence[str] = (), what: str = "") -> None:
     """Check that ``fn()`` raises ``exc`` and that its message mentions each string in ``must_mention``."""
+    __tracebackhide__ = True  # IPython (and course_lib.runmodel) hide this helper's frame
     try:
         fn()
     except exc as e:

@@ -138,12 +138,53 @@ def _record_timing(path: str) -> None:
     ip.events.register("post_run_cell", write)
 
 
+def _kernel_shell():
+    """The running IPython kernel's shell (``ZMQInteractiveShell``), else None (scripts, plain IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    return ip if ip is not None and type(ip).__name__ == "ZMQInteractiveShell" else None
+
+
+def use_inline_figures(ip=None) -> bool:
+    """Draw figures inline in a Jupyter kernel that inherited a headless backend (``MPLBACKEND=Agg``).
+
+    ipykernel only picks its inline backend when ``MPLBACKEND`` is unset; with ``Agg`` (exported for headless
+    tools and tests) ``plt.show()`` draws nothing. Kept as it is while grading (the grader's environment
+    decides) and when another interactive backend (ipympl, a GUI) was chosen.
+    """
+    ip = ip if ip is not None else _kernel_shell()
+    if ip is None or is_grading():
+        return False
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        return False
+    ip.run_line_magic("matplotlib", "inline")
+    return True
+
+
 def setup(seed: int = 0) -> EnvReport:
-    """What every notebook's setup cell calls: seed, pin threads, set the plot style, report."""
-    from course_lib import viz
+    """What every notebook's setup cell calls: seed, pin threads, set the plot style, report.
+
+    In a Jupyter kernel it also draws figures inline (see :func:`use_inline_figures`) and installs the run
+    model (:mod:`course_lib.runmodel`): cells that need an unfinished exercise show one line naming it
+    instead of a traceback.
+    """
+    import warnings
+
+    from course_lib import runmodel, viz
 
     seed_everything(seed)
+    ip = _kernel_shell()
+    if ip is not None:
+        use_inline_figures(ip)
+        runmodel.install(ip)
     viz.set_style()
+    # A placeholder figure (an exercise still a stub) has no labelled lines: its legend() call is not an error.
+    warnings.filterwarnings("ignore", message="No artists with labels found to put in legend")
     if os.environ.get("COURSE_TIMING_FILE"):
         _record_timing(os.environ["COURSE_TIMING_FILE"])
     return env_report()

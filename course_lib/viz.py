@@ -1,8 +1,9 @@
 """The course's figures, one seaborn style, and a live training monitor.
 
 Headless (nbgrader, scripts, CI) every function draws a static figure; in a Jupyter front end the
-training monitor redraws in place. ``interactive`` shows ipywidgets sliders when a widget front end is
-present and falls back to one static figure otherwise.
+training monitor redraws in place. ``interactive`` shows live ipywidgets controls (sliders over sorted numeric
+choices) when a widget front end is present and falls back to one static figure otherwise. Figures carry alt
+text (their titles and axis labels) in the output's metadata, which HTML exports (feedback pages) show.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "TrainingMonitor",
     "interactive",
     "bytes_label",
+    "figure_alt",
 ]
 
 PALETTE = "colorblind"
@@ -33,6 +35,60 @@ def set_style() -> None:
     """One look for every figure in the course."""
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
     plt.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "figure.figsize": (7.0, 4.0), "axes.titleweight": "bold"})
+    _no_grid_over_images()
+    _alt_text_for_inline_figures()
+
+
+def figure_alt(fig) -> str:
+    """A text description of a figure from its titles and axis labels (the alt text of its image)."""
+    parts = []
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        parts.append(sup.get_text())
+    for ax in fig.get_axes():
+        bits = [t for t in (ax.get_title(), ax.get_xlabel() and f"x: {ax.get_xlabel()}", ax.get_ylabel() and f"y: {ax.get_ylabel()}") if t]
+        if bits:
+            parts.append(", ".join(bits))
+    return "Figure: " + "; ".join(parts) if parts else "Figure"
+
+
+def _alt_text_for_inline_figures() -> None:
+    """The inline backend's image outputs get ``metadata["image/png"]["alt"]`` (nbconvert writes it as alt=...)."""
+    try:
+        from matplotlib_inline import backend_inline
+    except ImportError:
+        return
+    fetch = backend_inline._fetch_figure_metadata
+    if getattr(fetch, "_course_alt", False):
+        return
+
+    def fetch_with_alt(fig):
+        md = fetch(fig) or {}
+        try:
+            md = {**md, "image/png": {**md.get("image/png", {}), "alt": figure_alt(fig)}}
+        except Exception:  # a description must never cost the figure
+            pass
+        return md
+
+    fetch_with_alt._course_alt = True
+    backend_inline._fetch_figure_metadata = fetch_with_alt
+
+
+def _no_grid_over_images() -> None:
+    """The whitegrid style draws grid lines over imshow/matshow images: turn the grid off on axes that show one."""
+    from matplotlib.axes import Axes
+
+    if getattr(Axes.imshow, "_course_no_grid", False):
+        return
+    imshow = Axes.imshow
+
+    def imshow_without_grid(self, *args, **kwargs):
+        self.grid(False)
+        return imshow(self, *args, **kwargs)
+
+    imshow_without_grid._course_no_grid = True
+    imshow_without_grid.__doc__ = imshow.__doc__
+    Axes.imshow = imshow_without_grid
 
 
 def in_notebook_frontend() -> bool:
@@ -222,19 +278,61 @@ def training_progress_monitor(metrics: Mapping[str, Sequence[float]], *, title: 
     return mon.figure()
 
 
-def interactive(fn: Callable[..., object], **controls: Sequence[object]):
-    """Sliders/dropdowns via ipywidgets when a widget front end is present, else one static call.
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
-    ``controls`` maps each keyword of ``fn`` to its choices; the first choice is the static default.
+
+def _control(widgets, name: str, choices: Sequence[object]):
+    """A slider over sorted numeric choices, a checkbox for booleans, else a dropdown; full-width labels."""
+    style = {"description_width": "initial"}
+    layout = widgets.Layout(width="min(520px, 95%)")
+    first = choices[0]
+    if all(_is_number(v) for v in choices):
+        options = sorted(set(choices))
+        return widgets.SelectionSlider(options=options, value=first, description=name, continuous_update=False,
+                                       style=style, layout=layout)
+    if all(isinstance(v, bool) for v in choices):
+        return widgets.Checkbox(value=bool(first), description=name, style=style, indent=False)
+    return widgets.Dropdown(options=list(choices), value=first, description=name, style=style, layout=layout)
+
+
+def _guarded(fn: Callable[..., object]) -> Callable[..., object]:
+    """Run ``fn``; a stub it needs (an unfinished exercise) shows the run model's one-line placeholder."""
+
+    def run(**kwargs):
+        try:
+            return fn(**kwargs)
+        except (NotImplementedError, NameError) as e:
+            from course_lib import runmodel
+
+            if not runmodel.show_placeholder(e):
+                raise
+            plt.close("all")
+            return None
+
+    return run
+
+
+def interactive(fn: Callable[..., object], **controls: Sequence[object]):
+    """Live controls (ipywidgets) when a widget front end is present, else one static call with the first choices.
+
+    ``controls`` maps each keyword of ``fn`` to its choices; the first choice is the default. Numeric choices
+    become a slider over their sorted values, booleans a checkbox, anything else a dropdown. ``fn`` draws one
+    figure (``plt.show()``); every change of a control redraws it in place.
     """
     defaults = {k: v[0] for k, v in controls.items()}
     if in_notebook_frontend():
         try:
             import ipywidgets as widgets
-
-            widgets.interact(fn, **{k: list(v) for k, v in controls.items()})
-            return None
+            from IPython.display import display
         except ImportError:
-            pass
+            widgets = None
+        if widgets is not None:
+            ws = {k: _control(widgets, k, list(v)) for k, v in controls.items()}
+            out = widgets.interactive_output(_guarded(fn), ws)
+            box = widgets.VBox([*ws.values(), out])
+            box.add_class("course-interactive")
+            display(box)
+            return box
     fn(**defaults)
     return None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = re.compile(r"^# %% \[(?P<kind>markdown|code|given|solution|test)(?P<args>[^\]]*)\]\s*$")
-KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+KERNELSPEC = {"display_name": "Python 3 (DeepSeek-V3 course)", "language": "python", "name": "python3"}
 
 
 def _parse_args(text: str) -> dict[str, str]:
