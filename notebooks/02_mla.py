@@ -614,11 +614,11 @@ def time_decode(S: int) -> dict:
                         torch.randn(1, S, BENCH.n_heads, BENCH.qk_nope_head_dim))
     caches["lat"].update(0, torch.randn(1, S, BENCH.kv_lora_rank), torch.randn(1, S, BENCH.qk_rope_head_dim))
     x = torch.randn(1, 1, BENCH.dim)
-    return compare({name: (lambda f=f: f(x, S, caches)) for name, f in MODELS.items()}, warmup=2, repeats=5)
+    return compare({name: (lambda f=f: f(x, S, caches)) for name, f in MODELS.items()}, warmup=1, repeats=sizes(3, 5))
 
 
-prefill_lengths = sizes([128, 512], [128, 256, 512])
-decode_lengths = sizes([256, 1024, 2048], [256, 1024, 2048, 4096])
+prefill_lengths = sizes([128, 256], [128, 256, 512])
+decode_lengths = sizes([256, 2048], [256, 1024, 2048, 4096])
 try:
     with torch.no_grad(), threads(1):
         prefill = {T: time_prefill(T) for T in prefill_lengths}

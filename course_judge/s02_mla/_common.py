@@ -13,6 +13,7 @@ import math
 import torch
 
 from course_judge.checks import assert_close, assert_true, expect_close, expect_tensor, matches
+from course_judge.session import LearnerError
 from course_lib.deepseek.attention import MLAConfig
 from course_lib.deepseek.common import apply_rope, rope_angles
 
@@ -53,6 +54,31 @@ def seeded_weights(shapes: dict[str, tuple], seed: int, *, norms: tuple[str, ...
     return out
 
 
+def drawn_in_kernel(k, seed: int, laws: list[tuple[float, float, tuple]], dtype=torch.float64):
+    """Normal tensors drawn in the kernel from ``seed`` (handles: nothing crosses the channel) and the same ones drawn here.
+
+    ``laws`` lists (mean, std, shape). The kernel's and the judge's torch are the same build, so the same seed gives the
+    same numbers; a kernel that draws something else only makes the learner's answer disagree with the judge's.
+    """
+    k.seed(seed)
+    normal = k.lib("torch:normal")
+    refs = [k.call_opts(normal, [mean, std, list(shape)], {"dtype": dtype}, keep=True) for mean, std, shape in laws]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        here = [torch.normal(mean, std, tuple(shape), dtype=dtype) for mean, std, shape in laws]
+    return refs, here
+
+
+def load_drawn_in_kernel(k, module, shapes: dict[str, tuple], seed: int, rename: dict[str, str] | None = None,
+                         dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """Large weights without sending them: drawn in the kernel (matrices N(0, 1/fan_in), norm weights N(1, 0.25^2)),
+    loaded with ``load_state_dict``; returns the same weights, drawn here, under their ``shapes`` names."""
+    laws = [(1.0, 0.25, s) if len(s) == 1 else (0.0, 1 / math.sqrt(s[-1]), s) for s in shapes.values()]
+    refs, here = drawn_in_kernel(k, seed, laws, dtype)
+    k.call(module.load_state_dict, {(rename or {}).get(n, n): r for n, r in zip(shapes, refs)}, assign=True)
+    return dict(zip(shapes, here))
+
+
 def mla_shapes(c: MLAConfig) -> dict[str, tuple]:
     H = c.n_heads
     return {"wq_a.weight": (c.q_lora_rank, c.dim), "q_norm.weight": (c.q_lora_rank,),
@@ -91,6 +117,19 @@ def expect_params(k, module, want: dict[str, tuple], what: str, hint: str | None
 
 def load(k, module, W: dict[str, torch.Tensor]) -> None:
     k.call(module.load_state_dict, W)
+
+
+def install(k, module, W: dict[str, torch.Tensor], want: dict[str, tuple], what: str, hint=None) -> None:
+    """Give the learner's module the judge's weights (their dtype too: ``assign=True``) in one round trip.
+
+    When they do not fit, the module's parameter names and shapes say why (``hint(got)`` names a known mistake).
+    """
+    try:
+        k.call(module.load_state_dict, W, assign=True)
+    except LearnerError:
+        got = {n: tuple(s) for n, s in k.info(module).get("parameters", {}).items()}
+        expect_params(k, module, want, what, hint=hint(got) if callable(hint) else hint)
+        raise
 
 
 # ---------------------------------------------------------------- a per-head oracle of MLA (DeepSeek-V2 eqs. 9-19)
@@ -227,3 +266,19 @@ def is_finite(t: torch.Tensor) -> bool:
 
 __all__ = ["MAP", "TINY", "ODD", "ONE_HEAD", "kernel_cfg", "seeded_weights", "mla_weights", "reference_mla", "expect_params",
            "load", "oracle", "oracle_mistakes", "mha", "close", "randn", "assert_true", "F32_HINT", "NAN_HINT"]
+
+
+def single_threaded(judge):
+    """Run a judge with one torch thread in the judge's process: its many small tensor operations gain nothing from a
+    second thread, and on a shared machine two processes' spinning thread pools (the judge's and the kernel's) slow
+    each other down many times over."""
+    import functools
+
+    from course_lib.bench import threads
+
+    @functools.wraps(judge)
+    def run(k, t):
+        with threads(1):
+            return judge(k, t)
+
+    return run

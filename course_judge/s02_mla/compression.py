@@ -8,7 +8,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_tensor, expect_tuple
 from course_judge.local import Alternative, Mutant
-from course_judge.s02_mla._common import ODD, ONE_HEAD, TINY, close, expect_params, kernel_cfg, load, randn, seeded_weights
+from course_judge.s02_mla._common import ODD, ONE_HEAD, TINY, close, install, kernel_cfg, randn, seeded_weights, single_threaded
 from course_lib.deepseek.attention import MLAConfig
 
 GRADE_ID = "test_02_2_compression"
@@ -49,14 +49,13 @@ def _run(k, comp, x):
 
 
 def _build(k, c: MLAConfig, seed: int):
-    comp = k.call(k.call(k.g.CompressionLayer, kernel_cfg(k, c)).double)
-    got = {n: tuple(s) for n, s in k.info(comp).get("parameters", {}).items()}
-    expect_params(k, comp, _shapes(c), "CompressionLayer", hint=_param_hint(got, c))
+    comp = k.call(k.g.CompressionLayer, kernel_cfg(k, c))
     W = seeded_weights(_shapes(c), seed)
-    load(k, comp, W)
+    install(k, comp, W, _shapes(c), "CompressionLayer", hint=lambda got: _param_hint(got, c))
     return comp, W
 
 
+@single_threaded
 def judge(k, t):
     g = torch.Generator().manual_seed(22)
     with t.part("visible checks: parameter shapes, output shapes, unit mean square of c_kv, k_pe independent of kv_norm", 1):

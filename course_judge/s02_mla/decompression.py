@@ -6,7 +6,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_tensor, expect_tuple
 from course_judge.local import Alternative, Mutant
-from course_judge.s02_mla._common import ODD, ONE_HEAD, TINY, close, expect_params, kernel_cfg, load, randn, seeded_weights
+from course_judge.s02_mla._common import ODD, ONE_HEAD, TINY, close, install, kernel_cfg, randn, seeded_weights, single_threaded
 from course_lib.deepseek.attention import MLAConfig
 from course_lib.deepseek.common import apply_rope, rope_angles
 
@@ -28,11 +28,10 @@ def _shapes(c: MLAConfig) -> dict[str, tuple]:
 
 
 def _build(k, c: MLAConfig, seed: int):
-    dec = k.call(k.call(k.g.DecompressionWithRoPE, kernel_cfg(k, c)).double)
-    expect_params(k, dec, _shapes(c), "DecompressionWithRoPE",
-                  hint="wq_b gives per-head [q_nope ; q_pe], wkv_b per-head [k_nope ; v]; k_pe has no per-head weights; no biases")
+    dec = k.call(k.g.DecompressionWithRoPE, kernel_cfg(k, c))
     W = seeded_weights(_shapes(c), seed)
-    load(k, dec, W)
+    install(k, dec, W, _shapes(c), "DecompressionWithRoPE",
+            hint="wq_b gives per-head [q_nope ; q_pe], wkv_b per-head [k_nope ; v]; k_pe has no per-head weights; no biases")
     return dec, W
 
 
@@ -45,6 +44,7 @@ def _pair(k, ref, what, *args):
     return expect_tensor(a, what), expect_tensor(b, what)
 
 
+@single_threaded
 def judge(k, t):
     g = torch.Generator().manual_seed(23)
     with t.part("visible checks: shapes, q_nope independent of position, q_pe rotated, one k_pe in every head, w_uk / w_uv", 1):
@@ -79,7 +79,7 @@ def judge(k, t):
             a = rope_angles(torch.arange(sp, sp + T), dr, c.rope_theta, dtype=torch.float64)
             c_q = randn(g, B, T, c.q_lora_rank)
             runs.append((c, W, dec, a, sp, B, T, _pair(k, dec.queries, "queries(c_q, angles)", c_q, a), c_q))
-        for c, W, _, _, sp, B, T, (qn, qp), c_q in runs:
+        for c, W, _, a, sp, B, T, (qn, qp), c_q in runs:
             H, dn, dr = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
             q = (c_q @ W["wq_b.weight"].T).view(B, T, H, dn + dr)
             rot_all = apply_rope(q, rope_angles(torch.arange(sp, sp + T), dn + dr, c.rope_theta, dtype=torch.float64))

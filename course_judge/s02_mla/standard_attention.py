@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from course_judge.checks import assert_true, expect_int, expect_tensor, expect_tuple
 from course_judge.local import Alternative, Mutant
-from course_judge.s02_mla._common import F32_HINT, close, expect_params, load, mha, randn, seeded_weights
+from course_judge.s02_mla._common import F32_HINT, close, install, mha, randn, seeded_weights, single_threaded
 from course_judge.session import LearnerError
 from course_lib.deepseek.common import apply_rope, rope_angles
 
@@ -56,13 +56,12 @@ def _shapes(dim, H, D):
 def _build(k, SA, dim, H, D=None, seed=0, max_seq_len=4100):
     D_ = D or dim // H
     attn = k.call(SA, dim, H, head_dim=D, max_seq_len=max_seq_len)
-    attn = k.call(attn.double)
-    expect_params(k, attn, _shapes(dim, H, D_), f"StandardAttention({dim}, {H}, head_dim={D})")
     W = seeded_weights(_shapes(dim, H, D_), seed)
-    load(k, attn, W)
+    install(k, attn, W, _shapes(dim, H, D_), f"StandardAttention({dim}, {H}, head_dim={D})")
     return attn, W
 
 
+@single_threaded
 def judge(k, t):
     mask, SA = k.g.causal_mask, k.g.StandardAttention
     g = torch.Generator().manual_seed(21)
