@@ -1,9 +1,9 @@
 """Structural checks of one absorbed decode step (shared by exercise 2.4 and the absorption benchmark).
 
-The learner's module decodes one token against a filled latent cache under the kernel's profiler; the
-course's reference does the same step here. A decode step must not rebuild per-head keys or values of the
-cached tokens (no (B, S, H, d_v)-like intermediate), must not build an S x S mask, and its FLOPs must stay
-within 1.5x of the reference's. All of these are deterministic, unlike a timing.
+The learner's module decodes one token against a filled latent cache under the kernel's profiler. A decode
+step must not rebuild per-head keys or values of the cached tokens (no (B, S, H, d_v)-like intermediate), must
+not build an S x S mask, and its FLOPs must stay within 1.5x of the course's absorbed step (counted here from
+the configuration). All of these are deterministic, unlike a timing.
 """
 
 from __future__ import annotations
