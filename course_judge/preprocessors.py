@@ -298,6 +298,17 @@ if _NbgraderExecute is not None:
             await self._stop(_nbgrader_meta(cell).get("grade_id") or f"cell {index}", why)
 
         # -- the judge
+        def _course_release(self) -> dict | None:
+            """The released notebook of this section (the scaffolding every answer starts from), or None."""
+            if not hasattr(self, "_course_release_nb"):
+                root = Path(os.environ.get("COURSE_ROOT") or ".")
+                path = root / "release" / self._course_section / f"{self._course_section}.ipynb"
+                try:
+                    self._course_release_nb = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    self._course_release_nb = None
+            return self._course_release_nb
+
         async def _judge(self, cell) -> None:
             import nbformat
 
@@ -318,7 +329,7 @@ if _NbgraderExecute is not None:
                 v = V.not_run(module, self._course_stop)
             else:
                 rejected = static.rejection(self.nb, module)
-                review = static.similarity_review(self.nb, module)
+                review = static.similarity_review(self.nb, module, self._course_release())
                 timeout = float(self._get_timeout(cell) or self.judge_call_timeout)
                 limit = self.judge_max_reply_mb << 20
                 channel = KernelChannel(self, asyncio.get_running_loop(), responsive_timeout=self.responsive_timeout,

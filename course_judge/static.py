@@ -330,15 +330,20 @@ def scan(nb: dict) -> list[str]:
 # ---------------------------------------------------------------- similarity to the reference
 
 
-def similarity(answer: str, reference: str, k: int = 25, window: int = 1) -> float:
-    """Share of ``answer``'s tokens that also occur in ``reference`` (copydetect winnowing, names normalised)."""
+def similarity(answer: str, reference: str, k: int = 25, window: int = 1, given: str = "") -> float:
+    """Share of ``answer``'s tokens that also occur in ``reference`` (copydetect winnowing, names normalised).
+
+    ``given``: code the learner was handed (the released cell: signatures, docstrings): its fingerprints are
+    boilerplate, so scaffolding shared with the reference does not count as copying.
+    """
     from copydetect import CodeFingerprint, compare_files
 
     if not answer.strip() or not reference.strip():
         return 0.0
     try:
-        a = CodeFingerprint("answer.py", k, window, fp=io.StringIO(answer))
-        r = CodeFingerprint("reference.py", k, window, fp=io.StringIO(reference))
+        boiler = list(CodeFingerprint("given.py", k, window, fp=io.StringIO(given)).hashes) if given.strip() else []
+        a = CodeFingerprint("answer.py", k, window, boilerplate=boiler, fp=io.StringIO(answer))
+        r = CodeFingerprint("reference.py", k, window, boilerplate=boiler, fp=io.StringIO(reference))
     except Exception:  # noqa: BLE001 - unparsable code is not similar to anything
         return 0.0
     if not len(a.hashes) or not len(r.hashes):
@@ -356,15 +361,20 @@ def answer_source(nb: dict, answer_ids: tuple[str, ...]) -> str:
     return "\n".join(parts)
 
 
-def similarity_review(nb: dict, module) -> list[str]:
-    """REVIEW reasons when an exercise's answer is mostly the source of a course module that answers it."""
-    answer = answer_source(nb, tuple(getattr(module, "ANSWERS", ())))
+def similarity_review(nb: dict, module, release: dict | None = None) -> list[str]:
+    """REVIEW reasons when an exercise's answer is mostly the source of a course module that answers it.
+
+    ``release``: the released notebook, whose answer cells (the scaffolding) are not counted as copied.
+    """
+    answers = tuple(getattr(module, "ANSWERS", ()))
+    answer = answer_source(nb, answers)
+    given = answer_source(release, answers) if release else ""
     out = []
     for name in getattr(module, "REFERENCE", ()):
         f = module_file(name)
         if f is None:
             continue
-        share = similarity(answer, f.read_text())
+        share = similarity(answer, f.read_text(), given=given)
         if share >= SIMILARITY_REVIEW:
             out.append(f"the answer to {module.GRADE_ID} is {100 * share:.0f}% the source of {name} (copied reference code?)")
     return out

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from course_judge.session import CallTimeout, ChannelError, KernelGone, LearnerError, Session
+from course_lib.bench import threads
 
 
 class Inconclusive(Exception):
@@ -171,7 +172,8 @@ def run(module: ModuleType, session: Session, *, rejected: str = "", review: lis
             session.reset()
         except (ChannelError, LearnerError) as e:
             g.dead = f"the kernel did not answer ({e})"
-        module.judge(session, g)
+        with threads(1):  # the judge's own arithmetic never competes with the kernel for cores
+            module.judge(session, g)
         if g.dead:  # a kernel that dies or hangs during an exercise fails the whole exercise, not only what followed
             for p in v.parts:
                 p.passed, p.message = False, f"not graded: {g.dead}"

@@ -191,30 +191,48 @@ def _grad_mode(no_grad: bool):
     return torch.no_grad()
 
 
+def _matmul_flops(func, args) -> int:
+    """FLOPs of one matrix-product op (2 per multiply-add), from its operands' shapes.
+
+    Fused attention is counted through the products it runs as (on the CPU its math kernel dispatches them).
+    """
+    name = getattr(func, "__name__", str(func)).split(".")[0]
+    try:
+        if name in ("mm", "addmm"):
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        if name in ("bmm", "baddbmm"):
+            a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+            return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    except (AttributeError, IndexError, TypeError):
+        return 0
+    return 0
+
+
 def profile(fn: Callable, args: list, kwargs: dict, *, no_grad: bool = True, keep_shapes: int = 64) -> dict:
-    """FLOPs, peak bytes of new tensors and the largest intermediate shapes of one call."""
+    """FLOPs of matrix products, peak bytes of new tensors and the largest intermediate shapes of one call."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     from course_lib.bench import MemoryTracker
 
     shapes: dict[tuple, int] = {}
+    flops = 0
 
-    class _Shapes(TorchDispatchMode):
+    class _Profile(MemoryTracker):
         def __torch_dispatch__(self, func, types, a=(), kw=None):
-            out = func(*a, **(kw or {}))
+            nonlocal flops
+            flops += _matmul_flops(func, a)
+            out = super().__torch_dispatch__(func, types, a, kw)
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
                     shapes[tuple(t.shape)] = max(shapes.get(tuple(t.shape), 0), t.numel())
             return out
 
-    flops = FlopCounterMode(display=False)
-    with _quiet(), _grad_mode(no_grad), MemoryTracker() as mem, flops, _Shapes():
+    with _quiet(), _grad_mode(no_grad), _Profile() as mem:
         out = fn(*args, **kwargs)
         del out
     biggest = sorted(shapes.items(), key=lambda kv: -kv[1])[:keep_shapes]
-    return {"flops": int(flops.get_total_flops()), "peak_bytes": int(mem.peak), "shapes": [list(s) for s, _ in biggest]}
+    return {"flops": int(flops), "peak_bytes": int(mem.peak), "shapes": [list(s) for s, _ in biggest]}
 
 
 def info(obj: Any) -> dict:

@@ -20,9 +20,9 @@ import grading_corpus as gc
 import nbformat
 import pytest
 from conftest import ROOT
+from course_lib.guard import guard_source
 
 from course_lib import grading, sandbox
-from course_lib.guard import guard_source
 
 BWRAP_OK, BWRAP_HOW = sandbox._probe()
 needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"no sandbox here: {BWRAP_HOW}")
