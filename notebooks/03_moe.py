@@ -46,7 +46,7 @@ from torch import nn
 from course_lib import viz
 from course_lib.bench import compare, ratio, threads
 from course_lib.data import make_cluster_regression
-from course_lib.deepseek.moe import MoEConfig, RoutingInfo, expert_capacity, expert_load
+from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
 from course_lib.utils import env_report, setup, sizes
 
 ENV = setup(seed=0)
