@@ -166,7 +166,7 @@ def expert_weights(state: dict, prefix: str):
 
 
 def dispatch_variants(state: dict, cfg: MoEConfig, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
-                      kept: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      kept: torch.Tensor | None = None, with_mask_mistakes: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The routed output sum_k w[t,k] expert_{idx[t,k]}(x_t), and what the usual dispatch mistakes give instead."""
     E, K = cfg.n_routed_experts, idx.shape[1]
     run = [(lambda h, e=e: swiglu(h, *expert_weights(state, f"experts.{e}"))) for e in range(E)]
@@ -198,11 +198,11 @@ def dispatch_variants(state: dict, cfg: MoEConfig, x: torch.Tensor, w: torch.Ten
         "the combine weights are ignored: each expert's output must be multiplied by its weight":
             grouped(order // K, torch.ones_like(wf[order])),
     }
-    if kept is not None:
+    if kept is not None and with_mask_mistakes:
         wrong["the kept mask is ignored: assignments where kept is False must contribute nothing"] = \
-            dispatch_variants(state, cfg, x, w, idx)[0]
+            dispatch_variants(state, cfg, x, w, idx, with_mask_mistakes=False)[0]
         wrong["the kept mask is inverted: False means the assignment was dropped"] = \
-            dispatch_variants(state, cfg, x, w, idx, ~kept)[0]
+            dispatch_variants(state, cfg, x, w, idx, ~kept, with_mask_mistakes=False)[0]
     return right, {k: v for k, v in wrong.items() if v is not None and not torch.allclose(v, right, atol=1e-9)}
 
 
