@@ -20,8 +20,16 @@ from course_lib.deepseek.routing import MoEConfig
 
 CFG = "course_lib.deepseek.routing:MoEConfig"
 
-TINY = dict(dim=16, moe_inter_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-            n_limited_groups=2, route_scale=2.5)
+TINY = dict(
+    dim=16,
+    moe_inter_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    route_scale=2.5,
+)
 
 
 # ---------------------------------------------------------------- the kernel side
@@ -58,15 +66,19 @@ def load_state(k, module, state: dict, what: str) -> None:
     have = k.call(module.state_dict)
     assert_true(isinstance(have, dict), f"{what}.state_dict() did not return a dict")
     missing, extra = sorted(set(state) - set(have)), sorted(set(have) - set(state))
-    assert_true(not missing and not extra,
-                f"{what}'s parameters and buffers are not named as the exercise says: missing {missing[:6]}, unexpected {extra[:6]}",
-                hint="keep the names of the given __init__ (gate.weight, gate.bias, experts.{i}.w1/w2/w3, shared_experts.w1/w2/w3)")
+    assert_true(
+        not missing and not extra,
+        f"{what}'s parameters and buffers are not named as the exercise says: missing {missing[:6]}, unexpected {extra[:6]}",
+        hint="keep the names of the given __init__ (gate.weight, gate.bias, experts.{i}.w1/w2/w3, shared_experts.w1/w2/w3)",
+    )
     for name, v in state.items():
         got = have[name]
-        assert_true(isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(v.shape),
-                    f"{what}.{name} has shape {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, "
-                    f"expected {tuple(v.shape)}",
-                    hint="w1 and w3 are (inter_dim, dim), w2 is (dim, inter_dim); the shared expert is n_shared_experts * moe_inter_dim wide")
+        assert_true(
+            isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(v.shape),
+            f"{what}.{name} has shape {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, "
+            f"expected {tuple(v.shape)}",
+            hint="w1 and w3 are (inter_dim, dim), w2 is (dim, inter_dim); the shared expert is n_shared_experts * moe_inter_dim wide",
+        )
     k.call(module.load_state_dict, {n: v.detach().clone() for n, v in state.items()})
 
 
@@ -92,10 +104,23 @@ def by_expert(w: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 # ---------------------------------------------------------------- routing with a switch per known mistake
 
 
-def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig, *, group: str = "auto", fill: float = -math.inf,
-          select_bias: bool = True, group_bias: bool = True, weight_bias: bool = False, renorm: str = "auto",
-          scale: bool = True, limit: bool = True, best_groups: bool = True, n_keep: int | None = None,
-          use_bias: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    scores: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: MoEConfig,
+    *,
+    group: str = "auto",
+    fill: float = -math.inf,
+    select_bias: bool = True,
+    group_bias: bool = True,
+    weight_bias: bool = False,
+    renorm: str = "auto",
+    scale: bool = True,
+    limit: bool = True,
+    best_groups: bool = True,
+    n_keep: int | None = None,
+    use_bias: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's routing (``group="auto"``: top-2 sum for sigmoid, max for softmax), each pitfall a switch.
 
     Returns (weights, indices) with each token's experts sorted by index.
@@ -109,8 +134,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig, *, gr
     if G > 1 and limit:
         grouped = (choice if group_bias else scores).view(N, G, E // G)
         how = ("top2" if v3 else "max") if group == "auto" else group
-        gs = {"top2": lambda: grouped.topk(2, -1).values.sum(-1), "max": lambda: grouped.amax(-1),
-              "sum": lambda: grouped.sum(-1)}[how]()
+        gs = {"top2": lambda: grouped.topk(2, -1).values.sum(-1), "max": lambda: grouped.amax(-1), "sum": lambda: grouped.sum(-1)}[how]()
         keep = gs.topk(n_keep or cfg.n_limited_groups, -1, largest=best_groups).indices
         mask = torch.ones(N, G, dtype=torch.bool).scatter_(1, keep, False)
         choice = choice.view(N, G, E // G).masked_fill(mask.unsqueeze(-1), fill).view(N, E)
@@ -122,8 +146,15 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig, *, gr
     return (w * cfg.route_scale if scale else w), idx
 
 
-def group_limit(choice: torch.Tensor, cfg: MoEConfig, *, group: str = "auto", fill: float = -math.inf,
-                best_groups: bool = True, n_keep: int | None = None) -> torch.Tensor:
+def group_limit(
+    choice: torch.Tensor,
+    cfg: MoEConfig,
+    *,
+    group: str = "auto",
+    fill: float = -math.inf,
+    best_groups: bool = True,
+    n_keep: int | None = None,
+) -> torch.Tensor:
     """The reference ``group_limit`` (masked selection scores), with switches for its mistakes."""
     N, E = choice.shape
     G = cfg.n_expert_groups
@@ -148,8 +179,9 @@ def swiglu_mistakes(x, w1, w2, w3, who: str = "") -> dict[str, torch.Tensor]:
     """Outputs of the SwiGLU mistakes learners make, named (``who`` prefixes each name)."""
     g, u = F.linear(x, w1), F.linear(x, w3)
     out = {
-        "SiLU on the wrong branch: w1 x is the gate that goes through SiLU, w3 x the up projection (w1 and w3 swapped)":
-            F.linear(F.silu(u) * g, w2),
+        "SiLU on the wrong branch: w1 x is the gate that goes through SiLU, w3 x the up projection (w1 and w3 swapped)": F.linear(
+            F.silu(u) * g, w2
+        ),
         "the gate is missing: the up projection w3 x must be multiplied by SiLU(w1 x) (no gating product)": F.linear(F.silu(g), w2),
         "the up projection is ignored: SiLU(w1 x) must be multiplied by w3 x": F.linear(F.silu(g) * g, w2),
         "SiLU is missing: the gate w1 x goes through SiLU before the product": F.linear(g * u, w2),
@@ -165,8 +197,15 @@ def expert_weights(state: dict, prefix: str):
     return state[f"{prefix}.w1.weight"], state[f"{prefix}.w2.weight"], state[f"{prefix}.w3.weight"]
 
 
-def dispatch_variants(state: dict, cfg: MoEConfig, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
-                      kept: torch.Tensor | None = None, with_mask_mistakes: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dispatch_variants(
+    state: dict,
+    cfg: MoEConfig,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    kept: torch.Tensor | None = None,
+    with_mask_mistakes: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The routed output sum_k w[t,k] expert_{idx[t,k]}(x_t), and what the usual dispatch mistakes give instead."""
     E, K = cfg.n_routed_experts, idx.shape[1]
     run = [(lambda h, e=e: swiglu(h, *expert_weights(state, f"experts.{e}"))) for e in range(E)]
@@ -190,19 +229,23 @@ def dispatch_variants(state: dict, cfg: MoEConfig, x: torch.Tensor, w: torch.Ten
     wf = w.reshape(-1)
     right = grouped(order // K, wf[order])
     wrong = {
-        "after sorting, the token of assignment j is order[j] // K (token-major flattening), not order[j] % K":
-            grouped(order % K, wf[order]) if K > 1 else None,
+        "the token of flattened assignment j is j // K (indices are flattened token-major), not j % K": grouped(order % K, wf[order])
+        if K > 1
+        else None,
         "the weights are not permuted with the sorted order: take weights.reshape(-1)[order]": grouped(order // K, wf[: order.numel()]),
-        "the expert outputs are assigned (y[tokens] = ...) instead of accumulated (index_add_): a token keeps only one expert's output":
-            grouped(order // K, wf[order], accumulate=False),
-        "the combine weights are ignored: each expert's output must be multiplied by its weight":
-            grouped(order // K, torch.ones_like(wf[order])),
+        "the expert outputs are assigned (y[tokens] = ...) instead of accumulated (index_add_): "
+        "a token keeps only one expert's output": grouped(order // K, wf[order], accumulate=False),
+        "the combine weights are ignored: each expert's output must be multiplied by its weight": grouped(
+            order // K, torch.ones_like(wf[order])
+        ),
     }
     if kept is not None and with_mask_mistakes:
-        wrong["the kept mask is ignored: assignments where kept is False must contribute nothing"] = \
-            dispatch_variants(state, cfg, x, w, idx, with_mask_mistakes=False)[0]
-        wrong["the kept mask is inverted: False means the assignment was dropped"] = \
-            dispatch_variants(state, cfg, x, w, idx, ~kept, with_mask_mistakes=False)[0]
+        wrong["the kept mask is ignored: assignments where kept is False must contribute nothing"] = dispatch_variants(
+            state, cfg, x, w, idx, with_mask_mistakes=False
+        )[0]
+        wrong["the kept mask is inverted: False means the assignment was dropped"] = dispatch_variants(
+            state, cfg, x, w, idx, ~kept, with_mask_mistakes=False
+        )[0]
     return right, {k: v for k, v in wrong.items() if v is not None and not torch.allclose(v, right, atol=1e-9)}
 
 
@@ -215,14 +258,20 @@ def reference_flops(fn, *args) -> int:
     return int(fc.get_total_flops())
 
 
-def no_token_loop(shapes: list[tuple], inter: int, max_load: int, what: str) -> None:
+def no_token_loop(shapes: list[tuple], inter: int, max_load: int, what: str, dim: int) -> None:
     """Fail when no intermediate with the experts' width has as many rows as the busiest expert's tokens.
 
     A loop over tokens (or over (token, slot) pairs) runs each expert on one row at a time, so its
     expert intermediates are (1, inter); grouping by expert gives an (n_e, inter) intermediate per expert.
+    ``(dim, inter)`` is also the shape of a transposed expert weight (``F.linear`` records it), so it only
+    counts when the busiest expert has exactly ``dim`` assignments.
     """
     rows = [math.prod(s[:-1]) for s in shapes if len(s) >= 2 and s[-1] == inter]
-    assert_true(bool(rows) and max(rows) >= max_load,
-                f"{what}: the experts ran on at most {max(rows, default=0)} rows at a time, but the busiest expert has "
-                f"{max_load} assignments: a loop over tokens (or over (token, slot) pairs)",
-                hint="sort the assignments by expert (argsort + bincount), then call each expert ONCE on all of its tokens")
+    if max_load != dim:
+        rows = [r for r in rows if r != dim]
+    assert_true(
+        bool(rows) and max(rows) >= max_load,
+        f"{what}: the experts ran on at most {max(rows, default=0)} rows at a time, but the busiest expert has "
+        f"{max_load} assignments: a loop over tokens (or over (token, slot) pairs)",
+        hint="sort the assignments by expert (argsort + bincount), then call each expert ONCE on all of its tokens",
+    )

@@ -13,9 +13,11 @@ from course_lib.deepseek.routing import MoEConfig
 GRADE_ID = "test_03_1_expert"
 POINTS = 3
 ANSWERS = ("ex_03_1_expert",)
-SUMMARY = ("SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, "
-           "no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert")
-REFERENCE = ("course_lib.deepseek.moe", "course_lib.deepseek.common")
+SUMMARY = (
+    "SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, "
+    "no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert"
+)
+REFERENCE = ("course_lib.deepseek.moe",)
 
 
 def _expert(k, dim: int, inter: int, g: torch.Generator):
@@ -23,24 +25,35 @@ def _expert(k, dim: int, inter: int, g: torch.Generator):
     e = k.call_opts(k.g.ExpertNetwork, (dim, inter), keep=True)
     k.call(e.double)
     state = k.call(e.state_dict)
-    assert_true(isinstance(state, dict) and {"w1.weight", "w2.weight", "w3.weight"} <= set(state),
-                f"ExpertNetwork's parameters should be w1, w2, w3 (got {sorted(state) if isinstance(state, dict) else state!r:.80})")
-    assert_true(set(state) == {"w1.weight", "w2.weight", "w3.weight"},
-                f"ExpertNetwork has parameters {sorted(state)}: DeepSeek's experts have no biases (bias=False)",
-                hint="nn.Linear(..., bias=False) for w1, w2 and w3")
+    assert_true(
+        isinstance(state, dict) and {"w1.weight", "w2.weight", "w3.weight"} <= set(state),
+        f"ExpertNetwork's parameters should be w1, w2, w3 (got {sorted(state) if isinstance(state, dict) else state!r:.80})",
+    )
+    assert_true(
+        set(state) == {"w1.weight", "w2.weight", "w3.weight"},
+        f"ExpertNetwork has parameters {sorted(state)}: DeepSeek's experts have no biases (bias=False)",
+        hint="nn.Linear(..., bias=False) for w1, w2 and w3",
+    )
     shapes = {n: tuple(v.shape) for n, v in state.items()}
     want = {"w1.weight": (inter, dim), "w2.weight": (dim, inter), "w3.weight": (inter, dim)}
-    assert_true(shapes == want, f"ExpertNetwork({dim}, {inter}) weight shapes {shapes}, expected {want}",
-                hint="w1, w3: Linear(dim, inter_dim); w2: Linear(inter_dim, dim)")
-    w1, w2, w3 = (torch.randn(*want[n], generator=g, dtype=torch.float64) / want[n][1] ** 0.5 for n in ("w1.weight", "w2.weight", "w3.weight"))
+    assert_true(
+        shapes == want,
+        f"ExpertNetwork({dim}, {inter}) weight shapes {shapes}, expected {want}",
+        hint="w1, w3: Linear(dim, inter_dim); w2: Linear(inter_dim, dim)",
+    )
+    w1, w2, w3 = (
+        torch.randn(*want[n], generator=g, dtype=torch.float64) / want[n][1] ** 0.5 for n in ("w1.weight", "w2.weight", "w3.weight")
+    )
     k.call(e.load_state_dict, {"w1.weight": w1, "w2.weight": w2, "w3.weight": w3})
     return e, w1, w2, w3
 
 
 def _counts(fn, cfg_kw: dict, k) -> dict:
     got = fn(remote_cfg(k, **cfg_kw)) if cfg_kw is not None else None
-    assert_true(isinstance(got, dict) and set(got) == {"total", "active"},
-                f"moe_param_counts must return {{'total': ..., 'active': ...}}, got {got!r:.80}")
+    assert_true(
+        isinstance(got, dict) and set(got) == {"total", "active"},
+        f"moe_param_counts must return {{'total': ..., 'active': ...}}, got {got!r:.80}",
+    )
     return {n: expect_int(v, f"moe_param_counts(...)[{n!r}]") for n, v in got.items()}
 
 
@@ -52,8 +65,11 @@ def _count_hint(got: int, cfg: MoEConfig, which: str) -> str:
         n * per + shared: "the gate (n_routed_experts x dim) is missing: it is part of the layer and every token uses it",
         gate + n * per: "the shared experts are missing: they run on every token",
         gate + per + n * per: "the shared experts count n_shared_experts x 3 x dim x moe_inter_dim, not one expert's worth",
-        gate + (cfg.n_shared_experts + n) * 2 * cfg.dim * cfg.moe_inter_dim:
-            "an expert has THREE matrices (w1, w2, w3) of dim x moe_inter_dim, not two",
+        gate
+        + (cfg.n_shared_experts + n)
+        * 2
+        * cfg.dim
+        * cfg.moe_inter_dim: "an expert has THREE matrices (w1, w2, w3) of dim x moe_inter_dim, not two",
         gate + (cfg.n_shared_experts + n) * cfg.dim * cfg.moe_inter_dim: "an expert has THREE matrices (w1, w2, w3) of dim x moe_inter_dim",
     }
     if which == "active":
@@ -68,61 +84,124 @@ def judge(k, t):
         e, w1, w2, w3 = _expert(k, 16, 12, g)
         x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
         y = expect_tensor(e(x), "expert output", shape=(3, 5, 16), hint="the expert maps (..., dim) to (..., dim)")
-        expect_close(y[0, 0], swiglu(x[0, 0], w1, w2, w3), atol=1e-12, name="expert output for one token",
-                     mistakes={n: v[0, 0] for n, v in swiglu_mistakes(x, w1, w2, w3).items()}, hint="w2(silu(w1 x) * w3 x)")
+        expect_close(
+            y[0, 0],
+            swiglu(x[0, 0], w1, w2, w3),
+            atol=1e-12,
+            name="expert output for one token",
+            mistakes={n: v[0, 0] for n, v in swiglu_mistakes(x, w1, w2, w3).items()},
+            hint="w2(silu(w1 x) * w3 x)",
+        )
         c = _counts(k.g.moe_param_counts, TINY, k)
         want = param_counts(MoEConfig(**TINY))
-        assert_true(c["total"] == want["total"], f"TINY total parameters: got {c['total']}, expected {want['total']}",
-                    hint=_count_hint(c["total"], MoEConfig(**TINY), "total"))
+        assert_true(
+            c["total"] == want["total"],
+            f"TINY total parameters: got {c['total']}, expected {want['total']}",
+            hint=_count_hint(c["total"], MoEConfig(**TINY), "total"),
+        )
 
     with t.part("SwiGLU in float64 at three sizes (inter_dim 1 included), every activation mistake named", 1):
         for dim, inter in ((8, 5), (24, 40), (16, 1)):
             e, w1, w2, w3 = _expert(k, dim, inter, g)
             x = torch.randn(7, dim, generator=g, dtype=torch.float64)
-            expect_close(e(x), swiglu(x, w1, w2, w3), atol=1e-12, name=f"ExpertNetwork(dim={dim}, inter={inter}) in float64",
-                         mistakes=swiglu_mistakes(x, w1, w2, w3), hint="w2(silu(w1 x) * w3 x): SiLU on the gate w1 x only")
+            expect_close(
+                e(x),
+                swiglu(x, w1, w2, w3),
+                atol=1e-12,
+                name=f"ExpertNetwork(dim={dim}, inter={inter}) in float64",
+                mistakes=swiglu_mistakes(x, w1, w2, w3),
+                hint="w2(silu(w1 x) * w3 x): SiLU on the gate w1 x only",
+            )
             x3 = torch.randn(2, 3, dim, generator=g, dtype=torch.float64)
-            expect_close(e(x3), swiglu(x3, w1, w2, w3), atol=1e-12, name=f"ExpertNetwork on a (2, 3, {dim}) input",
-                         hint="apply the projections to the last dimension only (nn.Linear does)")
+            expect_close(
+                e(x3),
+                swiglu(x3, w1, w2, w3),
+                atol=1e-12,
+                name=f"ExpertNetwork on a (2, 3, {dim}) input",
+                hint="apply the projections to the last dimension only (nn.Linear does)",
+            )
 
     with t.part("parameter counts: DeepSeek-V3 exactly, two / no shared experts, 12 experts in 3 groups", 1):
         v3 = MoEConfig.deepseek_v3()
-        c = _counts(k.g.moe_param_counts, dict(dim=7168, moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1,
-                                               n_activated_experts=8, n_expert_groups=8, n_limited_groups=4), k)
+        c = _counts(
+            k.g.moe_param_counts,
+            dict(
+                dim=7168,
+                moe_inter_dim=2048,
+                n_routed_experts=256,
+                n_shared_experts=1,
+                n_activated_experts=8,
+                n_expert_groups=8,
+                n_limited_groups=4,
+            ),
+            k,
+        )
         for which, want in (("total", 11_320_164_352), ("active", 398_196_736)):
-            assert_true(c[which] == want, f"V3 MoE layer {which}: got {c[which]:,}, expected {want:,}", hint=_count_hint(c[which], v3, which))
+            assert_true(
+                c[which] == want, f"V3 MoE layer {which}: got {c[which]:,}, expected {want:,}", hint=_count_hint(c[which], v3, which)
+            )
         for kw in (dict(n_shared_experts=2), dict(n_shared_experts=0), dict(n_routed_experts=12, n_expert_groups=3, n_activated_experts=3)):
             cfg_kw = dict(dim=16, moe_inter_dim=8, **kw)
             cfg = MoEConfig(**cfg_kw)
             c, want = _counts(k.g.moe_param_counts, cfg_kw, k), param_counts(cfg)
             for which in ("total", "active"):
-                assert_true(c[which] == want[which], f"{which} parameters for {kw}: got {c[which]}, expected {want[which]}",
-                            hint=_count_hint(c[which], cfg, which))
+                assert_true(
+                    c[which] == want[which],
+                    f"{which} parameters for {kw}: got {c[which]}, expected {want[which]}",
+                    hint=_count_hint(c[which], cfg, which),
+                )
 
 
 MUTANTS = [
-    Mutant("SiLU on w3", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(self.w1(x) * F.silu(self.w3(x)))",
-           expect="SiLU on the wrong branch"),
-    Mutant("ReLU", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(F.relu(self.w1(x)) * self.w3(x))",
-           expect="ReLU instead of SiLU"),
-    Mutant("sigmoid", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(torch.sigmoid(self.w1(x)) * self.w3(x))",
-           expect="sigmoid instead of SiLU"),
-    Mutant("no gating product", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(F.silu(self.w1(x)))",
-           expect="no gating product"),
-    Mutant("SiLU of the product", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(F.silu(self.w1(x) * self.w3(x)))",
-           expect="SiLU is applied to the product"),
+    Mutant(
+        "SiLU on w3",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(self.w1(x) * F.silu(self.w3(x)))",
+        expect="SiLU on the wrong branch",
+    ),
+    Mutant(
+        "ReLU",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(F.relu(self.w1(x)) * self.w3(x))",
+        expect="ReLU instead of SiLU",
+    ),
+    Mutant(
+        "sigmoid",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(torch.sigmoid(self.w1(x)) * self.w3(x))",
+        expect="sigmoid instead of SiLU",
+    ),
+    Mutant(
+        "no gating product",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(F.silu(self.w1(x)))",
+        expect="no gating product",
+    ),
+    Mutant(
+        "SiLU of the product",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(F.silu(self.w1(x) * self.w3(x)))",
+        expect="SiLU is applied to the product",
+    ),
     Mutant("biases", "self.w1 = nn.Linear(dim, inter_dim, bias=False)", "self.w1 = nn.Linear(dim, inter_dim)", expect="no biases"),
-    Mutant("gate forgotten", "return {\"total\": gate + shared +", "return {\"total\": shared +", expect="the gate"),
-    Mutant("shared not in active", "\"active\": gate + shared +", "\"active\": gate +", expect="shared experts are missing"),
+    Mutant("gate forgotten", 'return {"total": gate + shared +', 'return {"total": shared +', expect="the gate"),
+    Mutant("shared not in active", '"active": gate + shared +', '"active": gate +', expect="shared experts are missing"),
     Mutant("two matrices per expert", "per_expert = 3 * cfg.dim", "per_expert = 2 * cfg.dim", expect="THREE matrices"),
-    Mutant("one shared expert whatever N_s", "shared = cfg.n_shared_experts * per_expert", "shared = per_expert",
-           expect="n_shared_experts x 3"),
-    Mutant("active counts every routed expert", "cfg.n_activated_experts * per_expert", "cfg.n_routed_experts * per_expert",
-           expect="only the K_r routed experts"),
+    Mutant(
+        "one shared expert whatever N_s", "shared = cfg.n_shared_experts * per_expert", "shared = per_expert", expect="n_shared_experts x 3"
+    ),
+    Mutant(
+        "active counts every routed expert",
+        "cfg.n_activated_experts * per_expert",
+        "cfg.n_routed_experts * per_expert",
+        expect="only the K_r routed experts",
+    ),
 ]
 
 ALTERNATIVES = [
-    Alternative("functional form and a formula", source='''
+    Alternative(
+        "functional form and a formula",
+        source="""
 class ExpertNetwork(nn.Module):
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
@@ -140,5 +219,6 @@ def moe_param_counts(cfg):
     d, i = cfg.dim, cfg.moe_inter_dim
     always = cfg.n_routed_experts * d + cfg.n_shared_experts * 3 * d * i
     return {"total": always + cfg.n_routed_experts * 3 * d * i, "active": always + cfg.n_activated_experts * 3 * d * i}
-'''),
+""",
+    ),
 ]

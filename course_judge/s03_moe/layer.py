@@ -29,14 +29,24 @@ from course_lib.deepseek.routing import MoEConfig
 GRADE_ID = "test_03_3_moe"
 POINTS = 6
 ANSWERS = ("ex_03_3_moe",)
-SUMMARY = ("the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations "
-           "and both input shapes with every dispatch mistake named, info.load, no loop over tokens and no dense compute "
-           "(profiled), experts without tokens, gradients to the gate and the used experts only, the kept mask")
-REFERENCE = ("course_lib.deepseek.moe", "course_lib.deepseek.common")
+SUMMARY = (
+    "the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations "
+    "and both input shapes with every dispatch mistake named, info.load, no loop over tokens and no dense compute "
+    "(profiled), experts without tokens, gradients to the gate and the used experts only, the kept mask"
+)
+REFERENCE = ("course_lib.deepseek.moe",)
 
 CFG_A = dict(dim=12, moe_inter_dim=6, n_routed_experts=12, n_shared_experts=2, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1)
-CFG_C = dict(dim=10, moe_inter_dim=4, n_routed_experts=6, n_shared_experts=0, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1,
-             route_scale=1.0)
+CFG_C = dict(
+    dim=10,
+    moe_inter_dim=4,
+    n_routed_experts=6,
+    n_shared_experts=0,
+    n_activated_experts=4,
+    n_expert_groups=1,
+    n_limited_groups=1,
+    route_scale=1.0,
+)
 CFG_S = dict(dim=16, moe_inter_dim=7, n_routed_experts=8, n_shared_experts=2, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2)
 ROUTER = "the layer's routing (your ExpertRouter, 3.2)"
 EXPERT = "your ExpertNetwork (3.1): "
@@ -60,8 +70,10 @@ def run(m, x, name: str = "MixtureOfExperts(x)"):
 
 
 def routing_info(info, name: str):
-    assert_true(isinstance(info, wire.Namespace) and {"weights", "indices", "scores", "load", "kept"} <= set(info.fields),
-                f"{name}: the second output should be a RoutingInfo(weights, indices, scores, load, kept), got {type(info).__name__}")
+    assert_true(
+        isinstance(info, wire.Namespace) and {"weights", "indices", "scores", "load", "kept"} <= set(info.fields),
+        f"{name}: the second output should be a RoutingInfo(weights, indices, scores, load, kept), got {type(info).__name__}",
+    )
     return info
 
 
@@ -91,18 +103,32 @@ def check_output(y: torch.Tensor, info, state: dict, cfg: MoEConfig, x: torch.Te
         mistakes["the shared expert's output is missing: y = shared_experts(x) + the routed output"] = routed.view(x.shape)
         mistakes["the shared expert is added twice"] = (routed + 2 * sh).view(x.shape)
     mistakes["only the first of each token's K experts contributes: sum over all K slots"] = (
-        dispatch_variants(state, cfg, h, w, idx, torch.arange(K).expand(N, K) == 0, with_mask_mistakes=False)[0] + sh).view(x.shape)
-    expect_close(y, (routed + sh).view(x.shape), atol=1e-12, name=f"{name}: output", mistakes=mistakes,
-                 hint="shared(x) + sum over the K chosen experts of weight * expert(x); after sorting, token = order // K "
-                      "and the weights must be permuted with the same order")
+        dispatch_variants(state, cfg, h, w, idx, torch.arange(K).expand(N, K) == 0, with_mask_mistakes=False)[0] + sh
+    ).view(x.shape)
+    expect_close(
+        y,
+        (routed + sh).view(x.shape),
+        atol=1e-12,
+        name=f"{name}: output",
+        mistakes=mistakes,
+        hint="shared(x) + sum over the K chosen experts of weight * expert(x); after sorting, token = order // K "
+        "and the weights must be permuted with the same order",
+    )
 
 
 def check_load(info, N: int, cfg: MoEConfig, name: str) -> None:
-    load = expect_tensor(info.load, f"{name}: info.load", shape=(cfg.n_routed_experts,),
-                         hint="expert_load(indices, n_routed_experts): one count per expert, zeros included")
+    load = expect_tensor(
+        info.load,
+        f"{name}: info.load",
+        shape=(cfg.n_routed_experts,),
+        hint="expert_load(indices, n_routed_experts): one count per expert, zeros included",
+    )
     want = torch.bincount(info.indices.reshape(-1).long(), minlength=cfg.n_routed_experts).to(torch.float64)
-    assert_true(torch.equal(load.to(torch.float64), want), f"{name}: info.load = {load.tolist()}, but the indices give {want.tolist()}",
-                hint="load = expert_load(indices, n_routed_experts): every (token, slot) assignment counts")
+    assert_true(
+        torch.equal(load.to(torch.float64), want),
+        f"{name}: info.load = {load.tolist()}, but the indices give {want.tolist()}",
+        hint="load = expert_load(indices, n_routed_experts): every (token, slot) assignment counts",
+    )
     assert_true(float(load.sum()) == N * cfg.n_activated_experts, f"{name}: the loads sum to {float(load.sum()):g}, expected N x K")
     assert_true(info.kept is None, f"{name}: info.kept must be None without a capacity_factor")
 
@@ -115,8 +141,11 @@ def judge(k, t):
         y, info = run(m, x)
         expect_tensor(info.indices, "info.indices (N = B*T tokens, K)", shape=(10, 2))
         load = expect_tensor(info.load, "info.load", shape=(8,))
-        assert_true(load.tolist() == torch.bincount(info.indices.flatten().long(), minlength=8).float().tolist(),
-                    "info.load must count assignments per expert", hint="expert_load(indices, n_routed_experts)")
+        assert_true(
+            load.tolist() == torch.bincount(info.indices.flatten().long(), minlength=8).float().tolist(),
+            "info.load must count assignments per expert",
+            hint="expert_load(indices, n_routed_experts)",
+        )
         h3 = x.reshape(10, 16)[3]
         idx = [int(e) for e in info.indices[3]]
         outs = k.many([(m.shared_experts, (h3,), {})] + [(m.experts[e], (h3,), {}) for e in idx])
@@ -124,27 +153,44 @@ def judge(k, t):
             if isinstance(o, Exception):
                 raise o
         want = outs[0] + sum(info.weights[3, j] * outs[1 + j] for j in range(2))
-        expect_close(y.reshape(10, 16)[3], want, atol=1e-12, name="token 3",
-                     hint="y_t = shared(x_t) + sum_k weights[t, k] * experts[indices[t, k]](x_t)")
+        expect_close(
+            y.reshape(10, 16)[3],
+            want,
+            atol=1e-12,
+            name="token 3",
+            hint="y_t = shared(x_t) + sum_k weights[t, k] * experts[indices[t, k]](x_t)",
+        )
 
     with t.part("the experts (3.1's SwiGLU) and the fused shared expert: silent routed experts leave exactly its output", 0.5):
         m, cfg, ref, state = layer(k, CFG_A, 1)
         x = torch.randn(6, 12, generator=g, dtype=torch.float64)
         for who, prefix in (("shared_experts", "shared_experts"), ("experts[0]", "experts.0")):
             sub = m.shared_experts if who == "shared_experts" else m.experts[0]
-            expect_close(expect_tensor(k.call(sub, x), f"{who}(x)"), swiglu(x, *expert_weights(state, prefix)), atol=1e-12,
-                         name=f"{who}(x)", mistakes=swiglu_mistakes(x, *expert_weights(state, prefix), who=EXPERT),
-                         hint="each expert is w2(silu(w1 x) * w3 x)")
+            expect_close(
+                expect_tensor(k.call(sub, x), f"{who}(x)"),
+                swiglu(x, *expert_weights(state, prefix)),
+                atol=1e-12,
+                name=f"{who}(x)",
+                mistakes=swiglu_mistakes(x, *expert_weights(state, prefix), who=EXPERT),
+                hint="each expert is w2(silu(w1 x) * w3 x)",
+            )
         silent = dict(state)
         for e in range(cfg.n_routed_experts):
             silent[f"experts.{e}.w2.weight"] = torch.zeros_like(state[f"experts.{e}.w2.weight"])
         load_state(k, m, silent, "MixtureOfExperts")
         y, _ = run(m, x)
         sh = shared_out(state, cfg, x)
-        expect_close(y, sh, atol=1e-12, name="output with silent routed experts (the shared expert's alone)",
-                     mistakes={"the shared expert's output is missing: y = shared_experts(x) + the routed output": torch.zeros_like(sh),
-                               "the shared expert is added twice": 2 * sh},
-                     hint="add the shared expert's output for every token")
+        expect_close(
+            y,
+            sh,
+            atol=1e-12,
+            name="output with silent routed experts (the shared expert's alone)",
+            mistakes={
+                "the shared expert's output is missing: y = shared_experts(x) + the routed output": torch.zeros_like(sh),
+                "the shared expert is added twice": 2 * sh,
+            },
+            hint="add the shared expert's output for every token",
+        )
 
     with t.part("output against the course's layer: three configurations (no shared expert, one group), (B, T, dim) and (N, dim)", 1):
         for c_i, (kw, seed) in enumerate(((TINY, 20), (CFG_A, 21), (CFG_C, 22))):
@@ -158,23 +204,29 @@ def judge(k, t):
 
     with t.part("structure: each expert runs once on its own tokens (no loop over tokens, no dense compute), experts without tokens", 1):
         m, cfg, ref, state = layer(k, CFG_S, 3)
-        x = torch.randn(160, 16, generator=g, dtype=torch.float64)
+        x = torch.randn(48, 16, generator=g, dtype=torch.float64)
         _, idx = route(scores_of(state, cfg, x), state["gate.bias"], cfg)
         max_load = int(torch.bincount(idx.reshape(-1), minlength=8).max())
         prof = k.profile(m, x)
-        no_token_loop(prof.shapes, cfg.moe_inter_dim, max_load, "MixtureOfExperts.forward on 160 tokens")
+        no_token_loop(prof.shapes, cfg.moe_inter_dim, max_load, "MixtureOfExperts.forward on 48 tokens", cfg.dim)
         want = reference_flops(ref, x)
-        assert_true(prof.flops <= 1.5 * want, f"your layer does {prof.flops / want:.1f}x the FLOPs of the course's layer",
-                    hint="every expert runs on every token (dense compute): gather each expert's own tokens (x[tokens of e]) "
-                         "and run the expert only on those")
+        assert_true(
+            prof.flops <= 1.5 * want,
+            f"your layer does {prof.flops / want:.1f}x the FLOPs of the course's layer",
+            hint="every expert runs on every token (dense compute): gather each expert's own tokens (x[tokens of e]) "
+            "and run the expert only on those",
+        )
         only = torch.full((8,), -100.0, dtype=torch.float64)
         only[4:6] = 0.0  # only experts 4 and 5 can win
         set_bias(k, m.gate, only)
         state = {**state, "gate.bias": only}
         x = torch.randn(5, 16, generator=g, dtype=torch.float64)
         y, info = run(m, x, "MixtureOfExperts(x) with only experts 4 and 5 reachable")
-        assert_true(info.load.tolist() == [0, 0, 0, 0, 5, 5, 0, 0], f"info.load with only experts 4, 5 reachable: {info.load.tolist()}",
-                    hint="expert_load(indices, n_routed_experts) counts every expert, zeros included")
+        assert_true(
+            info.load.tolist() == [0, 0, 0, 0, 5, 5, 0, 0],
+            f"info.load with only experts 4, 5 reachable: {info.load.tolist()}",
+            hint="expert_load(indices, n_routed_experts) counts every expert, zeros included",
+        )
         check_output(y, info, state, cfg, x, "6 of 8 experts receive no tokens")
 
     with t.part("gradients: to the input, the gate weight and every used expert, as the course's layer; idle experts get none", 1):
@@ -189,20 +241,29 @@ def judge(k, t):
         try:
             out = k.grad(m, x, wrt=[0], params=m, output=0, grad_out=r)
         except LearnerError as e:
-            raise AssertionError(f"no gradient flows back through the layer ({e.type}: {e.message[:160]})\n  likely cause: "
-                                 "the output must keep its graph: no .detach(), .data or torch.no_grad() in forward or dispatch") from None
+            raise AssertionError(
+                f"no gradient flows back through the layer ({e.type}: {e.message[:160]})\n  likely cause: "
+                "the output must keep its graph: no .detach(), .data or torch.no_grad() in forward or dispatch"
+            ) from None
         xg = x.clone().requires_grad_(True)
         names = [n for n, _ in ref.named_parameters()]
         grads = torch.autograd.grad((ref(xg)[0] * r).sum(), [xg, *ref.parameters()], allow_unused=True)
         for n, want in zip(names, grads[1:]):
             got = out.param_grads.get(n)
             if want is None or not bool(want.abs().sum() > 0):
-                assert_true(got is None or float(got.abs().max()) == 0.0, f"{n} belongs to an expert that received no tokens, "
-                            "but it got a gradient", hint="only the experts a token was routed to may run")
+                assert_true(
+                    got is None or float(got.abs().max()) == 0.0,
+                    f"{n} belongs to an expert that received no tokens, but it got a gradient",
+                    hint="only the experts a token was routed to may run",
+                )
                 continue
-            assert_true(got is not None, f"no gradient reaches {n}",
-                        hint="keep the graph: the combine weights come from the gate's scores; no .detach(), .data or torch.no_grad()"
-                        if n == "gate.weight" else "every used expert must run inside the graph")
+            assert_true(
+                got is not None,
+                f"no gradient reaches {n}",
+                hint="keep the graph: the combine weights come from the gate's scores; no .detach(), .data or torch.no_grad()"
+                if n == "gate.weight"
+                else "every used expert must run inside the graph",
+            )
             expect_close(got, want, atol=1e-10, name=f"gradient of {n}")
         expect_close(expect_tensor(out.grads[0], "gradient of the input"), grads[0], atol=1e-10, name="gradient of the input")
 
@@ -213,71 +274,127 @@ def judge(k, t):
         mask = torch.rand(10, 2, generator=g) > 0.4
         want, wrong = dispatch_variants(state, cfg, h, w, idx, mask)
         got = expect_tensor(m.dispatch(h, w, idx, mask), "dispatch(x, weights, indices, kept)", shape=(10, 16))
-        expect_close(got, want, atol=1e-12, name="dispatch with a kept mask", mistakes=wrong,
-                     hint="skip the assignments where kept is False (drop them from the sorted order before counting)")
+        expect_close(
+            got,
+            want,
+            atol=1e-12,
+            name="dispatch with a kept mask",
+            mistakes=wrong,
+            hint="skip the assignments where kept is False (drop them from the sorted order before counting)",
+        )
         full = expect_tensor(m.dispatch(h, w, idx, torch.ones(10, 2, dtype=torch.bool)), "dispatch with an all-True mask")
-        expect_close(full, expect_tensor(m.dispatch(h, w, idx), "dispatch without a mask"), atol=1e-12,
-                     name="dispatch with an all-True kept mask vs without one")
+        expect_close(
+            full,
+            expect_tensor(m.dispatch(h, w, idx), "dispatch without a mask"),
+            atol=1e-12,
+            name="dispatch with an all-True kept mask vs without one",
+        )
 
 
-_PER_TOKEN = '''        y = torch.zeros_like(x)
+_PER_TOKEN = """        y = torch.zeros_like(x)
         for t in range(x.shape[0]):
             for j in range(indices.shape[1]):
                 if kept is None or bool(kept[t, j]):
                     y[t] = y[t] + weights[t, j].to(x.dtype) * self.experts[int(indices[t, j])](x[t : t + 1])[0]
         return y
-'''
-_DENSE = '''        y = torch.zeros_like(x)
+"""
+_DENSE = """        y = torch.zeros_like(x)
         w = weights if kept is None else weights * kept
         for e, expert in enumerate(self.experts):
             coef = (w * (indices == e)).sum(-1, keepdim=True).to(x.dtype)  # (N, 1), 0 where e was not chosen
             y = y + coef * expert(x)
         return y
-'''
-_BODY = '''        K = indices.shape[1]
-        flat = indices.reshape(-1)  # (N*K,) expert of each assignment, token-major
-        order = torch.argsort(flat, stable=True)  # (N*K,) assignments grouped by expert
+"""
+_BODY = """        N, K = indices.shape
+        expert_of = indices.reshape(-1)  # (N*K,) expert of each assignment, token-major
+        slots = torch.arange(N * K, device=x.device)  # (N*K,) assignment j serves token j // K
         if kept is not None:
-            order = order[kept.reshape(-1)[order]]  # (S,) drop the skipped assignments
-        counts = torch.bincount(flat[order], minlength=len(self.experts)).tolist()  # (E,)
-        token = order // K  # (S,) the token each sorted assignment serves
-        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (S, 1)
+            slots = slots[kept.reshape(-1)]  # (S,) the assignments that stay
+        slots = slots[torch.argsort(expert_of[slots], stable=True)]  # (S,) grouped by expert
+        sizes = torch.bincount(expert_of[slots], minlength=len(self.experts)).tolist()  # (E,)
+        flat_w = weights.reshape(-1)  # (N*K,)
         y = torch.zeros_like(x)  # (N, dim)
-        for e, (tok_e, w_e) in enumerate(zip(token.split(counts), w.split(counts))):  # experts, not tokens
-            if tok_e.numel():
-                y.index_add_(0, tok_e, self.experts[e](x[tok_e]) * w_e)  # (n_e, dim) rows back to their tokens
+        start = 0
+        for expert, n_e in zip(self.experts, sizes):  # a loop over experts, never over tokens
+            mine = slots[start:start + n_e]  # (n_e,) this expert's assignments
+            start += n_e
+            if n_e:
+                rows = mine // K  # (n_e,) the tokens they serve
+                y.index_add_(0, rows, expert(x[rows]) * flat_w[mine].to(x.dtype).unsqueeze(-1))  # rows back to their tokens
         return y
-'''
+"""
+_ADD = "y.index_add_(0, rows, expert(x[rows]) * flat_w[mine].to(x.dtype).unsqueeze(-1))"
 
 MUTANTS = [
-    Mutant("token = order % K", "token = order // K", "token = order % K", expect="not order[j] % K"),
-    Mutant("weights not permuted", "w = weights.reshape(-1)[order]", "w = weights.reshape(-1)[: order.numel()]", expect="not permuted"),
-    Mutant("rows assigned, not accumulated", "y.index_add_(0, tok_e, self.experts[e](x[tok_e]) * w_e)",
-           "y[tok_e] = self.experts[e](x[tok_e]) * w_e", expect="instead of accumulated"),
-    Mutant("weights ignored", "self.experts[e](x[tok_e]) * w_e)", "self.experts[e](x[tok_e]))", expect="weights are ignored"),
-    Mutant("shared expert missing", "            y = y + self.shared_experts(h)\n", "            pass\n",
-           expect="shared expert's output is missing"),
-    Mutant("kept mask ignored", "            order = order[kept.reshape(-1)[order]]  # (S,) drop the skipped assignments\n",
-           "            pass\n", expect="kept mask is ignored"),
+    Mutant("token = j % K", "rows = mine // K", "rows = mine % K", expect="not j % K"),
+    Mutant("weights not permuted", "flat_w[mine].to(x.dtype)", "flat_w[start - n_e : start].to(x.dtype)", expect="not permuted"),
+    Mutant(
+        "rows assigned, not accumulated",
+        _ADD,
+        "y[rows] = expert(x[rows]) * flat_w[mine].to(x.dtype).unsqueeze(-1)",
+        expect="instead of accumulated",
+    ),
+    Mutant("weights ignored", _ADD, "y.index_add_(0, rows, expert(x[rows]))", expect="weights are ignored"),
+    Mutant(
+        "shared expert missing",
+        "            y = y + self.shared_experts(h)\n",
+        "            pass\n",
+        expect="shared expert's output is missing",
+    ),
+    Mutant(
+        "kept mask ignored",
+        "            slots = slots[kept.reshape(-1)]  # (S,) the assignments that stay\n",
+        "            pass\n",
+        expect="kept mask is ignored",
+    ),
     Mutant("per-token loop", _BODY, _PER_TOKEN, expect="loop over tokens"),
     Mutant("every expert on every token", _BODY, _DENSE, expect="dense compute"),
-    Mutant("weights detached", "w = weights.reshape(-1)[order].to(x.dtype)", "w = weights.detach().reshape(-1)[order].to(x.dtype)",
-           expect="no gradient reaches gate.weight"),
+    Mutant(
+        "weights detached",
+        "flat_w = weights.reshape(-1)",
+        "flat_w = weights.detach().reshape(-1)",
+        expect="no gradient reaches gate.weight",
+    ),
     Mutant("output not reshaped", "return y.view(x.shape), info", "return y, info", expect="return y.view(x.shape)"),
-    Mutant("load without minlength", "load=expert_load(indices, cfg.n_routed_experts)",
-           "load=torch.bincount(indices.reshape(-1)).float()", expect="info.load"),
-    Mutant("shared expert one expert wide", "ExpertNetwork(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)",
-           "ExpertNetwork(cfg.dim, cfg.moe_inter_dim)", expect="n_shared_experts * moe_inter_dim wide"),
-    Mutant("SwiGLU with SiLU on w3 (3.1)", "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
-           "return self.w2(self.w1(x) * F.silu(self.w3(x)))", cell="ex_03_1_expert", expect="ExpertNetwork (3.1): SiLU on the wrong branch"),
-    Mutant("SwiGLU without the gate (3.1)", "return self.w2(F.silu(self.w1(x)) * self.w3(x))", "return self.w2(F.silu(self.w1(x)))",
-           cell="ex_03_1_expert", expect="ExpertNetwork (3.1): the gate is missing"),
-    Mutant("router with the bias in the weights (3.2)", "weights = scores.gather(1, indices)  # (N, K) unbiased",
-           "weights = choice.gather(1, indices)", cell="ex_03_2_router", expect="ExpertRouter, 3.2): weights"),
+    Mutant(
+        "load without minlength",
+        "load=expert_load(indices, cfg.n_routed_experts)",
+        "load=torch.bincount(indices.reshape(-1)).float()",
+        expect="info.load",
+    ),
+    Mutant(
+        "shared expert one expert wide",
+        "ExpertNetwork(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)",
+        "ExpertNetwork(cfg.dim, cfg.moe_inter_dim)",
+        expect="n_shared_experts * moe_inter_dim wide",
+    ),
+    Mutant(
+        "SwiGLU with SiLU on w3 (3.1)",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(self.w1(x) * F.silu(self.w3(x)))",
+        cell="ex_03_1_expert",
+        expect="ExpertNetwork (3.1): SiLU on the wrong branch",
+    ),
+    Mutant(
+        "SwiGLU without the gate (3.1)",
+        "return self.w2(F.silu(self.w1(x)) * self.w3(x))",
+        "return self.w2(F.silu(self.w1(x)))",
+        cell="ex_03_1_expert",
+        expect="ExpertNetwork (3.1): the gate is missing",
+    ),
+    Mutant(
+        "router with the bias in the weights (3.2)",
+        "weights = scores.gather(1, indices)  # (N, K) unbiased",
+        "weights = choice.gather(1, indices)",
+        cell="ex_03_2_router",
+        expect="ExpertRouter, 3.2): weights",
+    ),
 ]
 
 ALTERNATIVES = [
-    Alternative("torch.where per expert (DeepSeek's inference loop)", source='''
+    Alternative(
+        "torch.where per expert (DeepSeek's inference loop)",
+        source="""
 class MixtureOfExperts(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -307,5 +424,6 @@ class MixtureOfExperts(nn.Module):
         if self.shared_experts is not None:
             y = self.shared_experts(h) + y
         return y.reshape(x.shape), RoutingInfo(weights, indices, scores, expert_load(indices, cfg.n_routed_experts), kept)
-'''),
+""",
+    ),
 ]
