@@ -789,6 +789,9 @@ plt.show()
 # first choice is drawn.
 
 # %% [code]
+import dataclasses
+
+
 def balance_explorer(gamma: float = 0.01, skew: float = 1.5, capacity_factor: float = 1.25):
     task = make_cluster_regression(n_clusters=8, dim=EXP.dim, skew=skew, noise=0.5, seed=0)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -796,7 +799,7 @@ def balance_explorer(gamma: float = 0.01, skew: float = 1.5, capacity_factor: fl
         torch.manual_seed(0)
         model = MixtureOfExperts(EXP)
         h = train(model, steps=50, mode="bias", gamma=g, task=task)
-        model.cfg = MoEConfig(**{**vars(EXP), "capacity_factor": capacity_factor})  # limit only for the evaluation
+        model.cfg = dataclasses.replace(EXP, capacity_factor=capacity_factor)  # limit only for the evaluation
         with torch.no_grad():
             _, info = model(x_eval.reshape(-1, EXP.dim))
         model.cfg = EXP

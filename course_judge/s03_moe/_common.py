@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from course_judge.checks import assert_true, expect_tensor, expect_tuple
+from course_judge.session import LearnerError
 from course_lib.deepseek.moe import MoE
 from course_lib.deepseek.routing import MoEConfig
 
@@ -40,8 +41,22 @@ def kept(k, ref, *args, **kwargs):
     return k.call_opts(ref, args, kwargs, keep=True)
 
 
+class Configs:
+    """``MoEConfig`` objects built in the kernel (handles, so the learner's code gets the real dataclass),
+    one per distinct set of fields within one judge run."""
+
+    def __init__(self, k):
+        self.k, self.made = k, {}
+
+    def __call__(self, **kw):
+        key = tuple(sorted(kw.items()))
+        if key not in self.made:
+            self.made[key] = kept(self.k, self.k.lib(CFG), **kw)
+        return self.made[key]
+
+
 def remote_cfg(k, **kw):
-    """A ``MoEConfig`` built in the kernel (a handle, so the learner's code gets the real dataclass)."""
+    """A ``MoEConfig`` built in the kernel (a handle)."""
     return kept(k, k.lib(CFG), **kw)
 
 
@@ -61,24 +76,40 @@ def reference_moe(cfg: MoEConfig, seed: int, *, bias_std: float = 0.1, dtype=tor
     return ref
 
 
-def load_state(k, module, state: dict, what: str) -> None:
-    """Load the judge's ``state`` (names as in ``course_lib.deepseek.moe.MoE``) into a learner's module."""
-    have = k.call(module.state_dict)
-    assert_true(isinstance(have, dict), f"{what}.state_dict() did not return a dict")
+HINT_NAMES = "keep the names of the given __init__ (gate.weight, gate.bias, experts.{i}.w1/w2/w3, shared_experts.w1/w2/w3)"
+HINT_SHAPES = "w1 and w3 are (inter_dim, dim), w2 is (dim, inter_dim); the shared expert is n_shared_experts * moe_inter_dim wide"
+
+
+def build(k, ctor, args: tuple, state: dict, what: str, *, dtype: str | None = "double", names_hint: str = HINT_NAMES):
+    """``ctor(*args)`` in the kernel, cast (``module.double()``) and loaded with the judge's ``state``: two round trips.
+
+    The names and shapes are checked from the module's ``info`` (no weights travel back).
+    """
+    m = k.call_opts(ctor, args, keep=True)
+    load = {"op": "call", "fn": m.load_state_dict, "args": [{n: v.detach().clone() for n, v in state.items()}], "kwargs": {}}
+    reqs = ([{"op": "call", "fn": getattr(m, dtype), "args": [], "kwargs": {}}] if dtype else []) + [{"op": "info", "obj": m}, load]
+    out = k.request({"op": "many", "requests": reqs}, f"{what} (building it)")
+    if dtype and "error" in out[0]:
+        raise LearnerError(f"{what}.{dtype}()", out[0]["error"])
+    inf = out[-2].get("ok") or {}
+    have = {**inf.get("parameters", {}), **inf.get("buffers", {})}
     missing, extra = sorted(set(state) - set(have)), sorted(set(have) - set(state))
     assert_true(
         not missing and not extra,
         f"{what}'s parameters and buffers are not named as the exercise says: missing {missing[:6]}, unexpected {extra[:6]}",
-        hint="keep the names of the given __init__ (gate.weight, gate.bias, experts.{i}.w1/w2/w3, shared_experts.w1/w2/w3)",
+        hint=names_hint,
     )
     for name, v in state.items():
-        got = have[name]
         assert_true(
-            isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(v.shape),
-            f"{what}.{name} has shape {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, "
-            f"expected {tuple(v.shape)}",
-            hint="w1 and w3 are (inter_dim, dim), w2 is (dim, inter_dim); the shared expert is n_shared_experts * moe_inter_dim wide",
+            tuple(have[name]) == tuple(v.shape), f"{what}.{name} has shape {tuple(have[name])}, expected {tuple(v.shape)}", hint=HINT_SHAPES
         )
+    if "error" in out[-1]:
+        raise LearnerError(f"{what}.load_state_dict(...)", out[-1]["error"])
+    return m
+
+
+def load_state(k, module, state: dict, what: str) -> None:
+    """Load the judge's ``state`` into a learner's module built earlier (names and shapes checked by ``build``)."""
     k.call(module.load_state_dict, {n: v.detach().clone() for n, v in state.items()})
 
 

@@ -2,12 +2,17 @@
 
 What is compared: ``MixtureOfExperts.dispatch(x, weights, indices)`` (the learner's, in the kernel) against
 ``course_lib.deepseek.routing.dispatch_per_token(moe.experts, x, weights, indices)`` (the course's loop over
-tokens and slots, also in the kernel, calling the learner's own experts): the same experts, the same
-routing (computed here by the course's gate on the learner's weights), only the dispatch differs. Each
-measurement is one channel request: a batch of 8 dispatch calls against one loop call, every
-call on fresh inputs; the ratio is per call. Points need correct outputs first (the layer against the
-course's, the dispatch against the loop) and a profile without a loop over tokens and without dense
-compute, so a slow design fails deterministically rather than by timing luck.
+tokens and slots, also in the kernel, calling the learner's own experts): the same experts and the same
+routing, only the dispatch differs. Each measurement is one channel request, a batch of 16 dispatch calls
+against one loop call, every call on fresh inputs; the ratio is per call. The inputs are made in the kernel
+before the timing (``torch.manual_seed`` from the judge, ``torch.randn``, the learner's gate) and the
+outputs stay there as handles, so the timed requests carry no tensors: the channel moves about 1 ms per KB
+on a real kernel, which would otherwise swamp the dispatch's few milliseconds. After the timing the judge
+rebuilds inputs of the first and last measurements from their seed and checks the fetched outputs.
+
+Points need correct outputs first (the layer against the course's, the dispatch against the course's
+routed output) and a profile without a loop over tokens and without dense compute, so a slow design fails
+deterministically rather than by timing luck.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor
 from course_judge.local import Mutant
-from course_judge.s03_moe._common import kept, load_state, no_token_loop, reference_flops, reference_moe, remote_cfg
-from course_judge.s03_moe.layer import _BODY, _DENSE, _PER_TOKEN, run
+from course_judge.s03_moe._common import no_token_loop, reference_flops, reference_moe
+from course_judge.s03_moe.layer import _BODY, _DENSE, _PER_TOKEN, layer, run
 from course_judge.s03_moe.layer import ALTERNATIVES as _LAYER_ALTERNATIVES
+from course_judge.session import LearnerError
 from course_judge.timing import speedup
 from course_lib.deepseek.moe import dispatch_sorted
 from course_lib.deepseek.routing import MoEConfig
@@ -27,7 +33,7 @@ GRADE_ID = "bench_03_dispatch"
 POINTS = 2
 ANSWERS = ("ex_03_3_moe",)
 THRESHOLD = 10.0
-N_TOKENS, N_FAST, N_SLOW, N_PROFILE = 256, 8, 1, 72
+N_TOKENS, N_FAST, N_SLOW, N_PROFILE = 256, 16, 1, 72
 SUMMARY = (
     f"your layer against the course's on the same weights and your dispatch against the per-token loop (float32), "
     f"a profile without a loop over tokens or dense compute, then your dispatch at least {THRESHOLD:g}x faster per call "
@@ -49,6 +55,31 @@ def _inputs(ref, g: torch.Generator, n: int) -> list[tuple[torch.Tensor, torch.T
     ]
 
 
+_SEEDS = {"fast": 351, "slow": 352}
+
+
+def _kernel_inputs(k, m, n: int, seed: int) -> list:
+    """``n`` fresh inputs made in the kernel (``torch.manual_seed(seed)``, then ``torch.randn``) and routed by the
+    learner's gate there: handles, so the timed requests and their replies carry no tensors."""
+    reqs = [{"op": "call", "fn": k.lib("torch:manual_seed"), "args": [seed], "kwargs": {}}]
+    reqs += [{"op": "call", "fn": k.lib("torch:randn"), "args": [N_TOKENS, CFG["dim"]], "kwargs": {}, "keep": True} for _ in range(n)]
+    xs = [o["ok"] for o in k.request({"op": "many", "requests": reqs}, "making the benchmark's inputs")[1:]]
+    reqs = [{"op": "call", "fn": m.gate, "args": [xh], "kwargs": {}, "no_grad": True, "keep": True} for xh in xs]
+    out = k.request({"op": "many", "requests": reqs}, "routing the benchmark's inputs")
+    for o in out:
+        if "error" in o:
+            raise LearnerError("the gate on the benchmark's inputs", o["error"])
+    return list(zip(xs, (o["ok"] for o in out)))
+
+
+def _kernel_x(which: str, j: int) -> torch.Tensor:
+    """Input ``j`` of a pool, rebuilt here from its seed (the same stream as the kernel's torch.randn)."""
+    g = torch.Generator().manual_seed(_SEEDS[which])
+    for _ in range(j):
+        torch.randn(N_TOKENS, CFG["dim"], generator=g)
+    return torch.randn(N_TOKENS, CFG["dim"], generator=g)
+
+
 def _want(ref, batch) -> torch.Tensor:
     """The routed outputs of a batch of triples, by the course's dispatch (one call on all their tokens)."""
     x = torch.cat([b[0] for b in batch])
@@ -59,14 +90,13 @@ def _want(ref, batch) -> torch.Tensor:
 def judge(k, t):
     g = torch.Generator().manual_seed(35)
     cfg = MoEConfig(**CFG)
-    ref = reference_moe(cfg, 0, bias_std=0.05, dtype=torch.float32)
+    ref = reference_moe(cfg, 0, bias_std=0.05, dtype=torch.float32)  # the same weights layer() loads
     passed = False
     with t.part(
         "outputs (float32): your layer vs the course's, your dispatch vs the per-token loop; no loop over tokens, FLOPs within 1.5x", 1
     ):
-        m = kept(k, k.g.MixtureOfExperts, remote_cfg(k, **CFG))
+        m, _, _, _ = layer(k, CFG, 0, bias_std=0.05, dtype="float")
         k.call(m.eval)
-        load_state(k, m, dict(ref.state_dict()), "MixtureOfExperts")
         x = torch.randn(N_TOKENS, CFG["dim"], generator=g)
         y, _ = run(m, x)
         with torch.no_grad():
@@ -95,18 +125,25 @@ def judge(k, t):
 
     with t.part(f"your dispatch at least {THRESHOLD:g}x faster per call than the per-token loop (timed by the judge, fresh inputs)", 1):
         assert_true(passed, "no points for speed unless the outputs agree and the structure checks pass (see above)")
-        per_token = k.lib(PER_TOKEN)
         attempts, warmup, repeats = 3, 1, 3
+        rounds = attempts * (warmup + repeats)
         pools = {
-            "fast": [_inputs(ref, g, N_FAST) for _ in range(attempts * (warmup + repeats))],
-            "slow": [_inputs(ref, g, N_SLOW) for _ in range(attempts * (warmup + repeats))],
+            "fast": _kernel_inputs(k, m, rounds * N_FAST, _SEEDS["fast"]),
+            "slow": _kernel_inputs(k, m, rounds * N_SLOW, _SEEDS["slow"]),
         }
-        got = {"fast": [], "slow": []}
+        fns = {"fast": m.dispatch, "slow": k.lib(PER_TOKEN)}
+        done = {"fast": [], "slow": []}
 
         def call(which: str):
-            batch = pools[which][len(got[which])]
-            calls = [(m.dispatch, b, {}) for b in batch] if which == "fast" else [(per_token, (m.experts, *b), {}) for b in batch]
-            got[which].append((batch, k.many(calls, no_grad=True, timeout=120)))
+            n = N_FAST if which == "fast" else N_SLOW
+            start = len(done[which]) * n
+            batch = list(range(start, start + n))
+            reqs = []
+            for j in batch:
+                xh, rh = pools[which][j]
+                args = [xh, rh[0], rh[1]] if which == "fast" else [m.experts, xh, rh[0], rh[1]]
+                reqs.append({"op": "call", "fn": fns[which], "args": args, "kwargs": {}, "no_grad": True, "keep": True})
+            done[which].append((batch, k.request({"op": "many", "requests": reqs}, f"timed {which} calls", 120)))
 
         sp = speedup(
             lambda: call("slow"),
@@ -117,20 +154,28 @@ def judge(k, t):
             attempts=attempts,
         )
         for which in ("fast", "slow"):
-            for batch, outs in got[which][:: 1 if which == "fast" else 2]:
-                for o in outs:
-                    if isinstance(o, Exception):
-                        raise o
-                expect_close(
-                    torch.cat([expect_tensor(o, "a timed call's output") for o in outs]),
-                    _want(ref, batch),
-                    atol=1e-5,
-                    rtol=1e-4,
-                    name=f"the timed {'dispatch' if which == 'fast' else 'per-token loop'} calls' outputs",
-                    hint="your dispatch must give the same answer on every call"
-                    if which == "fast"
-                    else "course_lib.deepseek.routing.dispatch_per_token (the baseline) must be left as it is",
-                )
+            runs = done[which]
+            for batch, outs in (runs[0], runs[-1]):  # the first and the last measurement: inputs rebuilt here, outputs fetched
+                for j, o in zip(batch[:: max(1, len(batch) // 2)], outs[:: max(1, len(batch) // 2)]):
+                    if "error" in o:
+                        raise LearnerError(f"a timed {'dispatch' if which == 'fast' else 'per-token loop'} call", o["error"])
+                    x = _kernel_x(which, j)
+                    xk, (w, idx, _) = k.get(pools[which][j][0]), k.get(pools[which][j][1])
+                    assert_true(
+                        torch.equal(xk, x),
+                        "the inputs of the timed calls changed in the kernel",
+                        hint="torch.randn and the inputs must be left as they are",
+                    )
+                    expect_close(
+                        expect_tensor(k.get(o["ok"]), "a timed call's output"),
+                        _want(ref, [(x, w, idx)]),
+                        atol=1e-5,
+                        rtol=1e-4,
+                        name=f"the timed {'dispatch' if which == 'fast' else 'per-token loop'} calls' outputs",
+                        hint="your dispatch must give the same answer on every call"
+                        if which == "fast"
+                        else "course_lib.deepseek.routing.dispatch_per_token (the baseline) must be left as it is",
+                    )
         per_call = sp.ratio * N_FAST / N_SLOW
         t.note(f"dispatch vs per-token loop: {per_call:.1f}x per call ({sp})")
         assert_true(

@@ -6,7 +6,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_int, expect_tensor
 from course_judge.local import Alternative, Mutant
-from course_judge.s03_moe._common import TINY, remote_cfg, swiglu, swiglu_mistakes
+from course_judge.s03_moe._common import TINY, build, remote_cfg, swiglu, swiglu_mistakes
 from course_lib.deepseek.moe import param_counts
 from course_lib.deepseek.routing import MoEConfig
 
@@ -22,30 +22,17 @@ REFERENCE = ("course_lib.deepseek.moe",)
 
 def _expert(k, dim: int, inter: int, g: torch.Generator):
     """The learner's ExpertNetwork(dim, inter) in float64 with weights drawn here; returns (handle, w1, w2, w3)."""
-    e = k.call_opts(k.g.ExpertNetwork, (dim, inter), keep=True)
-    k.call(e.double)
-    state = k.call(e.state_dict)
-    assert_true(
-        isinstance(state, dict) and {"w1.weight", "w2.weight", "w3.weight"} <= set(state),
-        f"ExpertNetwork's parameters should be w1, w2, w3 (got {sorted(state) if isinstance(state, dict) else state!r:.80})",
+    shapes = {"w1.weight": (inter, dim), "w2.weight": (dim, inter), "w3.weight": (inter, dim)}
+    state = {n: torch.randn(*sh, generator=g, dtype=torch.float64) / sh[1] ** 0.5 for n, sh in shapes.items()}
+    e = build(
+        k,
+        k.g.ExpertNetwork,
+        (dim, inter),
+        state,
+        f"ExpertNetwork({dim}, {inter})",
+        names_hint="w1, w2, w3 without biases: DeepSeek's experts have no biases (nn.Linear(..., bias=False))",
     )
-    assert_true(
-        set(state) == {"w1.weight", "w2.weight", "w3.weight"},
-        f"ExpertNetwork has parameters {sorted(state)}: DeepSeek's experts have no biases (bias=False)",
-        hint="nn.Linear(..., bias=False) for w1, w2 and w3",
-    )
-    shapes = {n: tuple(v.shape) for n, v in state.items()}
-    want = {"w1.weight": (inter, dim), "w2.weight": (dim, inter), "w3.weight": (inter, dim)}
-    assert_true(
-        shapes == want,
-        f"ExpertNetwork({dim}, {inter}) weight shapes {shapes}, expected {want}",
-        hint="w1, w3: Linear(dim, inter_dim); w2: Linear(inter_dim, dim)",
-    )
-    w1, w2, w3 = (
-        torch.randn(*want[n], generator=g, dtype=torch.float64) / want[n][1] ** 0.5 for n in ("w1.weight", "w2.weight", "w3.weight")
-    )
-    k.call(e.load_state_dict, {"w1.weight": w1, "w2.weight": w2, "w3.weight": w3})
-    return e, w1, w2, w3
+    return e, state["w1.weight"], state["w2.weight"], state["w3.weight"]
 
 
 def _counts(fn, cfg_kw: dict, k) -> dict:

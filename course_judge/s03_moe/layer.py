@@ -8,9 +8,9 @@ from course_judge.checks import assert_true, expect_close, expect_tensor, expect
 from course_judge.local import Alternative, Mutant
 from course_judge.s03_moe._common import (
     TINY,
+    build,
     dispatch_variants,
     expert_weights,
-    kept,
     load_state,
     no_token_loop,
     reference_flops,
@@ -52,14 +52,12 @@ ROUTER = "the layer's routing (your ExpertRouter, 3.2)"
 EXPERT = "your ExpertNetwork (3.1): "
 
 
-def layer(k, cfg_kw: dict, seed: int, *, bias_std: float = 0.1):
-    """The learner's MixtureOfExperts in float64 holding the weights of the course's layer drawn from ``seed``."""
+def layer(k, cfg_kw: dict, seed: int, *, bias_std: float = 0.1, dtype: str = "double"):
+    """The learner's MixtureOfExperts (``double`` or ``float``) holding the weights of the course's layer drawn from ``seed``."""
     cfg = MoEConfig(**cfg_kw)
-    ref = reference_moe(cfg, seed, bias_std=bias_std)
-    m = kept(k, k.g.MixtureOfExperts, remote_cfg(k, **cfg_kw))
-    k.call(m.double)
+    ref = reference_moe(cfg, seed, bias_std=bias_std, dtype=torch.float64 if dtype == "double" else torch.float32)
     state = dict(ref.state_dict())
-    load_state(k, m, state, "MixtureOfExperts")
+    m = build(k, k.g.MixtureOfExperts, (remote_cfg(k, **cfg_kw),), state, "MixtureOfExperts", dtype=dtype)
     return m, cfg, ref, state
 
 

@@ -8,7 +8,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor
 from course_judge.local import Alternative, Mutant
-from course_judge.s03_moe._common import TINY, by_expert, group_limit, remote_cfg, route, routing_of, set_bias
+from course_judge.s03_moe._common import TINY, Configs, build, by_expert, group_limit, route, routing_of, set_bias
 from course_judge.session import LearnerError
 from course_lib.deepseek.routing import MoEConfig
 
@@ -56,16 +56,20 @@ SEL_HINT = (
 )
 
 
-def _router(k, cfg_kw: dict, g: torch.Generator, *, bias_std: float = 0.1, dtype=torch.float64, scale: float = 1.0):
+def _router(k, cfgs, cfg_kw: dict, g: torch.Generator, *, bias_std: float = 0.1, dtype=torch.float64, scale: float = 1.0):
     """The learner's ExpertRouter in ``dtype`` with a weight and a bias drawn here; returns (handle, cfg, W, b)."""
     cfg = MoEConfig(**cfg_kw)
-    r = k.call_opts(k.g.ExpertRouter, (remote_cfg(k, **cfg_kw),), keep=True)
-    if dtype == torch.float64:
-        k.call(r.double)
     W = torch.randn(cfg.n_routed_experts, cfg.dim, generator=g, dtype=torch.float64) * scale / math.sqrt(cfg.dim)
     b = (torch.randn(cfg.n_routed_experts, generator=g) * bias_std).to(torch.float32)
-    k.call_opts(r.weight.copy_, (W,), no_grad=True)
-    set_bias(k, r, b)
+    r = build(
+        k,
+        k.g.ExpertRouter,
+        (cfgs(**cfg_kw),),
+        {"weight": W, "bias": b},
+        "ExpertRouter",
+        dtype="double" if dtype == torch.float64 else None,
+        names_hint="the router holds the parameter weight (E, dim) and the buffer bias (E,), as in the given __init__",
+    )
     return r, cfg, W.to(dtype), b
 
 
@@ -116,10 +120,11 @@ def check_routing(w, i, s_ref, bias, cfg: MoEConfig, name: str) -> None:
 
 def judge(k, t):
     g = torch.Generator().manual_seed(32)
+    cfgs = Configs(k)
     with t.part(
         "visible checks: sigmoid affinities, weight and index shapes, int64 indices, weights sum to 2.5, group_limit on one token", 2
     ):
-        r, cfg, W, b = _router(k, TINY, g, bias_std=0.0)
+        r, cfg, W, b = _router(k, cfgs, TINY, g, bias_std=0.0)
         h = torch.randn(40, 16, generator=g, dtype=torch.float64)
         s = expect_tensor(r.affinities(h), "affinities s", shape=(40, 8))
         expect_close(
@@ -164,7 +169,7 @@ def judge(k, t):
         )
 
     with t.part("affinities: sigmoid in the input's precision (float64, float32, bfloat16 -> float32), softmax for V2 style", 1):
-        r, cfg, W, b = _router(k, TINY, g, bias_std=0.3)
+        r, cfg, W, b = _router(k, cfgs, TINY, g, bias_std=0.3)
         h = torch.randn(64, 16, generator=g, dtype=torch.float64)
         s = expect_tensor(r.affinities(h), "affinities of a float64 input")
         assert_true(
@@ -173,7 +178,7 @@ def judge(k, t):
             hint="compute in torch.promote_types(x.dtype, torch.float32)",
         )
         expect_close(s, _scores(h, W, cfg), atol=1e-12, name="sigmoid affinities", mistakes=_affinity_mistakes(h, W, b, cfg))
-        r32, _, W32, b32 = _router(k, TINY, g, dtype=torch.float32)
+        r32, _, W32, b32 = _router(k, cfgs, TINY, g, dtype=torch.float32)
         for dt, atol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-6)):
             x = torch.randn(16, 16, generator=g).to(dt)
             s = expect_tensor(r32.affinities(x), f"affinities of a {dt} input")
@@ -199,7 +204,7 @@ def judge(k, t):
             route_scale=1.5,
             score_func="softmax",
         )
-        r2, cfg2, W2, b2 = _router(k, v2, g)
+        r2, cfg2, W2, b2 = _router(k, cfgs, v2, g)
         h = torch.randn(20, 16, generator=g, dtype=torch.float64)
         expect_close(
             expect_tensor(r2.affinities(h), "softmax affinities"),
@@ -210,7 +215,7 @@ def judge(k, t):
         )
 
     with t.part("group_limit: the sum of each group's top-2 scores, the best groups kept, -inf elsewhere (max for softmax)", 1):
-        r, cfg, _, _ = _router(k, TINY, g)
+        r, cfg, _, _ = _router(k, cfgs, TINY, g)
         # top-2 sums 0.95, 1.2, 1.0, 0.8 keep groups 1 and 2; maxima 0.95, 0.6, 0.5, 0.7 would keep groups 0 and 3
         cases = [(r, cfg, torch.tensor([[0.95, 0.0, 0.6, 0.6, 0.5, 0.5, 0.7, 0.1]], dtype=torch.float64))]
         for kw, lo in (
@@ -231,7 +236,7 @@ def judge(k, t):
             ),
             (dict(dim=8, moe_inter_dim=4, n_routed_experts=6, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1), -0.5),
         ):
-            rr, cc, _, _ = _router(k, kw, g)
+            rr, cc, _, _ = _router(k, cfgs, kw, g)
             cases.append((rr, cc, torch.rand(24, cc.n_routed_experts, generator=g, dtype=torch.float64) + lo))
         for rr, cc, choice in cases:
             N, E = choice.shape
@@ -273,7 +278,7 @@ def judge(k, t):
         "negative biased scores stay in their groups",
         1,
     ):
-        r, cfg, W, b = _router(k, TINY, g, bias_std=0.4)
+        r, cfg, W, b = _router(k, cfgs, TINY, g, bias_std=0.4)
         h = torch.randn(64, 16, generator=g, dtype=torch.float64)
         w, i, s = routing_of(r(h), "ExpertRouter(h)", 64, 2)
         s_ref = _scores(h, W, cfg)
@@ -362,7 +367,7 @@ def judge(k, t):
     ]
     with t.part("every token against an oracle: 3 groups keep 1, one group (route_scale 1), V2-style softmax (max, no renorm)", 1):
         for c_i, kw in enumerate(cfgs):
-            r, cfg, W, b = _router(k, kw, g, bias_std=0.15, scale=2.0)
+            r, cfg, W, b = _router(k, cfgs, kw, g, bias_std=0.15, scale=2.0)
             h = torch.randn(48, cfg.dim, generator=g, dtype=torch.float64)
             w, i, s = routing_of(r(h), f"config {c_i}", 48, cfg.n_activated_experts)
             assert_true(
