@@ -65,19 +65,28 @@ def _seq_mistakes(s, idx, alpha) -> dict:
     }
 
 
+def _learner_failed(e: LearnerError, what: str) -> AssertionError:
+    """The learner's exception as a failed check, with a hint for integer loads."""
+    if e.not_implemented:
+        return AssertionError(e.describe())
+    integer = "dtype" in e.message or "Long" in e.message
+    hint = "integer loads: convert to floating point before dividing (load.to(torch.float64))" if integer else ""
+    where = "".join(f"\n    at {w}" for w in e.where)
+    return AssertionError(f"{what} raised {e.type}: {e.message[:300]}{where}" + (f"\n  likely cause: {hint}" if hint else ""))
+
+
+def _result(out, what: str):
+    """One result of a ``k.many`` batch: the value, or the learner's error as a failed check."""
+    if isinstance(out, LearnerError):
+        raise _learner_failed(out, what)
+    return out
+
+
 def _call(fn, what: str, *args):
     try:
         return fn(*args)
     except LearnerError as e:
-        hint = (
-            "integer loads: convert to floating point before dividing (load.to(torch.float64))"
-            if "dtype" in e.message or "Long" in e.message
-            else ""
-        )
-        if e.not_implemented:
-            raise AssertionError(e.describe()) from None
-        where = "".join(f"\n    at {w}" for w in e.where)
-        raise AssertionError(f"{what} raised {e.type}: {e.message[:300]}{where}" + (f"\n  likely cause: {hint}" if hint else "")) from None
+        raise _learner_failed(e, what) from None
 
 
 def judge(k, t):
@@ -115,21 +124,26 @@ def judge(k, t):
         )
 
     with t.part("MaxVio on integer and float loads; the bias update: sign, magnitude, ties at the mean, float32, load untouched", 1):
-        for load, want in (([8, 8, 8, 8], 0.0), ([1, 2, 3, 6], 1.0), ([1, 1, 1, 5], 1.5), ([0, 0, 0, 12], 3.0), ([7, 1, 1, 3], 4 / 3)):
-            for dt in (torch.int64, torch.float32):
-                got = _call(mv, f"max_violation({load}, {dt})", torch.tensor(load, dtype=dt))
-                assert_true(isinstance(got, float), f"max_violation({load}, {dt}) must return a Python float, got {type(got).__name__}")
-                mean = sum(load) / len(load)
-                hint = (
-                    "subtract 1: a balanced load has MaxVio 0"
-                    if abs(got - max(load) / mean) < 1e-9
-                    else "divide by the MEAN load, not the min"
-                    if min(load) and abs(got - (max(load) / min(load) - 1)) < 1e-9
-                    else "divide by the mean: MaxVio is max / mean - 1, not max - mean"
-                    if abs(got - (max(load) - mean)) < 1e-9
-                    else "max(load) / mean(load) - 1, in floating point"
-                )
-                assert_true(abs(got - want) < 1e-9, f"max_violation({load}, {dt}) = {got}, expected {want}", hint=hint)
+        cases = [
+            (load, want, dt)
+            for load, want in (([8, 8, 8, 8], 0.0), ([1, 2, 3, 6], 1.0), ([1, 1, 1, 5], 1.5), ([0, 0, 0, 12], 3.0), ([7, 1, 1, 3], 4 / 3))
+            for dt in (torch.int64, torch.float32)
+        ]
+        outs = k.many([(mv, (torch.tensor(load, dtype=dt),), {}) for load, _, dt in cases])
+        for (load, want, dt), got in zip(cases, outs):
+            got = _result(got, f"max_violation({load}, {dt})")
+            assert_true(isinstance(got, float), f"max_violation({load}, {dt}) must return a Python float, got {type(got).__name__}")
+            mean = sum(load) / len(load)
+            hint = (
+                "subtract 1: a balanced load has MaxVio 0"
+                if abs(got - max(load) / mean) < 1e-9
+                else "divide by the MEAN load, not the min"
+                if min(load) and abs(got - (max(load) / min(load) - 1)) < 1e-9
+                else "divide by the mean: MaxVio is max / mean - 1, not max - mean"
+                if abs(got - (max(load) - mean)) < 1e-9
+                else "max(load) / mean(load) - 1, in floating point"
+            )
+            assert_true(abs(got - want) < 1e-9, f"max_violation({load}, {dt}) = {got}, expected {want}", hint=hint)
         raw = [40.0, 10.0, 25.0, 25.0, 0.0, 50.0]  # mean 25
         L = kept(k, k.lib("torch:tensor"), raw)
         d = expect_tensor(_call(bu, "bias_update(load, 0.01)", L, 0.01), "bias_update(load, 0.01)")
@@ -218,9 +232,13 @@ def judge(k, t):
             )
 
     with t.part("capacity_mask: first come, first served in token-major order (token, then slot), vectorised", 1):
-        for N, K, E, C in ((20, 2, 4, 6), (33, 3, 8, 5), (10, 4, 6, 100), (12, 2, 3, 1), (1, 1, 1, 0)):
-            ix = torch.randint(0, E, (N, K), generator=g)
-            got = expect_tensor(_call(cm, "capacity_mask", ix, E, C), f"capacity_mask (N={N}, K={K}, E={E}, capacity {C})")
+        cases = [
+            (N, K, E, C, torch.randint(0, E, (N, K), generator=g))
+            for N, K, E, C in ((20, 2, 4, 6), (33, 3, 8, 5), (10, 4, 6, 100), (12, 2, 3, 1), (1, 1, 1, 0))
+        ]
+        outs = k.many([(cm, (ix, E, C), {}) for _, _, E, C, ix in cases])
+        for (N, K, E, C, ix), got in zip(cases, outs):
+            got = expect_tensor(_result(got, "capacity_mask"), f"capacity_mask (N={N}, K={K}, E={E}, capacity {C})")
             assert_true(
                 got.dtype == torch.bool and tuple(got.shape) == (N, K),
                 f"capacity_mask must return a (N, K) bool tensor, got {got.dtype} {tuple(got.shape)}",

@@ -21,7 +21,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor
 from course_judge.local import Mutant
-from course_judge.s03_moe._common import no_token_loop, reference_flops, reference_moe
+from course_judge.s03_moe._common import matmul_flops, no_token_loop, reference_moe
 from course_judge.s03_moe.layer import _BODY, _DENSE, _PER_TOKEN, layer, run
 from course_judge.s03_moe.layer import ALTERNATIVES as _LAYER_ALTERNATIVES
 from course_judge.session import LearnerError
@@ -115,7 +115,7 @@ def judge(k, t):
             f"dispatch on {N_PROFILE} tokens",
             CFG["dim"],
         )
-        flops = reference_flops(lambda *a: dispatch_sorted(ref.experts, *a), xp, wp, ip)
+        flops = matmul_flops(cfg, N_PROFILE, layer=False)
         assert_true(
             prof.flops <= 1.5 * flops,
             f"your dispatch does {prof.flops / flops:.1f}x the FLOPs of the course's",

@@ -12,8 +12,8 @@ from course_judge.s03_moe._common import (
     dispatch_variants,
     expert_weights,
     load_state,
+    matmul_flops,
     no_token_loop,
-    reference_flops,
     reference_moe,
     remote_cfg,
     route,
@@ -133,8 +133,17 @@ def check_load(info, N: int, cfg: MoEConfig, name: str) -> None:
 
 def judge(k, t):
     g = torch.Generator().manual_seed(33)
+    built: dict = {}
+
+    def get(kw: dict, seed: int):
+        """One learner layer per configuration, built on first use and reused by later parts."""
+        key = tuple(sorted(kw.items()))
+        if key not in built:
+            built[key] = layer(k, kw, seed)
+        return built[key]
+
     with t.part("visible checks: output shape, info.indices (N, K), info.load counts, token 3 by hand", 2):
-        m, cfg, ref, state = layer(k, TINY, 0)
+        m, cfg, ref, state = get(TINY, 0)
         x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
         y, info = run(m, x)
         expect_tensor(info.indices, "info.indices (N = B*T tokens, K)", shape=(10, 2))
@@ -160,7 +169,7 @@ def judge(k, t):
         )
 
     with t.part("the experts (3.1's SwiGLU) and the fused shared expert: silent routed experts leave exactly its output", 0.5):
-        m, cfg, ref, state = layer(k, CFG_A, 1)
+        m, cfg, ref, state = get(CFG_A, 1)
         x = torch.randn(6, 12, generator=g, dtype=torch.float64)
         for who, prefix in (("shared_experts", "shared_experts"), ("experts[0]", "experts.0")):
             sub = m.shared_experts if who == "shared_experts" else m.experts[0]
@@ -191,8 +200,10 @@ def judge(k, t):
         )
 
     with t.part("output against the course's layer: three configurations (no shared expert, one group), (B, T, dim) and (N, dim)", 1):
-        for c_i, (kw, seed) in enumerate(((TINY, 20), (CFG_A, 21), (CFG_C, 22))):
-            m, cfg, ref, state = layer(k, kw, seed)
+        for c_i, (kw, seed) in enumerate(((TINY, 0), (CFG_A, 1), (CFG_C, 22))):
+            m, cfg, ref, state = get(kw, seed)
+            if kw is CFG_A:
+                load_state(k, m, state, "MixtureOfExperts")  # the experts' part silenced its routed experts
             for shape in ((3, 7, cfg.dim), (9, cfg.dim)):
                 x = torch.randn(*shape, generator=g, dtype=torch.float64)
                 y, info = run(m, x)
@@ -207,7 +218,7 @@ def judge(k, t):
         max_load = int(torch.bincount(idx.reshape(-1), minlength=8).max())
         prof = k.profile(m, x)
         no_token_loop(prof.shapes, cfg.moe_inter_dim, max_load, "MixtureOfExperts.forward on 48 tokens", cfg.dim)
-        want = reference_flops(ref, x)
+        want = matmul_flops(cfg, x.shape[0])
         assert_true(
             prof.flops <= 1.5 * want,
             f"your layer does {prof.flops / want:.1f}x the FLOPs of the course's layer",
@@ -227,8 +238,42 @@ def judge(k, t):
         )
         check_output(y, info, state, cfg, x, "6 of 8 experts receive no tokens")
 
+    with t.part("dispatch honours the kept mask: skipped assignments contribute nothing; an all-True mask changes nothing", 0.5):
+        m, cfg, ref, state = get(TINY, 0)
+        h = torch.randn(10, 16, generator=g, dtype=torch.float64)
+        w, idx = route(scores_of(state, cfg, h), state["gate.bias"], cfg)
+        mask = torch.rand(10, 2, generator=g) > 0.4
+        want, wrong = dispatch_variants(state, cfg, h, w, idx, mask)
+        outs = k.many(
+            [
+                (m.dispatch, (h, w, idx, mask), {}),
+                (m.dispatch, (h, w, idx, torch.ones(10, 2, dtype=torch.bool)), {}),
+                (m.dispatch, (h, w, idx), {}),
+            ],
+            no_grad=True,
+        )
+        for o in outs:
+            if isinstance(o, Exception):
+                raise o
+        got = expect_tensor(outs[0], "dispatch(x, weights, indices, kept)", shape=(10, 16))
+        expect_close(
+            got,
+            want,
+            atol=1e-12,
+            name="dispatch with a kept mask",
+            mistakes=wrong,
+            hint="skip the assignments where kept is False (drop them from the sorted order before counting)",
+        )
+        full = expect_tensor(outs[1], "dispatch with an all-True mask")
+        expect_close(
+            full,
+            expect_tensor(outs[2], "dispatch without a mask"),
+            atol=1e-12,
+            name="dispatch with an all-True kept mask vs without one",
+        )
+
     with t.part("gradients: to the input, the gate weight and every used expert, as the course's layer; idle experts get none", 1):
-        m, cfg, ref, state = layer(k, TINY, 6)
+        m, cfg, ref, state = get(TINY, 0)  # the last part: it changes the bias
         idle = state["gate.bias"].clone()
         idle[:2] = -100.0  # experts 0 and 1 are never chosen
         set_bias(k, m.gate, idle)
@@ -264,29 +309,6 @@ def judge(k, t):
             )
             expect_close(got, want, atol=1e-10, name=f"gradient of {n}")
         expect_close(expect_tensor(out.grads[0], "gradient of the input"), grads[0], atol=1e-10, name="gradient of the input")
-
-    with t.part("dispatch honours the kept mask: skipped assignments contribute nothing; an all-True mask changes nothing", 0.5):
-        m, cfg, ref, state = layer(k, TINY, 7)
-        h = torch.randn(10, 16, generator=g, dtype=torch.float64)
-        w, idx = route(scores_of(state, cfg, h), state["gate.bias"], cfg)
-        mask = torch.rand(10, 2, generator=g) > 0.4
-        want, wrong = dispatch_variants(state, cfg, h, w, idx, mask)
-        got = expect_tensor(m.dispatch(h, w, idx, mask), "dispatch(x, weights, indices, kept)", shape=(10, 16))
-        expect_close(
-            got,
-            want,
-            atol=1e-12,
-            name="dispatch with a kept mask",
-            mistakes=wrong,
-            hint="skip the assignments where kept is False (drop them from the sorted order before counting)",
-        )
-        full = expect_tensor(m.dispatch(h, w, idx, torch.ones(10, 2, dtype=torch.bool)), "dispatch with an all-True mask")
-        expect_close(
-            full,
-            expect_tensor(m.dispatch(h, w, idx), "dispatch without a mask"),
-            atol=1e-12,
-            name="dispatch with an all-True kept mask vs without one",
-        )
 
 
 _PER_TOKEN = """        y = torch.zeros_like(x)

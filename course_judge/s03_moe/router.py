@@ -8,7 +8,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor
 from course_judge.local import Alternative, Mutant
-from course_judge.s03_moe._common import TINY, Configs, build, by_expert, group_limit, route, routing_of, set_bias
+from course_judge.s03_moe._common import TINY, Configs, build, by_expert, group_limit, route, routing_of
 from course_judge.session import LearnerError
 from course_lib.deepseek.routing import MoEConfig
 
@@ -71,6 +71,18 @@ def _router(k, cfgs, cfg_kw: dict, g: torch.Generator, *, bias_std: float = 0.1,
         names_hint="the router holds the parameter weight (E, dim) and the buffer bias (E,), as in the given __init__",
     )
     return r, cfg, W.to(dtype), b
+
+
+def _with_biases(k, r, h: torch.Tensor, biases: list) -> list:
+    """``r(h)`` under each bias in turn, in one round trip (the last bias stays set)."""
+    calls = []
+    for b in biases:
+        calls += [(r.bias.copy_, (b,), {}), (r, (h,), {})]
+    outs = k.many(calls, no_grad=True)
+    for o in outs:
+        if isinstance(o, Exception):
+            raise o
+    return outs[1::2]
 
 
 def _scores(h: torch.Tensor, W: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
@@ -236,15 +248,19 @@ def judge(k, t):
             ),
             (dict(dim=8, moe_inter_dim=4, n_routed_experts=6, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1), -0.5),
         ):
-            rr, cc, _, _ = _router(k, cfgs, kw, g)
+            rr = k.call_opts(k.g.ExpertRouter, (cfgs(**kw),), keep=True)  # group_limit needs no weights
+            cc = MoEConfig(**kw)
             cases.append((rr, cc, torch.rand(24, cc.n_routed_experts, generator=g, dtype=torch.float64) + lo))
-        for rr, cc, choice in cases:
+        outs = k.many([(rr.group_limit, (choice,), {}) for rr, _, choice in cases])
+        for (_, cc, choice), out in zip(cases, outs):
+            if isinstance(out, Exception):
+                raise out
             N, E = choice.shape
             name = (
                 f"group_limit, {cc.n_routed_experts} experts in {cc.n_expert_groups} groups, keep {cc.n_limited_groups} ({cc.score_func})"
             )
             m = expect_tensor(
-                rr.group_limit(choice),
+                out,
                 name,
                 shape=(N, E),
                 hint="return the (N, E) scores with the experts of dropped groups at -inf (do not remove them)",
@@ -287,16 +303,14 @@ def judge(k, t):
         )
         check_routing(w, i, s_ref, b, cfg, "TINY router, bias ~ N(0, 0.4)")
         neg = (torch.randn(8, generator=g) * 0.05 - 1.0).float()  # every s + b < 0
-        set_bias(k, r, neg)
-        w, i, _ = routing_of(r(h), "ExpertRouter(h)", 64, 2)
+        out_neg, out_zero = _with_biases(k, r, h, [neg, torch.zeros(8)])
+        w, i, _ = routing_of(out_neg, "ExpertRouter(h)", 64, 2)
         check_routing(w, i, s_ref, neg, cfg, "negative biased scores (every s + b < 0)")
-        set_bias(k, r, torch.zeros(8))
-        w0, i0, _ = routing_of(r(h), "ExpertRouter(h)", 64, 2)
+        w0, i0, _ = routing_of(out_zero, "ExpertRouter(h)", 64, 2)
         busiest = int(torch.bincount(i0.reshape(-1), minlength=8).argmax())
         pushed = torch.zeros(8)
         pushed[busiest] = -10.0
-        set_bias(k, r, pushed)
-        w1, i1, s1 = routing_of(r(h), "ExpertRouter(h)", 64, 2)
+        w1, i1, s1 = routing_of(_with_biases(k, r, h, [pushed])[0], "ExpertRouter(h)", 64, 2)
         assert_true(
             not bool((i1 == busiest).any()),
             "a bias of -10 on the busiest expert must push it out of every selection",
@@ -315,8 +329,7 @@ def judge(k, t):
             f"the router's only parameter is weight, got {sorted(inf.get('parameters', {}))}",
         )
         # gradient: through the weights to the gate weight and the input, never through the selection
-        set_bias(k, r, b)
-        _, ii, _ = routing_of(r(h), "ExpertRouter(h)", 64, 2)
+        _, ii, _ = routing_of(_with_biases(k, r, h, [b])[0], "ExpertRouter(h)", 64, 2)
         c = torch.randn(64, 8, generator=g, dtype=torch.float64)
         try:
             out = k.grad(r, h, wrt=[0], params=r, output=0, grad_out=c.gather(1, ii.long()))
@@ -348,7 +361,7 @@ def judge(k, t):
             w.dtype == torch.float32 and s.dtype == torch.float32, f"float32 input: float32 scores and weights, got {s.dtype} / {w.dtype}"
         )
 
-    cfgs = [
+    oracle_cfgs = [
         TINY,
         dict(
             dim=12, moe_inter_dim=4, n_routed_experts=12, n_shared_experts=1, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1
@@ -366,7 +379,7 @@ def judge(k, t):
         ),
     ]
     with t.part("every token against an oracle: 3 groups keep 1, one group (route_scale 1), V2-style softmax (max, no renorm)", 1):
-        for c_i, kw in enumerate(cfgs):
+        for c_i, kw in enumerate(oracle_cfgs):
             r, cfg, W, b = _router(k, cfgs, kw, g, bias_std=0.15, scale=2.0)
             h = torch.randn(48, cfg.dim, generator=g, dtype=torch.float64)
             w, i, s = routing_of(r(h), f"config {c_i}", 48, cfg.n_activated_experts)
