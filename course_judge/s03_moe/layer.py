@@ -10,6 +10,7 @@ from course_judge.s03_moe._common import (
     TINY,
     build,
     dispatch_variants,
+    expert_outputs,
     expert_weights,
     load_state,
     matmul_flops,
@@ -94,14 +95,15 @@ def check_output(y: torch.Tensor, info, state: dict, cfg: MoEConfig, x: torch.Te
     i_info = expect_tensor(info.indices, f"{name}: info.indices", shape=(N, K), hint="the indices of the N = B*T flattened tokens")
     check_routing(w_info, i_info, s, bias, cfg, f"{name}: {ROUTER}")
     w, idx = route(s, bias, cfg)
-    routed, wrong = dispatch_variants(state, cfg, h, w, idx)
+    A = expert_outputs(state, cfg, h)
+    routed, wrong = dispatch_variants(state, cfg, h, w, idx, outs=A)
     sh = shared_out(state, cfg, h)
     mistakes = {what: (v + sh).view(x.shape) for what, v in wrong.items()}
     if cfg.n_shared_experts:
         mistakes["the shared expert's output is missing: y = shared_experts(x) + the routed output"] = routed.view(x.shape)
         mistakes["the shared expert is added twice"] = (routed + 2 * sh).view(x.shape)
     mistakes["only the first of each token's K experts contributes: sum over all K slots"] = (
-        dispatch_variants(state, cfg, h, w, idx, torch.arange(K).expand(N, K) == 0, with_mask_mistakes=False)[0] + sh
+        dispatch_variants(state, cfg, h, w, idx, torch.arange(K).expand(N, K) == 0, with_mask_mistakes=False, outs=A)[0] + sh
     ).view(x.shape)
     expect_close(
         y,
