@@ -206,35 +206,40 @@ def swiglu(x, w1, w2, w3):
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
+SWIGLU_MISTAKES = {  # name -> the hidden activation h(g, u) a mistake computes instead of silu(g) * u (g = w1 x, u = w3 x)
+    "SiLU on the wrong branch: w1 x is the gate that goes through SiLU, w3 x the up projection (w1 and w3 swapped)": lambda g, u: (
+        F.silu(u) * g
+    ),
+    "the gate is missing: the up projection w3 x must be multiplied by SiLU(w1 x) (no gating product)": lambda g, u: F.silu(g),
+    "the up projection is ignored: SiLU(w1 x) must be multiplied by w3 x": lambda g, u: F.silu(g) * g,
+    "SiLU is missing: the gate w1 x goes through SiLU before the product": lambda g, u: g * u,
+    "SiLU is applied to the product: SiLU(w1 x) * w3 x, not SiLU(w1 x * w3 x)": lambda g, u: F.silu(g * u),
+    "ReLU instead of SiLU": lambda g, u: F.relu(g) * u,
+    "GELU instead of SiLU": lambda g, u: F.gelu(g) * u,
+    "sigmoid instead of SiLU (SiLU(z) = z * sigmoid(z))": lambda g, u: torch.sigmoid(g) * u,
+}
+
+
 def swiglu_mistakes(x, w1, w2, w3, who: str = "") -> dict[str, torch.Tensor]:
     """Outputs of the SwiGLU mistakes learners make, named (``who`` prefixes each name)."""
     g, u = F.linear(x, w1), F.linear(x, w3)
-    out = {
-        "SiLU on the wrong branch: w1 x is the gate that goes through SiLU, w3 x the up projection (w1 and w3 swapped)": F.linear(
-            F.silu(u) * g, w2
-        ),
-        "the gate is missing: the up projection w3 x must be multiplied by SiLU(w1 x) (no gating product)": F.linear(F.silu(g), w2),
-        "the up projection is ignored: SiLU(w1 x) must be multiplied by w3 x": F.linear(F.silu(g) * g, w2),
-        "SiLU is missing: the gate w1 x goes through SiLU before the product": F.linear(g * u, w2),
-        "SiLU is applied to the product: SiLU(w1 x) * w3 x, not SiLU(w1 x * w3 x)": F.linear(F.silu(g * u), w2),
-        "ReLU instead of SiLU": F.linear(F.relu(g) * u, w2),
-        "GELU instead of SiLU": F.linear(F.gelu(g) * u, w2),
-        "sigmoid instead of SiLU (SiLU(z) = z * sigmoid(z))": F.linear(torch.sigmoid(g) * u, w2),
-    }
-    return {f"{who}{k}": v for k, v in out.items()}
+    return {f"{who}{name}": F.linear(h(g, u), w2) for name, h in SWIGLU_MISTAKES.items()}
 
 
 def expert_weights(state: dict, prefix: str):
     return state[f"{prefix}.w1.weight"], state[f"{prefix}.w2.weight"], state[f"{prefix}.w3.weight"]
 
 
-def expert_outputs(state: dict, cfg: MoEConfig, x: torch.Tensor) -> torch.Tensor:
-    """Every routed expert on every token, (E, N, dim): the judge's dense oracle (small shapes only)."""
+def expert_outputs(state: dict, cfg: MoEConfig, x: torch.Tensor, act=None) -> torch.Tensor:
+    """Every routed expert on every token, (E, N, dim): the judge's dense oracle (small shapes only).
+
+    ``act(g, u)`` replaces the SwiGLU's silu(g) * u (to reproduce a mistaken expert).
+    """
     W1, W2, W3 = (
         torch.stack([state[f"experts.{e}.{n}.weight"] for e in range(cfg.n_routed_experts)]).to(x.dtype) for n in ("w1", "w2", "w3")
     )
     g, u = torch.einsum("nd,eid->eni", x, W1), torch.einsum("nd,eid->eni", x, W3)
-    return torch.einsum("eni,edi->end", F.silu(g) * u, W2)
+    return torch.einsum("eni,edi->end", F.silu(g) * u if act is None else act(g, u), W2)
 
 
 def dispatch_variants(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from course_judge.checks import assert_true, expect_close, expect_tensor, expect_tuple
 from course_judge.local import Alternative, Mutant
 from course_judge.s03_moe._common import (
+    SWIGLU_MISTAKES,
     TINY,
     build,
     dispatch_variants,
@@ -102,6 +104,11 @@ def check_output(y: torch.Tensor, info, state: dict, cfg: MoEConfig, x: torch.Te
     if cfg.n_shared_experts:
         mistakes["the shared expert's output is missing: y = shared_experts(x) + the routed output"] = routed.view(x.shape)
         mistakes["the shared expert is added twice"] = (routed + 2 * sh).view(x.shape)
+    for what, act in SWIGLU_MISTAKES.items():  # a wrong expert (3.1) shows in every output: name it before blaming the dispatch
+        w1, w2, w3 = expert_weights(state, "shared_experts") if cfg.n_shared_experts else (None, None, None)
+        sh_bad = F.linear(act(F.linear(h, w1), F.linear(h, w3)), w2) if cfg.n_shared_experts else torch.zeros_like(h)
+        bad = dispatch_variants(state, cfg, h, w, idx, with_mask_mistakes=False, outs=expert_outputs(state, cfg, h, act))[0]
+        mistakes[EXPERT + what] = (bad + sh_bad).view(x.shape)
     mistakes["only the first of each token's K experts contributes: sum over all K slots"] = (
         dispatch_variants(state, cfg, h, w, idx, torch.arange(K).expand(N, K) == 0, with_mask_mistakes=False, outs=A)[0] + sh
     ).view(x.shape)
@@ -246,6 +253,10 @@ def judge(k, t):
         w, idx = route(scores_of(state, cfg, h), state["gate.bias"], cfg)
         mask = torch.rand(10, 2, generator=g) > 0.4
         want, wrong = dispatch_variants(state, cfg, h, w, idx, mask)
+        for what, act in SWIGLU_MISTAKES.items():
+            wrong[EXPERT + what] = dispatch_variants(
+                state, cfg, h, w, idx, mask, with_mask_mistakes=False, outs=expert_outputs(state, cfg, h, act)
+            )[0]
         outs = k.many(
             [
                 (m.dispatch, (h, w, idx, mask), {}),

@@ -73,6 +73,25 @@ def _router(k, cfgs, cfg_kw: dict, g: torch.Generator, *, bias_std: float = 0.1,
     return r, cfg, W.to(dtype), b
 
 
+def _group_limit_mistakes(choice: torch.Tensor, cc: MoEConfig) -> dict:
+    """What group_limit returns under each known mistake (only those that differ from the right answer)."""
+    want = group_limit(choice, cc)
+    mistakes = {
+        "group score as max instead of the sum of the top-2 biased scores": group_limit(choice, cc, group="max"),
+        "group score as the sum of all of the group's scores instead of its top 2": group_limit(choice, cc, group="sum"),
+        "V2-style (softmax) routing scores a group by its max, not by the top-2 sum": group_limit(choice, cc, group="top2"),
+        "dropped groups masked with 0 instead of -inf": group_limit(choice, cc, fill=0.0),
+        "the kept groups are the worst ones: keep the n_limited_groups groups with the LARGEST group scores": group_limit(
+            choice, cc, best_groups=False
+        ),
+        "the wrong number of groups is kept: n_limited_groups groups stay candidates, the other groups are dropped": group_limit(
+            choice, cc, n_keep=max(1, cc.n_expert_groups - cc.n_limited_groups)
+        ),
+        "nothing is masked: the experts outside the n_limited_groups best groups must be set to -inf": choice,
+    }
+    return {n: v for n, v in mistakes.items() if not torch.equal(v, want)}
+
+
 def _with_biases(k, r, h: torch.Tensor, biases: list) -> list:
     """``r(h)`` under each bias in turn, in one round trip (the last bias stays set)."""
     calls = []
@@ -173,10 +192,7 @@ def judge(k, t):
             group_limit(choice, cfg),
             atol=0,
             name="group_limit on one token (groups 1 and 3 have the best top-2 sums)",
-            mistakes={
-                "group score as max instead of the sum of the top-2 biased scores": group_limit(choice, cfg, group="max"),
-                "dropped groups masked with 0 instead of -inf": group_limit(choice, cfg, fill=0.0),
-            },
+            mistakes=_group_limit_mistakes(choice, cfg),
             hint="group scores: 0.9+0.0, 0.5+0.6, 0.1+0.2, 0.7+0.3; keep the 2 best groups (1 and 3), -inf elsewhere",
         )
 
@@ -272,22 +288,7 @@ def judge(k, t):
                     f"{name}: the dropped experts hold a large finite number\n  likely cause: masked with a finite "
                     "value instead of -inf: use float('-inf'), which no selection score can undercut"
                 )
-            mistakes = {
-                "group score as max instead of the sum of the top-2 biased scores": group_limit(choice, cc, group="max"),
-                "group score as the sum of all of the group's scores instead of its top 2": group_limit(choice, cc, group="sum"),
-                "V2-style (softmax) routing scores a group by its max, not by the top-2 sum": group_limit(choice, cc, group="top2"),
-                "dropped groups masked with 0 instead of -inf": group_limit(choice, cc, fill=0.0),
-                "the kept groups are the worst ones: keep the n_limited_groups groups with the LARGEST group scores": group_limit(
-                    choice, cc, best_groups=False
-                ),
-                "the wrong number of groups is kept: n_limited_groups groups stay candidates, the other groups are dropped": group_limit(
-                    choice, cc, n_keep=max(1, cc.n_expert_groups - cc.n_limited_groups)
-                ),
-                "nothing is masked: the experts outside the n_limited_groups best groups must be set to -inf": choice,
-            }
-            expect_close(
-                m, want, atol=0, name=name, mistakes={n: v for n, v in mistakes.items() if not torch.equal(v, want)}, hint=SEL_HINT
-            )
+            expect_close(m, want, atol=0, name=name, mistakes=_group_limit_mistakes(choice, cc), hint=SEL_HINT)
 
     with t.part(
         "forward: unbiased renormalised weights times route_scale, the bias selects only, no gradient to the bias, "
