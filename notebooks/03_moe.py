@@ -823,13 +823,13 @@ viz.interactive(balance_explorer, gamma=[0.01, 0.001, 0.03], skew=[1.5, 0.0, 3.0
 # your own experts one token and one slot at a time: the same experts and the same routing, only the dispatch
 # differs: 16 experts, top-4. Points require that your layer agrees with the course's reference layer on the same
 # weights, that your dispatch agrees with the course's, and that a profile of it shows no loop over tokens and no
-# dense compute. Then the grader times both itself at 256 tokens, every call on fresh inputs, and your dispatch
+# dense compute. Then the grader times both itself at 512 tokens, every call on fresh inputs, and your dispatch
 # must be at least **10x** faster per call. The cell below times 1024 tokens when you run it (512 in a light run);
 # a correct solution measures 40x or more there on the course's 2-core CPU (one thread). The grader's figure reads
-# lower (about 20x): fewer tokens, and each of its measurements includes a round trip to your kernel.
+# lower (20-40x): fewer tokens, and each of its measurements includes a round trip to your kernel.
 
 # %% [test id=bench_03_dispatch points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens or dense compute, then your dispatch at least 10x faster per call than course_lib's dispatch_per_token on your experts (256 tokens, 16 experts, top-4; timed by the judge).
+# Checks you can run now. When graded, the judge runs these and more (2 points): your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens or dense compute, then your dispatch at least 10x faster per call than course_lib's dispatch_per_token on your experts (512 tokens, 16 experts, top-4; timed by the judge).
 import torch as _t
 from course_lib.bench import compare as _compare, ratio as _ratio, threads as _threads
 from course_lib.testing import assert_close as _close

@@ -3,7 +3,7 @@
 What is compared: ``MixtureOfExperts.dispatch(x, weights, indices)`` (the learner's, in the kernel) against
 ``course_lib.deepseek.routing.dispatch_per_token(moe.experts, x, weights, indices)`` (the course's loop over
 tokens and slots, also in the kernel, calling the learner's own experts): the same experts and the same
-routing, only the dispatch differs. Each measurement is one channel request, a batch of 16 dispatch calls
+routing, only the dispatch differs. Each measurement is one channel request, a batch of 32 dispatch calls
 against one loop call, every call on fresh inputs; the ratio is per call. The inputs are made in the kernel
 before the timing (``torch.manual_seed`` from the judge, ``torch.randn``, the learner's gate) and the
 outputs stay there as handles, so the timed requests carry no tensors: the channel moves about 1 ms per KB
@@ -33,7 +33,7 @@ GRADE_ID = "bench_03_dispatch"
 POINTS = 2
 ANSWERS = ("ex_03_3_moe",)
 THRESHOLD = 10.0
-N_TOKENS, N_FAST, N_SLOW, N_PROFILE, N_CHECK = 256, 16, 1, 72, 128
+N_TOKENS, N_FAST, N_SLOW, N_PROFILE, N_CHECK = 512, 32, 1, 72, 128
 SUMMARY = (
     "your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens "
     f"or dense compute, then your dispatch at least {THRESHOLD:g}x faster per call than course_lib's dispatch_per_token "
