@@ -30,8 +30,10 @@
 #
 # *For instructors:* the template is followed. The seed's three classes (`ExpertNetwork`, `ExpertRouter`,
 # `MixtureOfExperts`) are the exercises 3.1-3.3. Load balancing gets its own exercise (3.4), because the
-# experiments after it depend on it. The routing bookkeeping (`RoutingInfo`, `expert_load`, `expert_capacity`)
-# comes from `course_lib.deepseek.moe`; the reference `MoE` in that module is what the hidden tests compare against.
+# experiments after it depend on it. The routing bookkeeping (`MoEConfig`, `RoutingInfo`, `expert_load`,
+# `expert_capacity`, `dispatch_per_token`) comes from `course_lib.deepseek.routing`. The reference `MoE` in
+# `course_lib.deepseek.moe` is what the judge (`course_judge/s03_moe/`) compares against; the grading kernel
+# cannot import it.
 
 # %% [given]
 import math
@@ -46,7 +48,7 @@ from torch import nn
 from course_lib import viz
 from course_lib.bench import compare, ratio, threads
 from course_lib.data import make_cluster_regression
-from course_lib.deepseek.moe import MoEConfig, RoutingInfo, expert_capacity, expert_load
+from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
 from course_lib.utils import env_report, setup, sizes
 
 ENV = setup(seed=0)
@@ -68,6 +70,10 @@ print(TINY)
 #   assignments per expert, `kept` (N, K) the capacity mask or None.
 # - `expert_load(indices, n_experts)`: assignments per expert as a float32 (E,) tensor (a `bincount`).
 # - `expert_capacity(n_tokens, top_k, n_experts, capacity_factor)`: $\lceil c \cdot N K / E \rceil$ slots per expert.
+# - `dispatch_per_token(experts, x, weights, indices)`: the obviously right, slow routed output, one token and
+#   one slot at a time. The graded benchmark compares your dispatch with it.
+#
+# All of them come from `course_lib.deepseek.routing`.
 
 # %% [markdown]
 # ## 3.1 The expert network
@@ -119,7 +125,8 @@ def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
     ### END SOLUTION
 
 
-# %% [test id=test_03_1_expert points=1]
+# %% [test id=test_03_1_expert points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert.
 import torch
 import torch.nn.functional as F
 from course_lib.testing import assert_close, assert_shape, assert_true
@@ -135,51 +142,6 @@ _c = moe_param_counts(TINY)
 assert_true(isinstance(_c, dict) and set(_c) == {"total", "active"}, "moe_param_counts must return {'total': ..., 'active': ...}")
 assert_true(_c["total"] == 8 * 16 + 9 * 3 * 16 * 12, f"TINY total parameters: got {_c['total']}, expected {8 * 16 + 9 * 3 * 16 * 12}")
 print("ExpertNetwork and moe_param_counts: visible tests passed")
-
-# %% [test id=test_03_1_expert_hidden points=2]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import torch as _t
-import torch.nn.functional as _F
-from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg
-from course_lib.testing import assert_close as _close, assert_true as _true
-
-for (_d, _i, _seed) in [(8, 5, 1), (24, 40, 2), (16, 1, 3)]:
-    _t.manual_seed(_seed)
-    _e = ExpertNetwork(_d, _i).double()
-    _x = _t.randn(7, _d, dtype=_t.float64)
-    with _t.no_grad():
-        _y = _e(_x)
-        _g, _u = _x @ _e.w1.weight.T, _x @ _e.w3.weight.T
-        _want = (_F.silu(_g) * _u) @ _e.w2.weight.T
-        _wrong = {
-            "SiLU applied to w3 x instead of w1 x (w1 is the gate)": (_F.silu(_u) * _g) @ _e.w2.weight.T,
-            "ReLU instead of SiLU": (_F.relu(_g) * _u) @ _e.w2.weight.T,
-            "sigmoid instead of SiLU (SiLU(z) = z * sigmoid(z))": (_t.sigmoid(_g) * _u) @ _e.w2.weight.T,
-            "the up projection w3 x is missing (no gating product)": _F.silu(_g) @ _e.w2.weight.T,
-        }
-    for _name, _w in _wrong.items():
-        _true(not _t.allclose(_y, _w, atol=1e-10) or _t.allclose(_w, _want, atol=1e-10), f"ExpertNetwork: {_name}")
-    _close(_y, _want, atol=1e-12, name=f"ExpertNetwork(dim={_d}, inter={_i}) in float64", hint="w2(silu(w1 x) * w3 x)")
-    _true(all(_m.bias is None for _m in (_e.w1, _e.w2, _e.w3)), "DeepSeek's experts have no biases")
-
-# parameter counts: DeepSeek-V3 exactly, shared width, no shared expert, and a real module
-_v3 = moe_param_counts(_Cfg.deepseek_v3())
-_true(_v3["total"] == 11_320_164_352, f"V3 MoE layer total: got {_v3['total']:,}, expected 11,320,164,352",
-      hint="gate 256*7168 + (256 routed + 1 shared) * 3 * 7168 * 2048")
-_true(_v3["active"] == 398_196_736, f"V3 MoE layer active: got {_v3['active']:,}, expected 398,196,736",
-      hint="active = gate + shared expert + 8 routed experts (the gate and the shared expert run for every token)")
-for _kw in [dict(n_shared_experts=2), dict(n_shared_experts=0), dict(n_routed_experts=12, n_expert_groups=3, n_activated_experts=3)]:
-    _cfg = _Cfg(dim=16, moe_inter_dim=8, **_kw)
-    _c = moe_param_counts(_cfg)
-    _true(_c["total"] == sum(_p.numel() for _p in _RefMoE(_cfg).parameters()),
-          f"total parameters for {_kw}: got {_c['total']}, a real layer has {sum(_p.numel() for _p in _RefMoE(_cfg).parameters())}",
-          hint="shared experts hold n_shared_experts * moe_inter_dim hidden units")
-    _per = 3 * 16 * 8
-    _true(_c["active"] == 16 * _cfg.n_routed_experts + (_cfg.n_shared_experts + _cfg.n_activated_experts) * _per,
-          f"active parameters for {_kw}: got {_c['active']}", hint="gate + shared + K_r routed experts")
-print("ExpertNetwork: hidden tests passed")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint.** One DeepSeek-V3 MoE layer holds 11.32 B parameters, of which 0.40 B (3.5 %) act on each token.
@@ -293,7 +255,8 @@ class ExpertRouter(nn.Module):
         ### END SOLUTION
 
 
-# %% [test id=test_03_2_router points=2]
+# %% [test id=test_03_2_router points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): sigmoid affinities in float32/float64, group scores (top-2 sums, -inf masks), unbiased renormalised weights times route_scale, the bias selecting only and getting no gradient, every token against an oracle on four configurations (V2-style softmax included); each routing pitfall named.
 import torch
 from course_lib.testing import assert_close, assert_shape, assert_true
 
@@ -316,136 +279,6 @@ assert_true(torch.isinf(_m[0, [0, 1, 4, 5]]).all() and torch.equal(_m[0, [2, 3, 
             f"group_limit kept the wrong experts: got {_m.tolist()}",
             hint="group scores: 0.9+0.0, 0.5+0.6, 0.1+0.2, 0.7+0.3; keep the 2 best groups (1 and 3), -inf elsewhere")
 print("ExpertRouter: visible tests passed")
-
-# %% [test id=test_03_2_router_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import math as _math
-
-import torch as _t
-from course_lib.deepseek.moe import Gate as _RefGate, MoEConfig as _Cfg
-from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
-
-
-def _oracle_route(_s, _b, _cfg):
-    """One token, plain Python: chosen experts (sorted) and their weights."""
-    _E, _G, _K = _cfg.n_routed_experts, _cfg.n_expert_groups, _cfg.n_activated_experts
-    _m = _E // _G
-    _v3 = _cfg.score_func == "sigmoid"
-    _c = [_s[e] + (_b[e] if _v3 else 0.0) for e in range(_E)]
-    if _G > 1:
-        _gs = [sum(sorted(_c[g * _m:(g + 1) * _m], reverse=True)[:2]) if _v3 else max(_c[g * _m:(g + 1) * _m]) for g in range(_G)]
-        _kept = sorted(range(_G), key=lambda g: -_gs[g])[: _cfg.n_limited_groups]
-        _c = [_c[e] if e // _m in _kept else -_math.inf for e in range(_E)]
-    _ch = sorted(sorted(range(_E), key=lambda e: -_c[e])[:_K])
-    _w = [_s[e] for e in _ch]
-    _tot = sum(_w) if _v3 else 1.0
-    return _ch, [_cfg.route_scale * w / _tot for w in _w]
-
-
-def _sorted_routing(_w, _i):
-    _o = _i.sort(dim=-1)
-    return _w.gather(1, _o.indices), _o.values
-
-
-# pitfalls, each named
-_t.manual_seed(1)
-_r = ExpertRouter(TINY).double()
-_h = _t.randn(64, 16, dtype=_t.float64)
-with _t.no_grad():
-    _r.bias.copy_(_t.tensor([0.3, -0.2, 0.1, 0.4, -0.3, 0.2, 0.0, -0.1]))
-_logits = _h @ _r.weight.T
-_s = _r.affinities(_h)
-_true(_s.dtype == _t.float64, f"float64 input must give float64 affinities, got {_s.dtype}",
-      hint="compute in torch.promote_types(x.dtype, torch.float32)")
-_true(not _t.allclose(_s, _t.softmax(_logits, -1)), "softmax instead of sigmoid: V3 affinities are sigmoid(x W^T)")
-_close(_s, _t.sigmoid(_logits), atol=1e-12, name="sigmoid affinities")
-_w, _i, _ = _r(_h)
-_w, _i = _sorted_routing(_w, _i)
-_sel = _s.gather(1, _i)
-_true(not _t.allclose(_w, 2.5 * (_sel + _r.bias.double()[_i]) / (_sel + _r.bias.double()[_i]).sum(-1, keepdim=True), atol=1e-9),
-      "bias in weights: the combine weights use the biased scores s + b; use the unbiased s")
-_true(not _t.allclose(_w, 2.5 * _sel, atol=1e-9), "top-k weights not renormalised: divide the chosen s by their sum")
-_true(not _t.allclose(_w.sum(-1), _t.ones(64, dtype=_t.float64), atol=1e-9), "route_scale forgotten: the weights must sum to route_scale (2.5)")
-_close(_w, 2.5 * _sel / _sel.sum(-1, keepdim=True), atol=1e-12, name="weights = route_scale * s / sum(chosen s)")
-
-# group score: top-2 sum, not max
-# top-2 sums 0.95, 1.2, 1.0, 0.8 keep groups 1 and 2; maxima 0.95, 0.6, 0.5, 0.7 would keep groups 0 and 3
-_choice = _t.tensor([[0.95, 0.0, 0.6, 0.6, 0.5, 0.5, 0.7, 0.1]], dtype=_t.float64)
-_m = _r.group_limit(_choice)
-_true(_m.shape == (1, 8), f"group_limit must return the (N, E) scores, got shape {tuple(_m.shape)}")
-_kept_groups = (_m == _choice).view(4, 2).all(-1).tolist()  # a group is kept when its scores pass unchanged
-_true(_kept_groups != [True, False, False, True], "group score as max instead of top-2 sum: groups 1 (0.6+0.6) and 2 (0.5+0.5) must be kept")
-_true(_kept_groups == [False, True, True, False], f"group_limit kept groups {_kept_groups}, expected groups 1 and 2 (top-2 sums 1.2 and 1.0)")
-_true(not bool((_m[0, [0, 6, 7]] == 0).any()), "masking dropped groups with 0 instead of -inf")
-_true(bool(_t.isneginf(_m[0, [0, 1, 6, 7]]).all()), "masked experts must be -inf (not 0, not removed from the tensor)")
-
-# negative biased scores: -inf masking keeps tokens inside their groups, a 0.0 mask would not
-with _t.no_grad():
-    _r.bias.fill_(-1.0)  # every s + b < 0
-_w2, _i2, _ = _r(_h)
-_cb = (_s - 1.0).view(64, 4, 2)
-_kept = _cb.topk(2, -1).values.sum(-1).topk(2, -1).indices  # (N, 2)
-_inside = (_i2.div(2, rounding_mode="floor").unsqueeze(-1) == _kept.unsqueeze(1)).any(-1)
-_true(bool(_inside.all()), "negative biased scores: masking dropped groups with 0 instead of -inf sends tokens to dropped groups",
-      hint="masked_fill(..., float('-inf'))")
-with _t.no_grad():
-    _r.bias.zero_()
-_w3, _i3, _ = _r(_h)
-_true(_t.equal(_i2.sort(-1).values, _i3.sort(-1).values), "a constant bias shift must not change the selection")
-
-# the bias changes which experts are chosen, never the weights' formula, and gets no gradient
-_t.manual_seed(2)
-_r = ExpertRouter(TINY).double()
-_h = _t.randn(200, 16, dtype=_t.float64)
-_w0, _i0, _s0 = _r(_h)
-with _t.no_grad():
-    _r.bias[_i0[:, 0].mode().values] -= 10.0
-_w1, _i1, _s1 = _r(_h)
-_true(not _t.equal(_i0, _i1), "a large negative bias must push the most popular expert out of the selection")
-_close(_s1, _s0, atol=0, rtol=0, name="affinities (must not depend on the bias)")
-_w1, _i1 = _sorted_routing(_w1, _i1)
-_sel = _s1.gather(1, _i1)
-_close(_w1, 2.5 * _sel / _sel.sum(-1, keepdim=True), atol=1e-12, name="weights after a bias change", hint="bias in weights")
-_true("bias" in dict(_r.named_buffers()) and not _r.bias.requires_grad, "the bias is a buffer without gradient")
-_r.float()
-_w, _i, _s = _r(_h.float())
-_true(_w.dtype == _t.float32 and _s.dtype == _t.float32, "float32 input: float32 scores and weights")
-_true(_w.requires_grad, "the weights must keep their graph to the gate weight (no .detach(), no torch.no_grad())")
-(_w * _t.randn_like(_w)).sum().backward()
-_true(_r.weight.grad is not None and _r.weight.grad.abs().sum() > 0, "the gate weight must get a gradient through the weights")
-# every token against a plain-Python oracle, and agreement with course_lib on shared weights
-_cfgs = [
-    TINY,
-    _Cfg(dim=12, moe_inter_dim=4, n_routed_experts=12, n_shared_experts=1, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1),
-    _Cfg(dim=10, moe_inter_dim=4, n_routed_experts=6, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
-    _Cfg(dim=16, moe_inter_dim=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, route_scale=1.5,
-         score_func="softmax"),
-]
-for _k, _cfg in enumerate(_cfgs):
-    _t.manual_seed(10 + _k)
-    _r = ExpertRouter(_cfg).double()
-    _ref = _RefGate(_cfg).double()
-    with _t.no_grad():
-        _r.bias.normal_(0.0, 0.1)
-    _copy(_r, _ref)
-    _h = _t.randn(30, _cfg.dim, dtype=_t.float64)
-    _w, _i, _s = _r(_h)
-    _w, _i = _sorted_routing(_w, _i)
-    _true(_s.dtype == _t.float64 and _w.dtype == _t.float64, "float64 input must give float64 scores and weights",
-          hint="compute in torch.promote_types(x.dtype, torch.float32)")
-    _b = _r.bias.double().tolist()
-    for _n in range(30):
-        _ch, _ow = _oracle_route(_s[_n].tolist(), _b, _cfg)
-        _true(_i[_n].tolist() == _ch, f"{_cfg.score_func} router, config {_k}, token {_n}: chose {_i[_n].tolist()}, expected {_ch}",
-              hint="selection = s + bias; group score = top-2 sum (max for softmax); keep the best groups; top-k")
-        _close(_w[_n], _t.tensor(_ow, dtype=_t.float64), atol=1e-12, name=f"config {_k}, token {_n} weights")
-    _rw, _ri, _rs = _ref(_h)
-    _rw, _ri = _sorted_routing(_rw, _ri)
-    _close(_w, _rw, atol=1e-12, name=f"weights vs course_lib.deepseek.moe.Gate (config {_k})")
-
-print("ExpertRouter: hidden tests passed")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint.** With 8 groups and 4 kept, each V3 token chooses its 8 experts among 128 candidates, and the
@@ -539,18 +372,22 @@ class MixtureOfExperts(nn.Module):
         Returns (N, dim) in x's dtype. Calls each expert at most once; no Python loop over tokens.
         """
         ### BEGIN SOLUTION
-        K = indices.shape[1]
-        flat = indices.reshape(-1)  # (N*K,) expert of each assignment, token-major
-        order = torch.argsort(flat, stable=True)  # (N*K,) assignments grouped by expert
+        N, K = indices.shape
+        expert_of = indices.reshape(-1)  # (N*K,) expert of each assignment, token-major
+        slots = torch.arange(N * K, device=x.device)  # (N*K,) assignment j serves token j // K
         if kept is not None:
-            order = order[kept.reshape(-1)[order]]  # (S,) drop the skipped assignments
-        counts = torch.bincount(flat[order], minlength=len(self.experts)).tolist()  # (E,)
-        token = order // K  # (S,) the token each sorted assignment serves
-        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (S, 1)
+            slots = slots[kept.reshape(-1)]  # (S,) the assignments that stay
+        slots = slots[torch.argsort(expert_of[slots], stable=True)]  # (S,) grouped by expert
+        sizes = torch.bincount(expert_of[slots], minlength=len(self.experts)).tolist()  # (E,)
+        flat_w = weights.reshape(-1)  # (N*K,)
         y = torch.zeros_like(x)  # (N, dim)
-        for e, (tok_e, w_e) in enumerate(zip(token.split(counts), w.split(counts))):  # experts, not tokens
-            if tok_e.numel():
-                y.index_add_(0, tok_e, self.experts[e](x[tok_e]) * w_e)  # (n_e, dim) rows back to their tokens
+        start = 0
+        for expert, n_e in zip(self.experts, sizes):  # a loop over experts, never over tokens
+            mine = slots[start:start + n_e]  # (n_e,) this expert's assignments
+            start += n_e
+            if n_e:
+                rows = mine // K  # (n_e,) the tokens they serve
+                y.index_add_(0, rows, expert(x[rows]) * flat_w[mine].to(x.dtype).unsqueeze(-1))  # rows back to their tokens
         return y
         ### END SOLUTION
 
@@ -578,7 +415,8 @@ class MixtureOfExperts(nn.Module):
         ### END SOLUTION
 
 
-# %% [test id=test_03_3_moe points=2]
+# %% [test id=test_03_3_moe points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations and both input shapes with every dispatch mistake named, info.load, no loop over tokens and no dense compute (profiled), experts without tokens, gradients to the gate and the used experts only, the kept mask.
 import torch
 from course_lib.testing import assert_close, assert_shape, assert_true
 
@@ -595,150 +433,6 @@ _want = _moe.shared_experts(_h) + sum(_info.weights[3, k] * _moe.experts[int(_in
 assert_close(_y.reshape(10, 16)[3], _want, atol=1e-12, name="token 3",
              hint="y_t = shared(x_t) + sum_k weights[t, k] * experts[indices[t, k]](x_t)")
 print("MixtureOfExperts: visible tests passed")
-
-# %% [test id=test_03_3_moe_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import math as _math
-
-import torch as _t
-import torch.nn.functional as _F
-from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg
-from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
-
-
-def _ffn(_e, _x):
-    return _F.linear(_F.silu(_F.linear(_x, _e.w1.weight)) * _F.linear(_x, _e.w3.weight), _e.w2.weight)
-
-
-def _oracle(_moe, _x, _drop=None):
-    """Per-token loop MoE written here: routes each token in plain Python, then mixes its experts (differentiable)."""
-    _cfg = _moe.cfg
-    _E, _G, _K = _cfg.n_routed_experts, _cfg.n_expert_groups, _cfg.n_activated_experts
-    _m = _E // _G
-    _b = _moe.gate.bias.double().tolist()
-    _rows = []
-    for _n, _xt in enumerate(_x.reshape(-1, _cfg.dim)):
-        _s = _t.sigmoid(_moe.gate.weight.to(_xt.dtype) @ _xt)
-        _sd = _s.detach().tolist()
-        _c = [_sd[e] + _b[e] for e in range(_E)]
-        if _G > 1:
-            _gs = [sum(sorted(_c[g * _m:(g + 1) * _m], reverse=True)[:2]) for g in range(_G)]
-            _kg = sorted(range(_G), key=lambda g: -_gs[g])[: _cfg.n_limited_groups]
-            _c = [_c[e] if e // _m in _kg else -_math.inf for e in range(_E)]
-        _ch = sorted(range(_E), key=lambda e: -_c[e])[:_K]
-        _tot = sum(_s[e] for e in _ch)
-        _y = _ffn(_moe.shared_experts, _xt) if _moe.shared_experts is not None else _t.zeros_like(_xt)
-        for _k, _e in enumerate(_ch):
-            if _drop is not None and (_n, _e) in _drop:
-                continue
-            _y = _y + _cfg.route_scale * _s[_e] / _tot * _ffn(_moe.experts[_e], _xt)
-        _rows.append(_y)
-    return _t.stack(_rows).view(_x.shape)
-
-
-# shared expert always contributes, even when every routed expert is silent
-_t.manual_seed(4)
-_moe = MixtureOfExperts(_Cfg(dim=12, moe_inter_dim=6, n_routed_experts=12, n_shared_experts=2, n_activated_experts=3,
-                             n_expert_groups=3, n_limited_groups=1)).double()
-with _t.no_grad():
-    for _e in _moe.experts:
-        _e.w2.weight.zero_()
-    _x = _t.randn(6, 12, dtype=_t.float64)
-    _close(_moe(_x)[0], _ffn(_moe.shared_experts, _x), atol=1e-12, name="output with silent routed experts (the shared expert's)",
-           hint="add the shared expert's output for every token")
-_true(_moe.shared_experts.w1.weight.shape == (12, 12), "n_shared_experts=2 must give one shared SwiGLU of width 2 * moe_inter_dim")
-
-_cfgs = [
-    TINY,
-    _Cfg(dim=12, moe_inter_dim=6, n_routed_experts=12, n_shared_experts=2, n_activated_experts=3, n_expert_groups=3, n_limited_groups=1),
-    _Cfg(dim=10, moe_inter_dim=4, n_routed_experts=6, n_shared_experts=0, n_activated_experts=4, n_expert_groups=1, n_limited_groups=1,
-         route_scale=1.0),
-]
-for _k, _cfg in enumerate(_cfgs):
-    _t.manual_seed(20 + _k)
-    _moe = MixtureOfExperts(_cfg).double()
-    with _t.no_grad():
-        _moe.gate.bias.normal_(0.0, 0.1)
-    for _shape in [(3, 7, _cfg.dim), (9, _cfg.dim)]:
-        _x = _t.randn(*_shape, dtype=_t.float64)
-        with _t.no_grad():
-            _y, _info = _moe(_x)
-            _close(_y, _oracle(_moe, _x), atol=1e-12, name=f"MoE vs per-token loop oracle (config {_k}, input {_shape})",
-                   hint="shared(x) + sum over the K chosen experts of weight * expert(x); after sorting, token = order // K "
-                        "and the weights must be permuted with the same order")
-    _true(_info.load.sum().item() == 9 * _cfg.n_activated_experts and _info.kept is None, "info.load / info.kept are wrong")
-    _ref = _RefMoE(_cfg).double()
-    _copy(_moe, _ref)
-    with _t.no_grad():
-        _close(_moe(_x)[0], _ref(_x)[0], atol=1e-12, name=f"MoE vs course_lib.deepseek.moe.MoE on shared weights (config {_k})")
-
-# each expert is called at most once, with exactly its tokens: no loop over tokens
-_t.manual_seed(3)
-_moe = MixtureOfExperts(TINY).double()
-_calls = {}
-_hooks = [_e.register_forward_pre_hook(lambda mod, args, i=i: _calls.setdefault(i, []).append(args[0].shape[0]))
-          for i, _e in enumerate(_moe.experts)]
-try:
-    _x = _t.randn(40, 16, dtype=_t.float64)
-    with _t.no_grad():
-        _y, _info = _moe(_x)
-finally:
-    for _hk in _hooks:
-        _hk.remove()
-for _e, _n in enumerate(_info.load.long().tolist()):
-    _got = _calls.get(_e, [])
-    _true(len(_got) <= 1, f"expert {_e} was called {len(_got)} times in one forward",
-          hint="group the tokens by expert (argsort + bincount) and call each expert once; no loop over tokens")
-    _true(sum(_got) in (0, _n) and (_n == 0 or len(_got) in (0, 1)), f"expert {_e} saw {sum(_got)} rows but has {_n} assignments")
-
-# experts that receive no tokens
-_t.manual_seed(5)
-_moe = MixtureOfExperts(TINY).double()
-with _t.no_grad():
-    _moe.gate.bias[:] = -100.0
-    _moe.gate.bias[4:6] = 0.0  # only experts 4 and 5 can win
-_x = _t.randn(5, 16, dtype=_t.float64, requires_grad=True)
-_y, _info = _moe(_x)
-_true(_info.load.tolist() == [0, 0, 0, 0, 5, 5, 0, 0], f"load with only experts 4, 5 reachable: {_info.load.tolist()}")
-_close(_y, _oracle(_moe, _x), atol=1e-12, name="output when 6 of 8 experts receive no tokens")
-
-# gradients: reach the gate and every used expert, match the oracle's, and leave idle experts alone
-_t.manual_seed(6)
-_moe = MixtureOfExperts(TINY).double()
-with _t.no_grad():
-    _moe.gate.bias[:2] = -100.0  # experts 0 and 1 never chosen
-_x = _t.randn(12, 16, dtype=_t.float64, requires_grad=True)
-_r = _t.randn(12, 16, dtype=_t.float64)
-_y, _info = _moe(_x)
-_used = set(_info.indices.flatten().tolist())
-_params = [_x, _moe.gate.weight] + [p for i in sorted(_used) for p in _moe.experts[i].parameters()]
-_g_mine = _t.autograd.grad((_y * _r).sum(), _params, allow_unused=True)
-_g_ref = _t.autograd.grad((_oracle(_moe, _x) * _r).sum(), _params, allow_unused=True)
-_names = ["input x", "gate.weight"] + [f"experts.{i}.{n}" for i in sorted(_used) for n in ("w1", "w2", "w3")]
-for _n, _a, _b in zip(_names, _g_mine, _g_ref):
-    _true(_a is not None and _a.abs().sum() > 0, f"no gradient reaches {_n}",
-          hint="keep the graph: weights come from the gate's scores; don't detach or use .data")
-    _close(_a, _b, atol=1e-10, name=f"gradient of {_n}")
-(_moe(_x)[0] * _r).sum().backward()
-for _i in (0, 1):
-    for _p in _moe.experts[_i].parameters():
-        _true(_p.grad is None or _p.grad.abs().max() == 0, f"expert {_i} received no tokens but got a gradient")
-
-# dispatch honours the kept mask: skipped assignments contribute nothing
-_t.manual_seed(7)
-_moe = MixtureOfExperts(TINY).double()
-_h = _t.randn(10, 16, dtype=_t.float64)
-with _t.no_grad():
-    _w, _i, _ = _moe.gate(_h)
-    _kept = _t.rand(10, 2) > 0.4
-    _drop = {(n, int(_i[n, k])) for n in range(10) for k in range(2) if not _kept[n, k]}
-    _got = _moe.dispatch(_h, _w, _i, _kept) + _ffn(_moe.shared_experts, _h)
-    _close(_got, _oracle(_moe, _h, _drop), atol=1e-12, name="dispatch with a kept mask", hint="skip the assignments where kept is False")
-    _true(_t.equal(_moe.dispatch(_h, _w, _i, _t.ones(10, 2, dtype=_t.bool)), _moe.dispatch(_h, _w, _i)),
-          "an all-True kept mask must not change the output")
-print("MixtureOfExperts: hidden tests passed")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint.** Your layer calls each expert once per forward, whatever the number of tokens.
@@ -826,7 +520,8 @@ def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch
     ### END SOLUTION
 
 
-# %% [test id=test_03_4_balance points=2]
+# %% [test id=test_03_4_balance points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): MaxVio on integer and float loads, the bias update's sign, size, ties and dtype, the sequence-wise loss per sequence with normalised scores and its gradient, first-come-first-served capacity masks, and the layer with a capacity factor (kept mask, dropped tokens, info.load counted before dropping).
 import torch
 from course_lib.testing import assert_close, assert_true
 
@@ -840,107 +535,6 @@ assert_true(abs(sequence_balance_loss(_s, torch.tensor([[[0], [0]]]), 0.1).item(
 assert_true(capacity_mask(torch.tensor([[0, 1], [0, 2], [0, 1]]), 3, 2).tolist() == [[True, True], [True, True], [False, True]],
             "capacity_mask: expert 0's third assignment (token 2) must be dropped with capacity 2")
 print("load balancing: visible tests passed")
-
-# %% [test id=test_03_4_balance_hidden points=4]
-# Hidden tests: run when your notebook is graded (also by `make check`).
-### BEGIN HIDDEN TESTS
-import torch as _t
-from course_lib.deepseek.moe import MoEConfig as _Cfg, expert_capacity as _cap
-from course_lib.testing import assert_close as _close, assert_true as _true
-
-# MaxVio
-for _load, _want in [([8, 8, 8, 8], 0.0), ([1, 2, 3, 6], 1.0), ([1, 1, 1, 5], 1.5), ([0, 0, 0, 12], 3.0)]:
-    for _dt in (_t.int64, _t.float32):
-        _got = max_violation(_t.tensor(_load, dtype=_dt))
-        _true(isinstance(_got, float) and abs(_got - _want) < 1e-9, f"max_violation({_load}, {_dt}) = {_got}, expected {_want}",
-              hint="max(load) / mean(load) - 1, in floating point")
-
-# bias update: sign, magnitude, ties, no mutation
-_load = _t.tensor([40.0, 10.0, 25.0, 25.0, 0.0, 50.0])  # mean 25
-_before = _load.clone()
-_d = bias_update(_load, 0.01)
-_true(_t.equal(_load, _before), "bias_update must not modify load")
-_true(_d.shape == (6,) and _d.dtype == _t.float32, f"bias_update returns a (E,) float32 tensor, got {tuple(_d.shape)} {_d.dtype}")
-_true(not _t.allclose(_d, 0.01 * (_load - 25.0).sign()), "bias update sign flipped: overloaded experts must get a LOWER bias")
-_true(not _t.allclose(_d, 0.01 * (25.0 - _load)), "the bias update uses the sign of (mean - load), not the difference itself")
-_close(_d, _t.tensor([-0.01, 0.01, 0.0, 0.0, 0.01, -0.01]), atol=1e-9, name="bias_update(load, 0.01)",
-       hint="gamma * sign(mean_load - load_i); experts at exactly the mean get 0")
-_close(bias_update(_t.tensor([3, 1, 2]), 0.5), _t.tensor([-0.5, 0.5, 0.0]), atol=1e-9, name="bias_update on integer loads")
-
-
-# sequence-wise balance loss vs hand computation and an oracle
-def _seq_oracle(_s, _i, _a):
-    _B, _T, _E = _s.shape
-    _K = _i.shape[-1]
-    _tot = 0.0
-    for _b in range(_B):
-        _P = (_s[_b] / _s[_b].sum(-1, keepdim=True)).mean(0)
-        _f = _t.bincount(_i[_b].flatten(), minlength=_E).to(_s.dtype) * _E / (_K * _T)
-        _tot = _tot + _a * (_f * _P).sum()
-    return _tot / _B
-
-
-_s = _t.tensor([[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])
-_one, _two = (sequence_balance_loss(_c * _s, _t.tensor([[[0], [0]]]), 0.1).item() for _c in (1.0, 2.0))
-_true(abs(_one - _two) < 1e-9, f"sequence balance loss: normalise s over the experts first (s' = s / sum_j s_j); "
-      f"doubling s changed the loss from {_one:.4f} to {_two:.4f}")
-_u = _t.full((1, 4, 4), 0.3)
-_bal = sequence_balance_loss(_u, _t.tensor([[[0], [1], [2], [3]]]), 0.1).item()
-_true(abs(_bal - 0.1) < 1e-6, f"perfect balance must give f_i = 1 and P_i = 1/E, so the loss is alpha (0.1); got {_bal:.4f}",
-      hint="f_i = E / (K T) * (number of tokens that chose expert i)")
-_true(abs(_one - 0.15) < 1e-6, f"the 2-token example gives 0.1 * 1.5 = 0.15, got {_one:.4f}")
-_a = _t.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(4, 1)
-_b = _t.tensor([[0.1, 0.7, 0.1, 0.1]]).repeat(4, 1)
-_got = sequence_balance_loss(_t.stack([_a, _b]), _t.tensor([[[0]] * 4, [[1]] * 4]), 0.1).item()
-_true(abs(_got - 0.28) < 1e-6, f"sequence balance loss of two collapsed sequences: got {_got:.4f}, expected 0.28 "
-      "(pooling all tokens of the batch would give 0.16: compute the loss per sequence, then average)")
-_t.manual_seed(0)
-for (_B, _T, _E, _K) in [(3, 7, 8, 2), (2, 16, 12, 3), (1, 5, 6, 4)]:
-    _logits = _t.randn(_B, _T, _E, dtype=_t.float64, requires_grad=True)
-    _sc = _t.sigmoid(_logits)
-    _ix = _sc.detach().topk(_K, -1).indices
-    _mine = sequence_balance_loss(_sc, _ix, 0.01)
-    _ref = _seq_oracle(_sc, _ix, 0.01)
-    _close(_mine, _ref, atol=1e-14, name=f"sequence balance loss (B={_B}, T={_T}, E={_E}, K={_K})",
-           hint="f_i = E / (K T) * hits_i per sequence; P_i = mean over t of s'_{i,t}")
-    _g1, = _t.autograd.grad(_mine, _logits, retain_graph=True)
-    _g2, = _t.autograd.grad(_ref, _logits)
-    _close(_g1, _g2, atol=1e-14, name="gradient of the balance loss w.r.t. the gate logits")
-
-# capacity mask vs a loop
-_t.manual_seed(1)
-for (_N, _K, _E, _C) in [(20, 2, 4, 6), (33, 3, 8, 5), (10, 4, 6, 100), (12, 2, 3, 1)]:
-    _ix = _t.randint(0, _E, (_N, _K))
-    _seen = [0] * _E
-    _want = _t.zeros(_N, _K, dtype=_t.bool)
-    for _n in range(_N):
-        for _k in range(_K):
-            _e = int(_ix[_n, _k])
-            _want[_n, _k] = _seen[_e] < _C
-            _seen[_e] += 1
-    _got = capacity_mask(_ix, _E, _C)
-    _true(_got.dtype == _t.bool and _got.shape == (_N, _K), f"capacity_mask must return a (N, K) bool tensor, got {_got.dtype} {tuple(_got.shape)}")
-    _true(_t.equal(_got, _want), f"capacity_mask (N={_N}, K={_K}, E={_E}, capacity {_C}) differs from first-come-first-served",
-          hint="rank each assignment within its expert in token-major order; keep rank < capacity")
-
-# the layer with a capacity factor: every token routed to experts 4 and 5, only 3 slots each
-_cfg = _Cfg(dim=16, moe_inter_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-            n_limited_groups=2, capacity_factor=1.0)
-_t.manual_seed(2)
-_moe = MixtureOfExperts(_cfg).double()
-with _t.no_grad():
-    _moe.gate.bias[:] = -100.0
-    _moe.gate.bias[4:6] = 0.0
-    _x = _t.randn(12, 16, dtype=_t.float64)
-    _y, _info = _moe(_x)
-    _true(_info.kept is not None and _t.equal(_info.kept, capacity_mask(_info.indices, 8, _cap(12, 2, 8, 1.0))),
-          "with capacity_factor set, info.kept must be capacity_mask(indices, E, expert_capacity(N, K, E, factor))")
-    _true(bool(_info.kept[:3].all()) and not bool(_info.kept[3:].any()), "tokens 0-2 fill the 3 slots of experts 4 and 5")
-    _close(_y[3:], _moe.shared_experts(_x[3:]), atol=1e-12, name="tokens 3-11 lost both experts: only the shared expert remains")
-    _close(_y[:3], _moe.shared_experts(_x[:3]) + _moe.dispatch(_x[:3], _info.weights[:3], _info.indices[:3]), atol=1e-12,
-           name="tokens 0-2 keep both experts")
-print("load balancing: hidden tests passed")
-### END HIDDEN TESTS
 
 # %% [markdown]
 # **Checkpoint.** An expert with 3x the mean load loses exactly $\gamma$ of bias per step, however overloaded
@@ -1195,6 +789,9 @@ plt.show()
 # first choice is drawn.
 
 # %% [code]
+import dataclasses
+
+
 def balance_explorer(gamma: float = 0.01, skew: float = 1.5, capacity_factor: float = 1.25):
     task = make_cluster_regression(n_clusters=8, dim=EXP.dim, skew=skew, noise=0.5, seed=0)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -1202,7 +799,7 @@ def balance_explorer(gamma: float = 0.01, skew: float = 1.5, capacity_factor: fl
         torch.manual_seed(0)
         model = MixtureOfExperts(EXP)
         h = train(model, steps=50, mode="bias", gamma=g, task=task)
-        model.cfg = MoEConfig(**{**vars(EXP), "capacity_factor": capacity_factor})  # limit only for the evaluation
+        model.cfg = dataclasses.replace(EXP, capacity_factor=capacity_factor)  # limit only for the evaluation
         with torch.no_grad():
             _, info = model(x_eval.reshape(-1, EXP.dim))
         model.cfg = EXP
@@ -1222,44 +819,44 @@ viz.interactive(balance_explorer, gamma=[0.01, 0.001, 0.03], skew=[1.5, 0.0, 3.0
 
 # %% [markdown]
 # ### Graded benchmark: grouped dispatch vs a per-token loop
-# Your `MixtureOfExperts` against the same layer evaluated token by token (`dispatch_per_token` from
-# `course_lib.deepseek.moe`, which calls your experts one token and one slot at a time), at 16 experts, top-4,
-# 512 tokens (1024 when run interactively). Points require that the two outputs agree, and that your layer agrees
-# with the course's reference `MoE` on the same weights. Then the grouped dispatch must be at least **10x**
-# faster. A correct solution measures about 40-50x on the course's 2-core CPU (one thread).
+# Your `MixtureOfExperts.dispatch` against `dispatch_per_token` from `course_lib.deepseek.routing`, which calls
+# your own experts one token and one slot at a time: the same experts and the same routing, only the dispatch
+# differs: 16 experts, top-4. Points require that your layer agrees with the course's reference layer on the same
+# weights, that your dispatch agrees with the course's, and that a profile of it shows no loop over tokens and no
+# dense compute. Then the grader times both itself at 512 tokens, every call on fresh inputs, and your dispatch
+# must be at least **10x** faster per call. The cell below times 1024 tokens when you run it (512 in a light run);
+# a correct solution measures 40x or more there on the course's 2-core CPU (one thread). The grader's figure reads
+# lower (20-40x): fewer tokens, and each of its measurements includes a round trip to your kernel.
 
 # %% [test id=bench_03_dispatch points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens or dense compute, then your dispatch at least 10x faster per call than course_lib's dispatch_per_token on your experts (512 tokens, 16 experts, top-4; timed by the judge).
 import torch as _t
 from course_lib.bench import compare as _compare, ratio as _ratio, threads as _threads
-from course_lib.deepseek.moe import MoE as _RefMoE, MoEConfig as _Cfg, dispatch_per_token as _per_token
-from course_lib.testing import assert_close as _close, assert_true as _true, copy_weights as _copy
+from course_lib.testing import assert_close as _close
 from course_lib.utils import sizes as _sizes
 
-_cfg = _Cfg(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4,
-            n_limited_groups=2)
+_cfg = MoEConfig(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4,
+                 n_limited_groups=2)
 _n = _sizes(512, 1024)
 _t.manual_seed(0)
 _moe = MixtureOfExperts(_cfg).eval()
-_ref = _RefMoE(_cfg).eval()
 with _t.no_grad():
     _moe.gate.bias.normal_(0.0, 0.05)
-    _copy(_moe, _ref)
     _x = _t.randn(_n, _cfg.dim)
+    _w, _i, _ = _moe.gate(_x)
 
     def _loop():
-        _w, _i, _ = _moe.gate(_x)
-        return _per_token(_moe.experts, _x, _w, _i) + _moe.shared_experts(_x)
+        return dispatch_per_token(_moe.experts, _x, _w, _i)
 
-    _fast = lambda: _moe(_x)[0]
-    # correctness gate (float32): measured max abs difference ~2e-7 (row-by-row vs batched matmuls)
-    _close(_fast(), _loop(), atol=1e-5, rtol=1e-4, name="grouped dispatch vs per-token loop (no points unless outputs agree)")
-    _close(_fast(), _ref(_x)[0], atol=1e-5, rtol=1e-4, name="your MoE vs course_lib.deepseek.moe.MoE (no points unless outputs agree)")
+    def _fast():
+        return _moe.dispatch(_x, _w, _i)
+
+    # correctness first (float32): measured max abs difference ~2e-7 (row-by-row vs batched matmuls)
+    _close(_fast(), _loop(), atol=1e-5, rtol=1e-4, name="grouped dispatch vs per-token loop")
     with _threads(1):
         _r = _compare({"per_token_loop": _loop, "grouped": _fast}, warmup=1, repeats=5)
-_speedup = _ratio(_r["per_token_loop"], _r["grouped"])
-print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; grouped dispatch is {_speedup:.1f}x faster")
-_true(_speedup >= 10.0, f"grouped dispatch is only {_speedup:.1f}x faster than the per-token loop (need >= 10x)",
-      hint="sort the assignments by expert, call each expert once on its slice, index_add_ the weighted rows back")
+print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; your grouped dispatch is "
+      f"{_ratio(_r['per_token_loop'], _r['grouped']):.1f}x faster here (the grader times it itself and needs >= 10x)")
 
 # %% [markdown]
 # **Beyond this notebook.** `course_lib.deepseek.moe` is the production version of this layer.
@@ -1282,65 +879,32 @@ _true(_speedup >= 10.0, f"grouped dispatch is only {_speedup:.1f}x faster than t
 #
 # **Q1.** In DeepSeek-V3, the expert bias $b_i$ changes (a) the combine weights only; (b) which experts are
 # selected, but not the combine weights; (c) both the selection and the weights; (d) the gate's gradient.
-
-# %% [solution id=quiz_03_1]
-### BEGIN SOLUTION
-ANSWER_Q1 = "b"
-### END SOLUTION
-
-# %% [test id=test_03_quiz_1 points=1]
-assert ANSWER_Q1 in ("a", "b", "c", "d"), f"ANSWER_Q1 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q1!r})"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q1 == "b", "Q1: the bias only selects; weights use the unbiased affinities"
-### END HIDDEN TESTS
-
-# %% [markdown]
+#
 # **Q2.** DeepSeek-V3 routes among 256 experts in 8 groups, keeps 4 groups and activates 8 experts. Among how
 # many experts does a token's top-8 choose? (a) 256; (b) 32; (c) 128; (d) 8.
-
-# %% [solution id=quiz_03_2]
-### BEGIN SOLUTION
-ANSWER_Q2 = "c"
-### END SOLUTION
-
-# %% [test id=test_03_quiz_2 points=1]
-assert ANSWER_Q2 in ("a", "b", "c", "d"), f"ANSWER_Q2 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q2!r})"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q2 == "c", "Q2: 4 kept groups x 32 experts per group = 128 candidates"
-### END HIDDEN TESTS
-
-# %% [markdown]
+#
 # **Q3.** Why are the experts of dropped groups masked with $-\infty$ rather than 0?
 # (a) biased scores $s + b$ can be negative, so a masked 0 would outrank kept experts and route tokens outside their kept groups;
 # (b) $-\infty$ is faster to compute;
 # (c) sigmoid scores can exceed 1;
 # (d) a 0 would break the renormalisation of the weights.
-
-# %% [solution id=quiz_03_3]
-### BEGIN SOLUTION
-ANSWER_Q3 = "a"
-### END SOLUTION
-
-# %% [test id=test_03_quiz_3 points=1]
-assert ANSWER_Q3 in ("a", "b", "c", "d"), f"ANSWER_Q3 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q3!r})"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q3 == "a", "Q3: with negative biased scores a 0 mask wins the top-k"
-### END HIDDEN TESTS
-
-# %% [markdown]
+#
 # **Q4.** After a training step, expert 7's load is 3x the mean. With γ = 0.001, its bias changes by
 # (a) −0.003; (b) +0.001; (c) −0.002; (d) −0.001.
 
-# %% [solution id=quiz_03_4]
+# %% [solution id=quiz_03_answers]
 ### BEGIN SOLUTION
+ANSWER_Q1 = "b"
+ANSWER_Q2 = "c"
+ANSWER_Q3 = "a"
 ANSWER_Q4 = "d"
 ### END SOLUTION
 
-# %% [test id=test_03_quiz_4 points=1]
-assert ANSWER_Q4 in ("a", "b", "c", "d"), f"ANSWER_Q4 must be one of 'a', 'b', 'c', 'd' (got {ANSWER_Q4!r})"
-### BEGIN HIDDEN TESTS
-assert ANSWER_Q4 == "d", "Q4: b_i += gamma * sign(mean - load_i) = -0.001, whatever the size of the excess"
-### END HIDDEN TESTS
+# %% [test id=test_03_quiz points=4]
+# Checks you can run now. When graded, the judge runs these and more (4 points): each answer is one letter; 1 point per correct answer.
+for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4], 1):
+    assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
+print("quiz: answers well-formed")
 
 # %% [markdown]
 # ## Summary

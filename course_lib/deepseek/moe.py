@@ -20,6 +20,10 @@ on them (a loop over *experts*, never over tokens), and the weighted results are
 ``torch.where``-per-expert loop of DeepSeek's inference code and HF's eager path) and
 ``dispatch_per_token`` are kept as baselines and oracles.
 
+The parts Section 3's notebook is given (``MoEConfig``, ``RoutingInfo``, ``expert_load``,
+``expert_capacity``, ``dispatch_per_token``) live in ``course_lib.deepseek.routing``, which holds no
+answer of that section, and are re-exported here; ``param_counts(cfg)`` (exercise 3.1's answer) is here.
+
 Parameter names and HF transformers
 -----------------------------------
 Names follow DeepSeek's own code (``w1``/``w2``/``w3`` of ``course_lib.deepseek.common.SwiGLU``):
@@ -57,7 +61,6 @@ import argparse
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -65,10 +68,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.deepseek.common import SwiGLU
+from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
 
 __all__ = [
     "MoEConfig",
     "RoutingInfo",
+    "param_counts",
     "Gate",
     "Expert",
     "MoE",
@@ -94,83 +99,15 @@ Expert = SwiGLU
 """A routed or shared expert: ``w2(silu(w1 x) * w3 x)``, DeepSeek-V3's SwiGLU FFN."""
 
 
-@dataclass
-class MoEConfig:
-    """Sizes and routing hyper-parameters of one DeepSeekMoE layer (defaults: a small V3-shaped layer).
-
-    Field names follow DeepSeek's ``ModelArgs``; ``n_limited_groups`` is HF's ``topk_group``.
-    """
-
-    dim: int = 64
-    moe_inter_dim: int = 32
-    n_routed_experts: int = 16
-    n_shared_experts: int = 1
-    n_activated_experts: int = 4
-    n_expert_groups: int = 4
-    n_limited_groups: int = 2
-    route_scale: float = 2.5
-    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
-    bias_update_speed: float = 1e-3
-    seq_aux_alpha: float = 1e-4
-    capacity_factor: float | None = None
-    group_mask_fill: float = float("-inf")
-
-    def __post_init__(self) -> None:
-        E, G = self.n_routed_experts, self.n_expert_groups
-        if self.score_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
-        if E % G:
-            raise ValueError(f"n_routed_experts ({E}) must be divisible by n_expert_groups ({G})")
-        if not 1 <= self.n_limited_groups <= G:
-            raise ValueError(f"n_limited_groups must be in [1, {G}], got {self.n_limited_groups}")
-        if G > 1 and self.score_func == "sigmoid" and E // G < 2:
-            raise ValueError("group scores sum each group's top-2 experts: need at least 2 experts per group")
-        if not 1 <= self.n_activated_experts <= self.n_limited_groups * (E // G):
-            raise ValueError(
-                f"n_activated_experts ({self.n_activated_experts}) must be between 1 and the "
-                f"{self.n_limited_groups * (E // G)} experts in the kept groups"
-            )
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
-
-    @classmethod
-    def deepseek_v3(cls) -> MoEConfig:
-        """The 671B model's MoE layer (REFERENCE: 256 routed, 1 shared, top-8, 8 groups keep 4, scale 2.5)."""
-        return cls(dim=7168, moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
-                   n_expert_groups=8, n_limited_groups=4, route_scale=2.5)
-
-    def param_counts(self) -> dict[str, int]:
-        """Total and per-token active parameters of the layer (gate + shared + routed experts)."""
-        per_expert = 3 * self.dim * self.moe_inter_dim
-        gate = self.n_routed_experts * self.dim
-        shared = self.n_shared_experts * per_expert
-        return {
-            "total": gate + shared + self.n_routed_experts * per_expert,
-            "active": gate + shared + self.n_activated_experts * per_expert,
-        }
-
-
-@dataclass
-class RoutingInfo:
-    """What one MoE forward decided, for balancing and analysis (N tokens, K experts each, E experts).
-
-    ``scores`` keeps its graph (the sequence-wise loss back-propagates through it); the rest is data.
-    """
-
-    weights: torch.Tensor  # (N, K) combine weights g (unbiased, renormalised, times route_scale)
-    indices: torch.Tensor  # (N, K) chosen experts (int64)
-    scores: torch.Tensor  # (N, E) unbiased affinities s
-    load: torch.Tensor  # (E,) assignments per expert before capacity dropping (float32)
-    kept: torch.Tensor | None = None  # (N, K) False where the capacity limit dropped the assignment
-    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-
-    @property
-    def max_vio(self) -> float:
-        return max_violation(self.load)
-
-    @property
-    def n_dropped(self) -> int:
-        return 0 if self.kept is None else int((~self.kept).sum())
+def param_counts(cfg: MoEConfig) -> dict[str, int]:
+    """Total and per-token active parameters of the layer (gate + shared + routed experts)."""
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    gate = cfg.n_routed_experts * cfg.dim
+    shared = cfg.n_shared_experts * per_expert
+    return {
+        "total": gate + shared + cfg.n_routed_experts * per_expert,
+        "active": gate + shared + cfg.n_activated_experts * per_expert,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,11 +196,6 @@ class Gate(nn.Module):
         return delta
 
 
-def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert, (E,) float32, from chosen ``indices`` of any shape."""
-    return torch.bincount(indices.reshape(-1), minlength=n_experts).to(torch.float32)
-
-
 def max_violation(load: torch.Tensor) -> float:
     """MaxVio = ``max_i load_i / mean(load) - 1`` (0 when perfectly balanced)."""
     load = load.to(torch.float64)
@@ -293,11 +225,6 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     hits.scatter_add_(1, indices.reshape(B, T * K), torch.ones(B, T * K, dtype=scores.dtype, device=scores.device))
     f = hits * (E / (K * T))  # (B, E)
     return alpha * (f * P).sum(dim=-1).mean()
-
-
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    """Slots per expert: ``ceil(capacity_factor * N * K / E)``."""
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,18 +284,6 @@ def dispatch_per_expert(experts: Sequence[ExpertFn], x: torch.Tensor, weights: t
         token, slot = torch.where(indices == e)  # (n_e,) each
         y.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
     return y
-
-
-def dispatch_per_token(experts: Sequence[ExpertFn], x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Baseline and oracle: a Python loop over tokens and their K experts (slow, obviously right)."""
-    rows = []
-    idx = indices.tolist()
-    for t in range(x.shape[0]):
-        acc = torch.zeros_like(x[t])
-        for k, e in enumerate(idx[t]):
-            acc = acc + weights[t, k].to(x.dtype) * experts[e](x[t : t + 1])[0]
-        rows.append(acc)
-    return torch.stack(rows)  # (N, D)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""Section 3's quiz: four multiple-choice answers, checked against the key held here."""
+
+from __future__ import annotations
+
+from course_judge.checks import assert_true
+from course_judge.local import Alternative, Mutant
+
+GRADE_ID = "test_03_quiz"
+POINTS = 4
+ANSWERS = ("quiz_03_answers",)
+SUMMARY = "each answer is one letter; 1 point per correct answer"
+REFERENCE = ()
+KEY = {1: "b", 2: "c", 3: "a", 4: "d"}
+ABOUT = {
+    1: "what the expert bias changes (3.2)",
+    2: "how many candidates group-limited routing leaves (3.2)",
+    3: "why dropped groups are masked with -inf (3.2)",
+    4: "the size of one bias update (3.4)",
+}
+
+
+def judge(k, t):
+    for q, key in KEY.items():
+        with t.part(f"question {q}: {ABOUT[q]}", 1):
+            assert_true(k.has(f"ANSWER_Q{q}"), f"the notebook defines no 'ANSWER_Q{q}'", hint="run the quiz cell; keep the variable names")
+            a = k.get(k.g[f"ANSWER_Q{q}"])
+            assert_true(isinstance(a, str) and a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
+            assert_true(a == key, f"question {q} is answered incorrectly", hint=f"reread the part on {ABOUT[q]}")
+
+
+MUTANTS = [
+    Mutant("Q1 wrong", 'ANSWER_Q1 = "b"', 'ANSWER_Q1 = "c"', expect="question 1 is answered incorrectly"),
+    Mutant("Q2 wrong (all 256 experts)", 'ANSWER_Q2 = "c"', 'ANSWER_Q2 = "a"', expect="question 2 is answered incorrectly"),
+    Mutant("Q3 wrong", 'ANSWER_Q3 = "a"', 'ANSWER_Q3 = "d"', expect="question 3 is answered incorrectly"),
+    Mutant("Q4 proportional to the excess", 'ANSWER_Q4 = "d"', 'ANSWER_Q4 = "a"', expect="question 4 is answered incorrectly"),
+    Mutant("upper-case letter", 'ANSWER_Q2 = "c"', 'ANSWER_Q2 = "C"', expect="must be one of"),
+    Mutant("a number instead of a letter", 'ANSWER_Q3 = "a"', "ANSWER_Q3 = 1", expect="must be one of"),
+    Mutant("answer missing", 'ANSWER_Q4 = "d"\n', "", expect="defines no 'ANSWER_Q4'"),
+]
+
+ALTERNATIVES = [Alternative("single quotes", 'ANSWER_Q1 = "b"', "ANSWER_Q1 = 'b'")]
