@@ -109,6 +109,9 @@ __all__ = [
 ]
 
 _ce = masked_cross_entropy
+Tensor = torch.Tensor
+OptCache = LatentKVCache | None
+WithRouting = tuple[torch.Tensor, RoutingInfo | None]  # a block's output and its MoE's routing (None when dense)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,26 +163,26 @@ class TransformerBlock(nn.Module):
     The FFN is a dense SwiGLU (``inter_dim``) for ``layer_id < n_dense_layers`` and DeepSeekMoE after.
     """
 
-    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+    def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
         self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        norm = functools.partial(RMSNorm, cfg.dim, cfg.rms_norm_eps)
+        self.attn_norm = norm()
         self.attn = MLA(cfg.mla())
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.ffn: nn.Module = MoE(cfg.moe()) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.dim, cfg.inter_dim)
+        self.ffn_norm = norm()
+        self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.inter_dim) if not cfg.is_moe_layer(layer_id) else MoE(cfg.moe())
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LatentKVCache | None = None, *,
-                absorb: bool = False) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def forward(self, x: Tensor, start_pos: int = 0, cache: OptCache = None, *, absorb: bool = False) -> WithRouting:
         """x: (B, T, dim) at positions ``[start_pos, start_pos + T)`` -> (B, T, dim), and the MoE's routing info (None if dense)."""
-        u = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)  # (B, T, dim)
-        if self.is_moe:
-            y, info = self.ffn(self.ffn_norm(u))  # (B, T, dim)
-            return u + y, info
-        return u + self.ffn(self.ffn_norm(u)), None
+        attended = self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)  # (B, T, dim)
+        u = x + attended
+        ffn_out = self.ffn(self.ffn_norm(u))
+        y, info = ffn_out if self.is_moe else (ffn_out, None)  # an MoE answers (y, routing info), SwiGLU y alone
+        return u + y, info
 
 
 class MTPModule(nn.Module):
@@ -189,18 +192,18 @@ class MTPModule(nn.Module):
     final RMSNorm before the shared head (``shared_head.norm`` in the released checkpoint).
     """
 
-    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+    def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
-        self.hnorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.enorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
+        norm = functools.partial(RMSNorm, cfg.dim, cfg.rms_norm_eps)
+        self.hnorm, self.enorm = norm(), norm()
+        self.proj = nn.Linear(cfg.dim * 2, cfg.dim, bias=False)  # M_k: (dim, 2 dim)
         self.block = TransformerBlock(layer_id, cfg)
-        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.norm = norm()
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def forward(self, h_prev: Tensor, emb_next: Tensor) -> WithRouting:
         """h_prev: (B, T', dim) previous depth's states, emb_next: (B, T', dim) embeddings of the tokens k ahead -> (B, T', dim)."""
-        x = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))  # (B, T', 2 dim) -> (B, T', dim)
-        return self.block(x)
+        pair = (self.hnorm(h_prev), self.enorm(emb_next))  # the paper's order: state first, embedding second
+        return self.block(self.proj(torch.cat(pair, dim=-1)))  # (B, T', 2 dim) -> (B, T', dim)
 
 
 class DeepSeekV3Mini(nn.Module):
@@ -211,55 +214,59 @@ class DeepSeekV3Mini(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, cfg) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList([TransformerBlock(layer_id, cfg) for layer_id in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp_depth))
+        self.mtp = nn.ModuleList([MTPModule(cfg.n_layers + depth, cfg) for depth in range(cfg.mtp_depth)])
         if cfg.fp8:
-            convert_to_fp8(self.layers)
-            convert_to_fp8(self.mtp)
+            for part in (self.layers, self.mtp):
+                convert_to_fp8(part)
 
     # ------------------------------------------------------------------ forward
 
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        integer = tokens.dtype in (torch.int64, torch.int32)
+        if not integer or tokens.dim() != 2:
             raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
-        if start_pos + tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + tokens.shape[1]} exceed max_seq_len {self.cfg.max_seq_len}")
+        end = start_pos + tokens.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
 
     def trunk(self, tokens: torch.Tensor, start_pos: int = 0, caches: Sequence[LatentKVCache] | None = None, *,
               absorb: bool = False) -> tuple[torch.Tensor, list[RoutingInfo]]:
         """Embedding and blocks: the last block's output (B, T, dim) before the final norm, and the MoE layers' routing."""
         self._check_tokens(tokens, start_pos)
-        h = self.embed(tokens)  # (B, T, dim)
-        infos = []
-        for i, layer in enumerate(self.layers):
-            h, info = layer(h, start_pos, None if caches is None else caches[i], absorb=absorb)
-            if info is not None:
-                infos.append(info)
-        return h, infos
+        per_layer = caches if caches is not None else [None] * len(self.layers)
+        h, routing = self.embed(tokens), []  # (B, T, dim)
+        for layer, cache in zip(self.layers, per_layer):
+            h, info = layer(h, start_pos, cache, absorb=absorb)
+            routing += [info] if info is not None else []
+        return h, routing
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm and the output head: (B, T, dim) -> (B, T, vocab)."""
+        return self.head(self.norm(h))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: Sequence[LatentKVCache] | None = None, *,
                 absorb: bool = False) -> torch.Tensor:
         """tokens: (B, T) at positions ``[start_pos, start_pos + T)`` -> next-token logits (B, T, vocab)."""
-        h, _ = self.trunk(tokens, start_pos, caches, absorb=absorb)
-        return self.head(self.norm(h))  # (B, T, vocab)
+        return self.logits(self.trunk(tokens, start_pos, caches, absorb=absorb)[0])
 
     def mtp_forward(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[RoutingInfo]]:
         """MTP logits for depth k = 1..D: (B, T - k, vocab), position i predicting ``tokens[i + k + 1]``.
 
         ``h``: (B, T, dim) the main trunk's output for ``tokens`` (B, T).
         """
-        T = tokens.shape[1]
-        logits, infos = [], []
-        for k, module in enumerate(self.mtp, start=1):
-            if T - k < 1:
-                break
-            h, info = module(h[:, : T - k], self.embed(tokens[:, k:]))  # (B, T - k, dim)
-            logits.append(self.head(module.norm(h)))  # (B, T - k, vocab): the shared head
-            if info is not None:
-                infos.append(info)
-        return logits, infos
+        n_pos = tokens.shape[1]
+        all_logits, routing = [], []
+        state = h
+        for depth in range(1, min(len(self.mtp), n_pos - 1) + 1):
+            module = self.mtp[depth - 1]
+            n_pos -= 1  # depth k keeps positions 0 .. T - k - 1
+            state, info = module(state[:, :n_pos], self.embed(tokens[:, depth:]))  # (B, T - k, dim)
+            all_logits.append(self.head(module.norm(state)))  # the shared head, after this depth's own norm
+            routing += [info] if info is not None else []
+        return all_logits, routing
 
     def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """``L = L_main + (lambda / D) sum_k L_MTP^k + sum alpha L_bal`` (DeepSeek-V3 eqs. 17-20, 25).
@@ -270,23 +277,23 @@ class DeepSeekV3Mini(nn.Module):
         self._check_tokens(inputs)
         if targets.shape != inputs.shape:
             raise ValueError(f"targets must have the inputs' shape {tuple(inputs.shape)}, got {tuple(targets.shape)}")
-        h, infos = self.trunk(inputs)
-        logits = self.head(self.norm(h))  # (B, T, vocab)
+        h, routing = self.trunk(inputs)
+        logits = self.logits(h)  # (B, T, vocab)
         main = _ce(logits, targets)
-        mtp_logits, mtp_infos = self.mtp_forward(h, inputs)
-        infos = infos + mtp_infos
-        mtp = sum((_ce(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)), main.new_zeros(()))
-        mtp = mtp / max(len(mtp_logits), 1)
-        aux = sum((info.aux_loss.to(main.dtype) for info in infos), main.new_zeros(()))
-        loss = main + self.cfg.mtp_lambda * mtp + aux
-        return ModelOutput(loss, main, mtp, aux, logits, mtp_logits, infos)
+        mtp_logits, mtp_routing = self.mtp_forward(h, inputs)
+        routing = [*routing, *mtp_routing]
+        zero = main.new_zeros(())
+        per_depth = [_ce(lg, targets[:, depth:]) for depth, lg in enumerate(mtp_logits, start=1)]
+        mtp = sum(per_depth, zero) / max(len(per_depth), 1)
+        aux = sum((info.aux_loss.to(main.dtype) for info in routing), zero)
+        return ModelOutput(main + self.cfg.mtp_lambda * mtp + aux, main, mtp, aux, logits, mtp_logits, routing)
 
     # ------------------------------------------------------------------ balancing and counting
 
     def moe_layers(self) -> list[MoE]:
         """Every MoE layer in the order of ``ModelOutput.infos``: main blocks, then MTP blocks."""
-        blocks = list(self.layers) + [m.block for m in self.mtp]
-        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+        ffns = [layer.ffn for layer in self.layers] + [module.block.ffn for module in self.mtp]
+        return [ffn for ffn in ffns if isinstance(ffn, MoE)]
 
     @torch.no_grad()
     def update_biases(self, loads: Sequence[torch.Tensor], gamma: float | None = None) -> None:
@@ -300,15 +307,17 @@ class DeepSeekV3Mini(nn.Module):
     def num_parameters(self, *, active: bool = False, mtp: bool = False) -> int:
         """Counted from the modules: the main model's parameters (``mtp=True``: the MTP modules' only);
         ``active`` subtracts the routed experts a token skips."""
-        params = self.mtp.parameters() if mtp else (p for n, p in self.named_parameters() if not n.startswith("mtp."))
-        n = sum(p.numel() for p in params)
-        if active:
-            layers = [m.block.ffn for m in self.mtp] if mtp else [b.ffn for b in self.layers]
-            for moe in layers:
-                if isinstance(moe, MoE):
-                    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-                    n -= (moe.cfg.n_routed_experts - moe.cfg.n_activated_experts) * per_expert
-        return n
+        count = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp.") == mtp:
+                count += p.numel()
+        if not active:
+            return count
+        blocks = [module.block for module in self.mtp] if mtp else list(self.layers)
+        for moe in (b.ffn for b in blocks if b.is_moe):
+            skipped = moe.cfg.n_routed_experts - moe.cfg.n_activated_experts
+            count -= skipped * sum(p.numel() for p in moe.experts[0].parameters())
+        return count
 
     def new_caches(self, batch: int, max_seq_len: int | None = None) -> list[LatentKVCache]:
         """One empty ``LatentKVCache`` per layer (c_KV and k_pe only)."""
@@ -326,27 +335,28 @@ class DeepSeekV3Mini(nn.Module):
         latent cache; ``use_cache=False``: re-run the whole sequence each step). ``temperature=0``: greedy.
         """
         self._check_tokens(prompt)
-        B, T0 = prompt.shape
-        total = T0 + max_new_tokens
-        if total > self.cfg.max_seq_len:
-            raise ValueError(f"prompt + new tokens = {total} exceeds max_seq_len {self.cfg.max_seq_len}")
-        was_training = self.training
-        self.eval()
+        n_prompt = prompt.shape[1]
+        length = n_prompt + max_new_tokens
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {length} exceeds max_seq_len {self.cfg.max_seq_len}")
+        mode = self.training
+        self.train(False)
+        out = [prompt]
         try:
-            tokens = prompt
-            caches = self.new_caches(B, total) if use_cache else None
-            if use_cache:
-                logits = self(prompt, 0, caches, absorb=absorb)[:, -1]  # (B, vocab) prefill
-            for step in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(tokens)[:, -1]  # (B, vocab)
-                nxt = _sample(logits, temperature, generator)  # (B, 1)
-                tokens = torch.cat([tokens, nxt], dim=1)  # (B, T0 + step + 1)
-                if use_cache and step + 1 < max_new_tokens:
-                    logits = self(nxt, T0 + step, caches, absorb=absorb)[:, -1]  # (B, vocab) decode one position
+            if not use_cache:
+                for _ in range(max_new_tokens):
+                    seq = torch.cat(out, dim=1)
+                    out.append(_sample(self(seq)[:, -1], temperature, generator))  # recompute everything
+                return torch.cat(out, dim=1)
+            caches = self.new_caches(prompt.shape[0], length)
+            step_logits = self(prompt, 0, caches, absorb=absorb)[:, -1]  # (B, vocab): prefill
+            for pos in range(n_prompt, length):
+                out.append(_sample(step_logits, temperature, generator))  # (B, 1): the token at position pos
+                if pos + 1 < length:
+                    step_logits = self(out[-1], pos, caches, absorb=absorb)[:, -1]  # decode one position
+            return torch.cat(out, dim=1)
         finally:
-            self.train(was_training)
-        return tokens
+            self.train(mode)
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
