@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from course_judge.checks import assert_true
+from course_judge.checks import assert_true, expect_close, expect_tensor, matches
 from course_lib.deepseek.model_config import ModelConfig, init_weights
 
 CONFIG = "course_lib.deepseek.model_config:ModelConfig"
@@ -102,3 +102,11 @@ def flops(fn, *args, **kwargs) -> int:
 def ns_type(v) -> str:
     """The type name of a value that crossed as data (dataclass / named tuple), else its Python type."""
     return getattr(v, "type", None) if hasattr(v, "fields") else type(v).__name__
+
+
+def close(got, want: torch.Tensor, *, name: str, atol: float, mistakes=None, hint: str | None = None) -> None:
+    """``expect_close`` whose known mistakes (a function returning the dict) are computed only for a wrong answer."""
+    expect_tensor(got, name, shape=tuple(want.shape))
+    if matches(got, want, atol, 0.0):
+        return
+    expect_close(got, want, name=name, atol=atol, mistakes=mistakes() if callable(mistakes) else mistakes, hint=hint)

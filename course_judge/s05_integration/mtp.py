@@ -6,7 +6,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor, expect_tuple
 from course_judge.local import Alternative, Mutant
-from course_judge.s05_integration._common import cfg, ffn_kind, load_weights, make_ref, remote_cfg
+from course_judge.s05_integration._common import cfg, close, ffn_kind, load_weights, make_ref, remote_cfg
 from course_lib.deepseek.model import MTPModule
 from course_lib.deepseek.model_config import ModelConfig
 
@@ -78,7 +78,7 @@ def judge(k, t):
             y, info = _call(k, m, h, e)
             with torch.no_grad():
                 want_y, want_info = ref(h, e)
-            expect_close(y, want_y, atol=1e-10, name="MTP output", mistakes=_mistakes(ref, h, e),
+            close(y, want_y, atol=1e-10, name="MTP output", mistakes=lambda ref=ref, h=h, e=e: _mistakes(ref, h, e),
                          hint="h^k = block(proj([hnorm(h) ; enorm(emb)]))")
             if want_info is not None:
                 assert_true(getattr(info, "type", None) == "RoutingInfo" and torch.equal(info.load, want_info.load),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
-from course_judge.checks import assert_true, expect_close, expect_float
+from course_judge.checks import assert_true, expect_float
 from course_judge.local import Alternative, Mutant
-from course_judge.s05_integration._common import INIT, cfg, load_weights, make_ref, remote_cfg
+from course_judge.s05_integration._common import INIT, cfg, close, load_weights, make_ref, remote_cfg
 from course_lib.data import MultiTaskLanguage
 from course_lib.deepseek.model import DeepSeekV3Mini
 from course_lib.deepseek.model_config import ModelConfig
@@ -100,14 +101,8 @@ def judge(k, t):
     ref = make_ref(DeepSeekV3Mini(c), 3, std=0.1)
     g = torch.Generator().manual_seed(5)
     b1, b2 = lang.sample(24, g), lang.sample(24, g)
-    k.seed(3)
-    m = k.g.DeepSeekV3Mini(remote_cfg(k, c))
-    load_weights(k, m, ref, "DeepSeekV3Mini")
     names = [n for n in ref.state_dict() if n.endswith("gate.bias")]
-    k.call(m.eval)  # train_step must put the model in training mode itself
-    opt = _optimizer(k, m, "SGD", lr=LR)
-    sts = [_stats(k.call(step, m, opt, bb.inputs, bb.targets, clip_norm=CLIP), len(names)) for bb in (b1,)]
-    got_w1 = {n: v for n, v in k.call(m.state_dict).items()}
+    state: dict = {}
 
     def run(**knobs):
         r = copy.deepcopy(ref)
@@ -115,13 +110,27 @@ def judge(k, t):
         return r, s1
 
     r1, want1 = run()
+
+    def first_step():  # the learner's model with the reference's weights, one step of the learner's train_step
+        assert_true("failed" not in state, "train_step must run on the reference's weights first (previous part)")
+        if not state:
+            state["failed"] = True
+            k.seed(3)
+            m = k.g.DeepSeekV3Mini(remote_cfg(k, c))
+            load_weights(k, m, ref, "DeepSeekV3Mini")
+            k.call(m.eval)  # train_step must put the model in training mode itself
+            opt = _optimizer(k, m, "SGD", lr=LR)
+            st = _stats(k.call(step, m, opt, b1.inputs, b1.targets, clip_norm=CLIP), len(names))
+            state.update(m=m, opt=opt, st=st, w1=dict(k.call(m.state_dict)))
+            del state["failed"]
+        return state
+
     with t.part("the returned statistics: this batch's losses before the step, the gradient norm before clipping, the loads "
                 "of this forward pass, MaxVio per layer", 1):
-        st = sts[0]
-        _, ev = run(train=False)
+        st = first_step()["st"]
         for key in ("loss", "main_loss", "mtp_loss", "aux_loss"):
             v = expect_float(st[key], f"train_step(...)[{key!r}]")
-            if abs(v - ev[key]) < 1e-9 and abs(v - want1[key]) > 1e-9:
+            if abs(v - want1[key]) > 1e-9 and abs(v - run(train=False)[1][key]) < 1e-9:
                 raise AssertionError(f"{key} {v:.6f} is the eval-mode value (expected {want1[key]:.6f})\n  likely cause: call "
                                      "model.train() first: in eval mode the MoE adds no balance loss")
             assert_true(abs(v - want1[key]) < 1e-9, f"returned {key} {v:.6f}, this batch's {key} before the step is {want1[key]:.6f}",
@@ -141,39 +150,47 @@ def judge(k, t):
 
     with t.part("the bias update: exactly once per step, with the loads of this step's forward pass, in every MoE layer (MTP "
                 "included)", 1):
+        got_w1 = first_step()["w1"]
         b0 = _biases(ref)
         want = _biases(r1)
         got = [got_w1[n].to(torch.float64) for n in names]
-        twice, _ = run(update=2)
-        for i, (a, w, z, tw) in enumerate(zip(got, want, b0, _biases(twice))):
-            mistakes = {"the gate bias never moved: call model.update_biases(loads) after optimizer.step()": z,
-                        "the bias moved twice: call model.update_biases(loads) exactly once per step": tw,
+        for i, (a, w, z) in enumerate(zip(got, want, b0)):
+            def mistakes(i=i, w=w, z=z):
+                return {"the gate bias never moved: call model.update_biases(loads) after optimizer.step()": z,
+                        "the bias moved twice: call model.update_biases(loads) exactly once per step": _biases(run(update=2)[0])[i],
                         "the bias moved the wrong way: overloaded experts go down, b_i += gamma * sign(mean_load - load_i)": 2 * z - w}
-            expect_close(a, w, atol=1e-7, name=f"gate bias of MoE layer {i} after one step", mistakes=mistakes,
-                         hint="model.update_biases([info.load for info in out.infos]) once, after optimizer.step()")
+            close(a, w, atol=1e-7, name=f"gate bias of MoE layer {i} after one step", mistakes=mistakes,
+                  hint="model.update_biases([info.load for info in out.infos]) once, after optimizer.step()")
 
     with t.part("the weights after one and two SGD steps equal a reference step's: zero_grad, backward of the total loss, "
                 "clipping before the step", 1):
-        variants = {"the gradients are not clipped before the step: torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm) "
-                    "between backward() and optimizer.step()": run(clip=float("inf"))[0],
-                    "only the main loss is back-propagated: the total loss (main + lambda mtp + aux) trains the model":
-                        run(loss="main_loss")[0],
-                    "the model trained in eval mode: call model.train() first (the MoE's balance loss exists only in training)":
-                        run(train=False)[0]}
-        w1 = _weights(r1)
-        for n, w in w1.items():
-            expect_close(got_w1[n], w, atol=1e-9, name=f"{n} after one step",
-                         mistakes={why: _weights(v)[n] for why, v in variants.items()})
+        got_w1, m, opt = first_step()["w1"], state["m"], state["opt"]
+        @functools.cache
+        def variants() -> dict[str, dict[str, torch.Tensor]]:
+            return {why: _weights(run(**knobs)[0]) for why, knobs in (
+                ("the gradients are not clipped before the step: torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm) "
+                 "between backward() and optimizer.step()", {"clip": float("inf")}),
+                ("only the main loss is back-propagated: the total loss (main + lambda mtp + aux) trains the model",
+                 {"loss": "main_loss"}),
+                ("the model trained in eval mode: call model.train() first (the MoE's balance loss exists only in training)",
+                 {"train": False}))}
+
+        for n, w in _weights(r1).items():
+            close(got_w1[n], w, atol=1e-9, name=f"{n} after one step",
+                  mistakes=lambda n=n: {why: vw[n] for why, vw in variants().items()})
         k.call(step, m, opt, b2.inputs, b2.targets, clip_norm=CLIP)
         got_w2 = k.call(m.state_dict)
         r2, _ = run()  # (a copy would lose the gradients left by step 1, which the mistake below accumulates)
         _step(r2, b2.inputs, b2.targets)
-        acc, _ = run()
-        _step(acc, b2.inputs, b2.targets, zero=False)
-        w2, wa = _weights(r2), _weights(acc)
-        for n, w in w2.items():
-            expect_close(got_w2[n], w, atol=1e-9, name=f"{n} after two steps",
-                         mistakes={"the gradients accumulate across steps: optimizer.zero_grad() before backward()": wa[n]})
+        @functools.cache
+        def accumulated() -> dict[str, torch.Tensor]:
+            acc, _ = run()
+            _step(acc, b2.inputs, b2.targets, zero=False)
+            return _weights(acc)
+
+        for n, w in _weights(r2).items():
+            close(got_w2[n], w, atol=1e-9, name=f"{n} after two steps",
+                  mistakes=lambda n=n: {"the gradients accumulate across steps: optimizer.zero_grad() before backward()": accumulated()[n]})
 
 
 MUTANTS = [
