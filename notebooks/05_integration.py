@@ -813,7 +813,8 @@ if model is not None:
 if model is not None:
     model.train()
     model.zero_grad()
-    model.compute_loss(*[getattr(data.sample(64, torch.Generator().manual_seed(11)), k) for k in ("inputs", "targets")]).loss.backward()
+    grad_batch = data.sample(64, torch.Generator().manual_seed(11))
+    model.compute_loss(grad_batch.inputs, grad_batch.targets).loss.backward()
     groups: dict[str, float] = {}
     for name, p in model.named_parameters():
         parts = name.split(".")

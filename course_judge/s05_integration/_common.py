@@ -89,21 +89,6 @@ def _names_hint(extra: list[str], missing: list[str], shared: list[str]) -> str:
     return "use the attribute names listed in the class docstring (the HF converter and the tests load weights by name)"
 
 
-def flops(fn, *args, **kwargs) -> int:
-    """FLOPs of one call, counted like the kernel's profile (torch's FlopCounterMode), under no_grad."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn(*args, **kwargs)
-    return int(counter.get_total_flops())
-
-
-def ns_type(v) -> str:
-    """The type name of a value that crossed as data (dataclass / named tuple), else its Python type."""
-    return getattr(v, "type", None) if hasattr(v, "fields") else type(v).__name__
-
-
 def close(got, want: torch.Tensor, *, name: str, atol: float, mistakes=None, hint: str | None = None) -> None:
     """``expect_close`` whose known mistakes (a function returning the dict) are computed only for a wrong answer."""
     expect_tensor(got, name, shape=tuple(want.shape))

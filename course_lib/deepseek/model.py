@@ -165,12 +165,12 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
-        self.layer_id = layer_id
         norm = functools.partial(RMSNorm, cfg.dim, cfg.rms_norm_eps)
         self.attn_norm = norm()
         self.attn = MLA(cfg.mla())
         self.ffn_norm = norm()
         self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.inter_dim) if not cfg.is_moe_layer(layer_id) else MoE(cfg.moe())
+        self.layer_id = layer_id
 
     @property
     def is_moe(self) -> bool:
@@ -210,14 +210,14 @@ class DeepSeekV3Mini(nn.Module):
     """Embedding, ``n_layers`` blocks (dense FFN first, MoE after), final RMSNorm, output head, and
     ``mtp_depth`` MTP modules that share the embedding and the head (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList([TransformerBlock(layer_id, cfg) for layer_id in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList([MTPModule(cfg.n_layers + depth, cfg) for depth in range(cfg.mtp_depth)])
+        self.cfg = cfg
         if cfg.fp8:
             for part in (self.layers, self.mtp):
                 convert_to_fp8(part)
