@@ -84,14 +84,14 @@ def judge(k, t):
                     hint="feed each new token at position T0 + step, with the same caches you prefilled")
 
     c = cfg(n_layers=2, n_dense_layers=1, q_lora_rank=0, max_seq_len=24)
-    torch.manual_seed(9)
-    ref = init_weights(DeepSeekV3Mini(c), 9, std=0.4).double()
     p = torch.randint(0, c.vocab_size, (3, 5), generator=torch.Generator().manual_seed(41))
     built = []
     with t.part("greedy tokens equal the reference model's on the same weights: absorbed, naive over the latent cache, "
                 "no cache", 1):
         k.seed(9)
         m = k.g.DeepSeekV3Mini(remote_cfg(k, c))
+        torch.manual_seed(9)
+        ref = init_weights(DeepSeekV3Mini(c), 9, std=0.4).double()
         load_weights(k, m, ref, "DeepSeekV3Mini")
         built.append(m)
         want = ref.generate(p, 6)
