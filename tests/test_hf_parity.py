@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from course_lib.bench import threads
-from course_lib.deepseek.model import DeepSeekV3Mini, ModelConfig, init_weights
+from course_lib.deepseek.model import DeepSeekV3Mini, ModelConfig, from_hf, init_weights
 from course_lib.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -22,7 +22,6 @@ hf_mod = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_
 
 from course_lib.deepseek.hf import (  # noqa: E402
     config_from_hf,
-    from_hf,
     from_hf_checkpoint,
     hf_config,
     rope_permutation,

@@ -366,3 +366,42 @@ def test_autocast_training_follows_fp32_and_refreshes_its_weight_cache():
 
     assert second_step_gap(False) < 1e-3, "a training step under autocast used stale (cached) bf16 weights"
     assert second_step_gap(True) > 1e-2, "the check above cannot see a stale autocast cache any more"
+
+
+# ----------------------------------------------------------------------------- the given modules of Section 5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=0, n_dense_layers=0), dict(mtp_depth=2, n_shared_experts=0),
+                                dict(n_dense_layers=3, mtp_depth=0)])
+def test_hf_state_dict_names_match_the_model_without_building_it(kw):
+    """``course_lib.deepseek.hf`` names the model's weights from its parts (it never imports the reference model)."""
+    from course_lib.deepseek.hf import state_dict_names
+
+    cfg = ModelConfig(**{**SMALL, **kw})
+    assert state_dict_names(cfg) == list(DeepSeekV3Mini(cfg).state_dict())
+
+
+def test_given_training_loop_drives_any_model_and_dict_step():
+    """``training.train`` / ``record_run`` drive the model class and step they are handed (the learner's in the
+    notebook): a step returning a dict, no ``balance`` argument; balancing off freezes the biases."""
+    from course_lib.deepseek import training
+
+    calls = []
+
+    def my_step(model, opt, inputs, targets):
+        st = train_step(model, opt, inputs, targets)
+        calls.append(1)
+        return {f: getattr(st, f) for f in ("loss", "main_loss", "mtp_loss", "aux_loss", "grad_norm", "loads", "max_vio")}
+
+    class MyModel(DeepSeekV3Mini):
+        pass
+
+    rec = training.record_run("no_balance", steps=2, seed=0, load_every=1, model_cls=MyModel, step_fn=my_step)
+    assert len(calls) == 2 and rec["balance"] is False
+    assert all(b == 0.0 for layer in rec["gate_bias"] for b in layer)
+    ref = record_run("no_balance", steps=2, seed=0, load_every=1)
+    assert rec["loss"] == ref["loss"] and rec["loads"] == ref["loads"]
+    m, _ = training.build_run_model(MyModel, 0, fp8=True)
+    assert any(isinstance(x, FP8Linear) for x in m.layers.modules())
+    assert not isinstance(m.head, FP8Linear) and sum(isinstance(x, FP8Linear) for x in m.modules()) == sum(
+        isinstance(x, FP8Linear) for x in training.build_run_model(DeepSeekV3Mini, 0, fp8=True)[0].modules())

@@ -7,6 +7,8 @@
 - ``routing`` DeepSeekMoE's given parts: MoEConfig, RoutingInfo, expert_load/expert_capacity, the per-token baseline
 - ``fp8``     fine-grained (1x128 / 128x128) quantisation, emulated and CUDA GEMMs, FP8 linear, loss scaler
 - ``fp8_formats``  the FP8 formats, constants, SQNR and accumulator rounding (given to Section 4, re-exported by fp8)
-- ``model``   DeepSeekV3Mini with multi-token prediction, training step and loop
+- ``model``   DeepSeekV3Mini with multi-token prediction, parameter counts, training step (Section 5's answers)
+- ``model_config``  ModelConfig, ModelOutput, init_weights, FP8 conversion, a dense MHA baseline (Section 5's given parts)
+- ``training``  training loop, evaluation, routing analysis, recorded runs (Section 5's given parts)
 - ``hf``      weight converter to and from HF transformers' ``DeepseekV3ForCausalLM`` (parity tests)
 """

@@ -1,5 +1,10 @@
 """Weights between ``DeepSeekV3Mini`` and HF transformers' ``DeepseekV3ForCausalLM`` (transformers >= 5), both ways.
 
+The converter works on any module with the course's attribute names (the learner's model in Section 5's
+parity demo, the reference elsewhere) and never imports the reference model: a Section 5 grading kernel may
+import this module but not ``course_lib.deepseek.model``. Building a ``DeepSeekV3Mini`` from HF weights is
+``course_lib.deepseek.model.from_hf`` (on ``state_dict_from_hf`` here).
+
 Two HF layouts:
 
 - the **hub checkpoint** (safetensors of ``deepseek-ai/DeepSeek-V3``): one tensor per expert, and the MTP
@@ -52,9 +57,10 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 
 from course_lib.deepseek.mla import HF_NAMES as MLA_HF_NAMES
-from course_lib.deepseek.model import DeepSeekV3Mini, ModelConfig
+from course_lib.deepseek.model_config import ModelConfig
 from course_lib.deepseek.moe import HF_EXPERT_NAMES
 
 __all__ = [
@@ -67,7 +73,8 @@ __all__ = [
     "stack_experts",
     "unstack_experts",
     "to_hf",
-    "from_hf",
+    "state_dict_from_hf",
+    "state_dict_names",
     "load_into_hf",
 ]
 
@@ -214,7 +221,7 @@ def _transform(name: str, w: torch.Tensor, cfg: ModelConfig, rope_interleave: bo
     return w
 
 
-def to_hf_checkpoint(model: DeepSeekV3Mini, *, include_mtp: bool = True, rope_interleave: bool = True) -> dict[str, torch.Tensor]:
+def to_hf_checkpoint(model: nn.Module, *, include_mtp: bool = True, rope_interleave: bool = True) -> dict[str, torch.Tensor]:
     """Our weights under the HF hub-checkpoint names (one tensor per expert; MTP as layer ``n_layers + k``)."""
     cfg = model.cfg
     out: dict[str, torch.Tensor] = {}
@@ -232,9 +239,36 @@ def to_hf_checkpoint(model: DeepSeekV3Mini, *, include_mtp: bool = True, rope_in
     return out
 
 
-def _our_keys(cfg: ModelConfig) -> list[str]:
+def state_dict_names(cfg: ModelConfig) -> list[str]:
+    """The state-dict names of ``DeepSeekV3Mini(cfg)``, in its order, from its parts (nothing is allocated).
+
+    Built from the blocks' given parts (MLA, DeepSeekMoE, SwiGLU) and the attribute names the model fixes, so
+    this module never needs the model itself (a Section 5 kernel may import it, not the reference model).
+    """
+    from course_lib.deepseek.common import SwiGLU
+    from course_lib.deepseek.mla import MLA
+    from course_lib.deepseek.moe import MoE
+
     with torch.device("meta"):
-        return list(DeepSeekV3Mini(cfg).state_dict().keys())
+        attn = [f"attn.{n}" for n in MLA(cfg.mla()).state_dict()]
+        dense = [f"ffn.{n}" for n in SwiGLU(cfg.dim, cfg.inter_dim).state_dict()]
+        moe = [f"ffn.{n}" for n in MoE(cfg.moe()).state_dict()]
+
+    def block(prefix: str, layer_id: int) -> list[str]:
+        ffn = moe if cfg.is_moe_layer(layer_id) else dense
+        return [f"{prefix}{n}" for n in ("attn_norm.weight", *attn, "ffn_norm.weight", *ffn)]
+
+    names = ["embed.weight"]
+    for i in range(cfg.n_layers):
+        names += block(f"layers.{i}.", i)
+    names += ["norm.weight", "head.weight"]
+    for k in range(cfg.mtp_depth):
+        p = f"mtp.{k}."
+        names += [f"{p}hnorm.weight", f"{p}enorm.weight", f"{p}proj.weight", *block(f"{p}block.", cfg.n_layers + k), f"{p}norm.weight"]
+    return names
+
+
+_our_keys = state_dict_names
 
 
 def from_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, *, rope_interleave: bool = True) -> dict[str, torch.Tensor]:
@@ -293,7 +327,7 @@ def unstack_experts(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 
 @torch.no_grad()
-def load_into_hf(model: DeepSeekV3Mini, hf_model, *, rope_interleave: bool | None = None) -> None:
+def load_into_hf(model: nn.Module, hf_model, *, rope_interleave: bool | None = None) -> None:
     """Copy our weights into an existing ``DeepseekV3ForCausalLM`` (strict: every tensor must match)."""
     if rope_interleave is None:
         rope_interleave = bool(hf_model.config.rope_interleave)
@@ -305,7 +339,7 @@ def load_into_hf(model: DeepSeekV3Mini, hf_model, *, rope_interleave: bool | Non
         raise KeyError(f"weights do not line up with the HF model: missing {missing}, unexpected {unexpected}")
 
 
-def to_hf(model: DeepSeekV3Mini, *, rope_interleave: bool = True, attn_implementation: str = "eager",
+def to_hf(model: nn.Module, *, rope_interleave: bool = True, attn_implementation: str = "eager",
           experts_implementation: str = "eager"):
     """A ``DeepseekV3ForCausalLM`` holding our weights (in our dtype), in eval mode. MTP is dropped."""
     from transformers import DeepseekV3ForCausalLM
@@ -319,14 +353,14 @@ def to_hf(model: DeepSeekV3Mini, *, rope_interleave: bool = True, attn_implement
 
 
 @torch.no_grad()
-def from_hf(hf_model, **overrides) -> DeepSeekV3Mini:
-    """A ``DeepSeekV3Mini`` (no MTP) holding a ``DeepseekV3ForCausalLM``'s weights, in its dtype, in eval mode."""
+def state_dict_from_hf(hf_model, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ``ModelConfig`` (no MTP) and our state dict of a ``DeepseekV3ForCausalLM``'s weights.
+
+    ``course_lib.deepseek.model.from_hf`` builds the model from them.
+    """
     cfg = config_from_hf(hf_model.config, **overrides)
     if cfg.mtp_depth:
         raise ValueError("DeepseekV3ForCausalLM has no MTP weights: leave mtp_depth at 0")
     sd = from_hf_checkpoint(unstack_experts(hf_model.state_dict(), cfg), cfg,
                             rope_interleave=bool(hf_model.config.rope_interleave))
-    dtype = next(hf_model.parameters()).dtype
-    model = DeepSeekV3Mini(cfg).to(dtype)
-    model.load_state_dict({k: v.to(torch.float32 if k.endswith("gate.bias") else dtype) for k, v in sd.items()}, strict=True)
-    return model.eval()
+    return cfg, sd

@@ -1,0 +1,40 @@
+"""Section 5's quiz: five multiple-choice answers, checked against the key held here."""
+
+from __future__ import annotations
+
+from course_judge.checks import assert_true
+from course_judge.local import Alternative, Mutant
+
+GRADE_ID = "test_05_quiz"
+POINTS = 3
+ANSWERS = ("quiz_05_answers",)
+SUMMARY = "each answer is one letter; 0.5 points per correct answer, 0.5 for well-formed answers"
+REFERENCE = ()
+KEY = {1: "b", 2: "d", 3: "a", 4: "c", 5: "b"}
+
+
+def judge(k, t):
+    given = {}
+    with t.part("answers are well-formed (one of 'a', 'b', 'c', 'd')", 0.5):
+        for q in KEY:
+            given[q] = k.get(k.g[f"ANSWER_Q{q}"])
+        for q, a in given.items():
+            assert_true(a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
+    for q, key in KEY.items():
+        with t.part(f"question {q}", 0.5):
+            a = given.get(q)
+            if a is None:
+                a = k.get(k.g[f"ANSWER_Q{q}"])
+            assert_true(a == key, f"question {q} is answered incorrectly", hint="reread the section it refers to")
+
+
+MUTANTS = [
+    Mutant("Q1 wrong", 'ANSWER_Q1 = "b"', 'ANSWER_Q1 = "a"', expect="question 1 is answered incorrectly"),
+    Mutant("Q2 wrong", 'ANSWER_Q2 = "d"', 'ANSWER_Q2 = "b"', expect="question 2 is answered incorrectly"),
+    Mutant("Q5 wrong: t+1", 'ANSWER_Q5 = "b"', 'ANSWER_Q5 = "a"', expect="question 5 is answered incorrectly"),
+    Mutant("upper-case letter", 'ANSWER_Q3 = "a"', 'ANSWER_Q3 = "A"', expect="must be one of"),
+    Mutant("answer missing", 'ANSWER_Q4 = "c"\n', "", expect="defines no 'ANSWER_Q4'"),
+    Mutant("a number", 'ANSWER_Q4 = "c"', "ANSWER_Q4 = 3", expect="must be one of"),
+]
+
+ALTERNATIVES = [Alternative("single quotes", 'ANSWER_Q1 = "b"', "ANSWER_Q1 = 'b'")]
