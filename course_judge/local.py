@@ -115,7 +115,6 @@ def namespace(nb: dict, upto: str) -> dict:
 def grade(section: str, module: ModuleType, changes: list[Mutant | Alternative] = (), nb: dict | None = None) -> verdict.Verdict:
     """Grade one exercise of ``section``'s solution notebook, with ``changes`` applied to its answer cells."""
     nb = patched_notebook(nb or notebook(section), module, list(changes))
-    ns = namespace(nb, module.GRADE_ID)
-    session = Session(LocalChannel(ns))
     rejected = static.rejection(nb, module)
+    session = Session(LocalChannel({} if rejected else namespace(nb, module.GRADE_ID)))
     return verdict.run(module, session, rejected=rejected, source=static.answer_cells(nb, module.ANSWERS))

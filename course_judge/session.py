@@ -184,9 +184,16 @@ class Session:
         req = {"op": "call", "fn": ref, "args": list(args), "kwargs": kwargs or {}, "no_grad": no_grad, "keep": keep}
         return self.request(req, f"{ref._label}(...)", timeout)
 
+    def new(self, ref: Remote, *args: Any, **kwargs: Any) -> Remote:
+        """Call ``ref`` and leave the result in the kernel (a config dataclass, a module): a reference to it."""
+        return self.call_opts(ref, args, kwargs, keep=True)
+
     def grad(self, ref: Remote, *args: Any, wrt: Sequence[int] = (0,), grad_out: Any = None, params: Remote | None = None,
-             output: int | None = None, **kwargs: Any) -> wire.Namespace:
-        """Call ``ref``, back-propagate ``grad_out`` (default: ones) from its output (item ``output`` of a tuple).
+             output: int | str | None = None, **kwargs: Any) -> wire.Namespace:
+        """Call ``ref``, back-propagate ``grad_out`` (default: ones) from its output.
+
+        ``output`` picks what to back-propagate from: an item of a returned tuple (int) or an attribute of a
+        returned object (str, e.g. ``"loss"`` of a ModelOutput).
 
         Returns ``.out``, ``.grads`` (one per index in ``wrt``) and ``.param_grads`` (of module ``params``).
         """
@@ -210,9 +217,10 @@ class Session:
         return wire.Namespace("profile", {"flops": int(d.get("flops", 0)), "peak_bytes": int(d.get("peak_bytes", 0)),
                                           "shapes": [tuple(s) for s in d.get("shapes", [])]})
 
-    def many(self, calls: Sequence[tuple[Remote, Sequence, dict]], *, no_grad: bool = False, timeout: float | None = None) -> list:
-        """Several calls in one round trip; each result is data, or a :class:`LearnerError` instance."""
-        reqs = [{"op": "call", "fn": r, "args": list(a), "kwargs": kw, "no_grad": no_grad} for r, a, kw in calls]
+    def many(self, calls: Sequence[tuple[Remote, Sequence, dict]], *, no_grad: bool = False, keep: bool = False,
+             timeout: float | None = None) -> list:
+        """Several calls in one round trip; each result is data (a reference with ``keep``), or a :class:`LearnerError`."""
+        reqs = [{"op": "call", "fn": r, "args": list(a), "kwargs": kw, "no_grad": no_grad, "keep": keep} for r, a, kw in calls]
         out = self.request({"op": "many", "requests": reqs}, "a batch of calls", timeout)
         if not isinstance(out, list) or len(out) != len(reqs):
             raise ChannelError("malformed batch answer")

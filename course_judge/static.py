@@ -179,7 +179,12 @@ def references(src: str) -> set[str]:
     if tree is None:
         return set()
     found = imported_course_modules(tree)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
     for node in ast.walk(tree):
+        if id(node) in docstrings:  # prose (the given docstrings name course modules), not a use
+            continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             found |= {m for m in mods if m.split(".")[0] == "course_judge"}

@@ -159,7 +159,8 @@ class Agent:
                 p.grad = None
         with _quiet(), torch.enable_grad():
             out = req["fn"](*args, **req.get("kwargs", {}))
-            y = out if req.get("output") is None else out[req["output"]]
+            pick = req.get("output")
+            y = out if pick is None else getattr(out, pick) if isinstance(pick, str) else out[pick]
             g = req.get("grad_out")
             loss = y.sum() if g is None else (y * g.to(y.dtype)).sum()
             loss.backward()

@@ -666,7 +666,7 @@ except NotImplementedError:
 # 12-17x at 4096 on the course's 2-core CPU (one thread).
 
 # %% [test id=bench_02_absorb points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): naive and absorbed decode at 2048 cached tokens against the reference; an absorbed step without per-head keys/values or S x S masks, within 1.5x of the reference's FLOPs; absorbed >= 3x faster than naive, timed by the judge on fresh inputs.
+# Checks you can run now. When graded, the judge runs these and more (2 points): naive and absorbed decode at 2048 cached tokens against the reference; an absorbed step without per-head keys/values or S x S masks, within 1.5x of the reference's FLOPs; your absorbed decode >= 3x faster than naive decode, timed by the judge on fresh inputs.
 import torch as _t
 from course_lib.bench import compare as _compare, ratio as _ratio, threads as _threads
 from course_lib.deepseek.common import rope_angles as _angles

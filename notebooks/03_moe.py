@@ -829,7 +829,7 @@ viz.interactive(balance_explorer, gamma=[0.01, 0.001, 0.03], skew=[1.5, 0.0, 3.0
 # lower (20-40x): fewer tokens, and each of its measurements includes a round trip to your kernel.
 
 # %% [test id=bench_03_dispatch points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens or dense compute, then your dispatch at least 10x faster per call than course_lib's dispatch_per_token on your experts (512 tokens, 16 experts, top-4; timed by the judge).
+# Checks you can run now. When graded, the judge runs these and more (2 points): your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens or dense compute, then your dispatch at least 10x faster per call than the course's per-token loop on the same weights (512 tokens, 16 experts, top-4; both timed by the judge).
 import torch as _t
 from course_lib.bench import compare as _compare, ratio as _ratio, threads as _threads
 from course_lib.testing import assert_close as _close

@@ -42,6 +42,20 @@ def test_every_graded_cell_has_its_judge(section):
 
 
 @pytest.mark.parametrize("section", SECTIONS)
+def test_graded_cells_announce_their_judge(section):
+    """Each graded cell's first line states its points and its judge's SUMMARY (`tools/nbsrc.py sync` writes it)."""
+    import nbsrc
+
+    for c in local.notebook(section)["cells"]:
+        m = static._meta(c)
+        if m.get("grade"):
+            mod = course_judge.find(section, m["grade_id"])
+            first = static.cell_source(c).split("\n", 1)[0]
+            assert first == nbsrc.judged_line(float(mod.POINTS), mod.SUMMARY), \
+                f"{m['grade_id']}: run `python tools/nbsrc.py sync` (first line: {first[:120]!r})"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
 def test_no_test_code_is_hidden_in_the_notebooks(section):
     """Hidden tests live in the judge, never in a notebook (source, release or solutions)."""
     for folder in ("source", "release", "solutions"):

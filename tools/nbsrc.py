@@ -125,6 +125,36 @@ def notebook_to_script(nb: dict) -> str:
     return "\n".join(out)
 
 
+JUDGED_LINE = "# Checks you can run now. When graded, the judge runs these and more ({points} points): {summary}."
+
+
+def judged_line(points: float, summary: str) -> str:
+    """The first line of a graded cell: what the learner can run now, and what the judge checks (its SUMMARY)."""
+    return JUDGED_LINE.format(points=f"{points:g}", summary=summary.rstrip("."))
+
+
+def sync_summaries(text: str, section: str) -> str:
+    """Rewrite the first line of every graded cell of a script from its judge module's POINTS and SUMMARY."""
+    sys.path.insert(0, str(ROOT))
+    import course_judge
+
+    judges = course_judge.judges(section)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        m = HEADER.match(line)
+        if not m or m["kind"] != "test":
+            continue
+        mod = judges.get(_parse_args(m["args"]).get("id"))
+        if mod is None:
+            continue
+        new = judged_line(float(mod.POINTS), mod.SUMMARY)
+        if i + 1 < len(lines) and lines[i + 1].startswith("# Checks you can run now."):
+            lines[i + 1] = new
+        else:
+            lines.insert(i + 1, new)
+    return "\n".join(lines)
+
+
 def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
 
@@ -142,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
     sub.add_parser("check")
+    sub.add_parser("sync", help="rewrite each graded cell's first line from its judge module (POINTS, SUMMARY)")
     ex = sub.add_parser("export")
     ex.add_argument("notebook", type=Path)
     ns = ap.parse_args(argv)
@@ -150,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         name = ns.notebook.stem
         (ROOT / "notebooks" / f"{name}.py").write_text(notebook_to_script(nb))
         print(f"wrote notebooks/{name}.py")
+        return 0
+    if ns.cmd == "sync":
+        for name in sections():
+            path = ROOT / "notebooks" / f"{name}.py"
+            text = path.read_text()
+            new = sync_summaries(text, name)
+            if new != text:
+                path.write_text(new)
+                print(f"wrote notebooks/{name}.py")
         return 0
     stale = []
     for name in sections():

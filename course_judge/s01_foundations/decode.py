@@ -13,7 +13,7 @@ GRADE_ID = "test_01_4_decode"
 POINTS = 7
 ANSWERS = ("ex_01_4_decode",)
 SUMMARY = "all 256 codes of E4M3 and E5M2 against torch's float8 dtypes, NaN/inf rules, subnormals, max / min normal / min subnormal"
-REFERENCE = ("course_lib.deepseek.fp8",)
+REFERENCE = ("course_lib.deepseek.fp8", "course_lib.deepseek.fp8_formats")
 
 _LAYOUT = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15)}
 _DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}

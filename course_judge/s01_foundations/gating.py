@@ -11,7 +11,7 @@ GRADE_ID = "test_01_3_gating"
 POINTS = 6
 ANSWERS = ("ex_01_3_gating",)
 SUMMARY = "chosen experts against sorting, softmax weights not renormalised, sigmoid weights renormalised, int64 indices, loads, MaxVio"
-REFERENCE = ("course_lib.deepseek.moe",)
+REFERENCE = ("course_lib.deepseek.moe", "course_lib.deepseek.routing")
 
 
 def _gate(f, logits, k, mode):

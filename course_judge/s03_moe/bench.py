@@ -1,14 +1,14 @@
 """Graded benchmark of Section 3: the learner's grouped dispatch against the per-token loop, timed by the judge.
 
 What is compared: ``MixtureOfExperts.dispatch(x, weights, indices)`` (the learner's, in the kernel) against
-``course_lib.deepseek.routing.dispatch_per_token(moe.experts, x, weights, indices)`` (the course's loop over
-tokens and slots, also in the kernel, calling the learner's own experts): the same experts and the same
-routing, only the dispatch differs. Each measurement is one channel request, a batch of 32 dispatch calls
-against one loop call, every call on fresh inputs; the ratio is per call. The inputs are made in the kernel
-before the timing (``torch.manual_seed`` from the judge, ``torch.randn``, the learner's gate) and the
-outputs stay there as handles, so the timed requests carry no tensors: the channel moves about 1 ms per KB
-on a real kernel, which would otherwise swamp the dispatch's few milliseconds. After the timing the judge
-rebuilds inputs of the first and last measurements from their seed and checks the fetched outputs.
+``course_lib.deepseek.routing.dispatch_per_token`` on the same weights and routing, run here in the judge
+(the course's loop over tokens and slots). The slow side never runs in the kernel, so nothing a submission
+does there (slowed experts, a patched baseline) can widen the ratio. Each measurement of the learner's side is
+one channel request, a batch of 32 dispatch calls on fresh inputs made in the kernel beforehand
+(``torch.manual_seed`` from the judge, ``torch.randn``, the learner's gate) whose outputs stay there as
+handles, so the timed requests carry no tensors; the judge's side runs the loop on one input of the same
+size. The ratio is per call. After the timing the judge rebuilds inputs of the first and last measurements
+from their seed and checks the fetched outputs.
 
 Points need correct outputs first (the layer against the course's, the dispatch against the course's
 routed output) and a profile without a loop over tokens and without dense compute, so a slow design fails
@@ -27,7 +27,7 @@ from course_judge.s03_moe.layer import ALTERNATIVES as _LAYER_ALTERNATIVES
 from course_judge.session import LearnerError
 from course_judge.timing import speedup
 from course_lib.deepseek.moe import dispatch_sorted
-from course_lib.deepseek.routing import MoEConfig
+from course_lib.deepseek.routing import MoEConfig, dispatch_per_token
 
 GRADE_ID = "bench_03_dispatch"
 POINTS = 2
@@ -36,12 +36,11 @@ THRESHOLD = 10.0
 N_TOKENS, N_FAST, N_SLOW, N_PROFILE, N_CHECK = 512, 32, 1, 72, 128
 SUMMARY = (
     "your layer and your dispatch against the course's on the same weights (float32), a profile without a loop over tokens "
-    f"or dense compute, then your dispatch at least {THRESHOLD:g}x faster per call than course_lib's dispatch_per_token "
-    f"on your experts ({N_TOKENS} tokens, 16 experts, top-4; timed by the judge)"
+    f"or dense compute, then your dispatch at least {THRESHOLD:g}x faster per call than the course's per-token loop "
+    f"on the same weights ({N_TOKENS} tokens, 16 experts, top-4; both timed by the judge)"
 )
 REFERENCE = ("course_lib.deepseek.moe",)
 CFG = dict(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
-PER_TOKEN = "course_lib.deepseek.routing:dispatch_per_token"
 
 
 def _inputs(ref, g: torch.Generator, n: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -55,7 +54,7 @@ def _inputs(ref, g: torch.Generator, n: int) -> list[tuple[torch.Tensor, torch.T
     ]
 
 
-_SEEDS = {"fast": 351, "slow": 352}
+_SEEDS = {"fast": 351}
 
 
 def _kernel_inputs(k, m, n: int, seed: int) -> list:
@@ -126,55 +125,35 @@ def judge(k, t):
         assert_true(passed, "no points for speed unless the outputs agree and the structure checks pass (see above)")
         attempts, warmup, repeats = 3, 1, 3
         rounds = attempts * (warmup + repeats)
-        pools = {
-            "fast": _kernel_inputs(k, m, rounds * N_FAST, _SEEDS["fast"]),
-            "slow": _kernel_inputs(k, m, rounds * N_SLOW, _SEEDS["slow"]),
-        }
-        fns = {"fast": m.dispatch, "slow": k.lib(PER_TOKEN)}
-        done = {"fast": [], "slow": []}
+        pools = {"fast": _kernel_inputs(k, m, rounds * N_FAST, _SEEDS["fast"]), "slow": _inputs(ref, g, rounds * N_SLOW)}
+        done: list = []
 
-        def call(which: str):
-            n = N_FAST if which == "fast" else N_SLOW
-            start = len(done[which]) * n
-            batch = list(range(start, start + n))
-            reqs = []
-            for j in batch:
-                xh, rh = pools[which][j]
-                args = [xh, rh[0], rh[1]] if which == "fast" else [m.experts, xh, rh[0], rh[1]]
-                reqs.append({"op": "call", "fn": fns[which], "args": args, "kwargs": {}, "no_grad": True, "keep": True})
-            done[which].append((batch, k.request({"op": "many", "requests": reqs}, f"timed {which} calls", 120)))
+        def yours():
+            start = len(done) * N_FAST
+            batch = list(range(start, start + N_FAST))
+            reqs = [{"op": "call", "fn": m.dispatch, "args": [pools["fast"][j][0], pools["fast"][j][1][0], pools["fast"][j][1][1]],
+                     "kwargs": {}, "no_grad": True, "keep": True} for j in batch]
+            done.append((batch, k.request({"op": "many", "requests": reqs}, "timed dispatch calls", 120)))
 
-        sp = speedup(
-            lambda: call("slow"),
-            lambda: call("fast"),
-            threshold=THRESHOLD * N_SLOW / N_FAST,
-            warmup=warmup,
-            repeats=repeats,
-            attempts=attempts,
-        )
-        for which in ("fast", "slow"):
-            runs = done[which]
-            for batch, outs in (runs[0], runs[-1]):  # the first and the last measurement: inputs rebuilt here, outputs fetched
-                for j, o in zip(batch[:: max(1, len(batch) // 2)], outs[:: max(1, len(batch) // 2)]):
-                    if "error" in o:
-                        raise LearnerError(f"a timed {'dispatch' if which == 'fast' else 'per-token loop'} call", o["error"])
-                    x = _kernel_x(which, j)
-                    xk, (w, idx, _) = k.get(pools[which][j][0]), k.get(pools[which][j][1])
-                    assert_true(
-                        torch.equal(xk, x),
-                        "the inputs of the timed calls changed in the kernel",
-                        hint="torch.randn and the inputs must be left as they are",
-                    )
-                    expect_close(
-                        expect_tensor(k.get(o["ok"]), "a timed call's output"),
-                        _want(ref, [(x, w, idx)]),
-                        atol=1e-5,
-                        rtol=1e-4,
-                        name=f"the timed {'dispatch' if which == 'fast' else 'per-token loop'} calls' outputs",
-                        hint="your dispatch must give the same answer on every call"
-                        if which == "fast"
-                        else "course_lib.deepseek.routing.dispatch_per_token (the baseline) must be left as it is",
-                    )
+        slow_next = iter(range(len(pools["slow"])))
+
+        def loop():  # the course's per-token loop, here in the judge, on the same weights
+            x, w, idx = pools["slow"][next(slow_next)]
+            with torch.no_grad():
+                dispatch_per_token(ref.experts, x, w, idx)
+
+        sp = speedup(loop, yours, threshold=THRESHOLD * N_SLOW / N_FAST, warmup=warmup, repeats=repeats, attempts=attempts)
+        for batch, outs in (done[0], done[-1]):  # the first and the last measurement: inputs rebuilt here, outputs fetched
+            for j, o in zip(batch[:: max(1, len(batch) // 2)], outs[:: max(1, len(batch) // 2)]):
+                if "error" in o:
+                    raise LearnerError("a timed dispatch call", o["error"])
+                x = _kernel_x("fast", j)
+                xk, (w, idx, _) = k.get(pools["fast"][j][0]), k.get(pools["fast"][j][1])
+                assert_true(torch.equal(xk, x), "the inputs of the timed calls changed in the kernel",
+                            hint="torch.randn and the inputs must be left as they are")
+                expect_close(expect_tensor(k.get(o["ok"]), "a timed call's output"), _want(ref, [(x, w, idx)]), atol=1e-5,
+                             rtol=1e-4, name="the timed dispatch calls' outputs",
+                             hint="your dispatch must give the same answer on every call")
         per_call = sp.ratio * N_FAST / N_SLOW
         t.note(f"dispatch vs per-token loop: {per_call:.1f}x per call ({sp})")
         assert_true(
