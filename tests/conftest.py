@@ -76,7 +76,7 @@ def graded_corpus():
     import course
     import grading_corpus
 
-    from course_lib.sandbox import sandbox_status
+    from course_judge.sandbox import sandbox_status
 
     root = course.temp_course([grading_corpus.SECTION])
     try:
