@@ -10,14 +10,15 @@ autograde and ``make check`` the course swaps in :class:`SandboxKernelManager` (
           --ro-bind <the section's view of course_lib> <course_lib>
           --size <tmp> --tmpfs /tmp   --size <tmp> --tmpfs /dev/shm
           --ro-bind <copy of the working folder> /run/course-submission
-          --size <work> --tmpfs <working folder>   --bind <private IPC folder> <same>
+          --size <work> --tmpfs <working folder>   --bind <private IPC folder> <same>   --remount-ro / --remount-ro /dev
           -- python <copy the submission in, set rlimits> -- python -P -m ipykernel_launcher -f <connection file>
 
 so student code sees neither ``source/``, ``solutions/``, the gradebook, other submissions, feedback,
 the judge (``course_judge/``) nor the submitted notebook; it cannot reach any network (the kernel
 talks to the grader over IPC sockets in a private folder), and everything it writes lands in memory
-that dies with it: size-limited tmpfs mounts for ``/tmp``, ``/dev/shm`` and its working folder, the
-private IPC folder (on the host's ``/dev/shm``). Nothing on the host's disk is writable from inside.
+that dies with it: size-limited tmpfs mounts for ``/tmp``, ``/dev/shm`` and its working folder, and the
+private IPC folder (on the host's ``/dev/shm``); the sandbox's own root and ``/dev`` are remounted read-only.
+Nothing on the host's disk is writable from inside.
 
 Resources: each kernel runs in its own cgroup, created here (the grader runs as root): cgroup v2
 where its memory, pids and cpu controllers can be enabled, else cgroup v1 (one group per controller),
@@ -587,8 +588,9 @@ def bwrap_argv(cmd: list[str], *, workdir: Path, work_copy: Path, runtime: Path,
     """The full ``bwrap ... -- <copy in, limits> -- cmd`` command line.
 
     Writable inside: size-limited tmpfs mounts (``/tmp``, ``/dev/shm``, the working folder, which starts as a
-    copy of ``work_copy``), bubblewrap's own ``/dev`` (a tmpfs) and ``runtime`` (the IPC sockets); all of it is
-    memory, charged to the kernel's cgroup, and gone with the kernel. Nothing of the host's disk.
+    copy of ``work_copy``) and ``runtime`` (the IPC sockets, on the host's /dev/shm); all of it is memory,
+    charged to the kernel's cgroup, and gone with the kernel. The sandbox's root and ``/dev`` are read-only.
+    Nothing of the host's disk.
     """
     limits = limits or Limits.from_env()
     argv = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -603,7 +605,9 @@ def bwrap_argv(cmd: list[str], *, workdir: Path, work_copy: Path, runtime: Path,
     argv += ["--ro-bind", str(lib_view), str(LIB_DIR)]
     argv += ["--bind", str(runtime), str(runtime)]
     argv += ["--ro-bind", str(work_copy), SUBMISSION_MOUNT]
-    argv += ["--size", str(limits.work_mb << 20), "--tmpfs", str(workdir), "--chdir", str(workdir), "--clearenv"]
+    argv += ["--size", str(limits.work_mb << 20), "--tmpfs", str(workdir)]
+    # bubblewrap's own root (and /dev) are tmpfs mounts without a size: read-only once everything is mounted
+    argv += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", str(workdir), "--clearenv"]
     for k, v in sorted(env.items()):
         argv += ["--setenv", k, v]
     # ipykernel exits when its parent is pid 1 unless told the parent *is* pid 1 (it is, in the new pid namespace)

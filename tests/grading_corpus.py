@@ -696,7 +696,7 @@ def run_corpus(root: Path, course, sandboxed: bool, confined: bool | None = None
         time.sleep(1)
     done_before_crash = sorted(p.stem for p in state.glob("*.json"))
     os.killpg(first.pid, signal.SIGKILL)
-    first.communicate()
+    out["first"] = first.communicate()[0]
     out["done_before_crash"] = done_before_crash
     # 2. resume: what was done is skipped, the rest graded
     t0 = time.time()
@@ -718,6 +718,11 @@ def run_corpus(root: Path, course, sandboxed: bool, confined: bool | None = None
     out["after_regrade"] = gradebook_scores(root, course)
     out["leftovers"] = leftovers()
     listener.close()
+    for step in ("resume", "rerun", "changed"):
+        proc = out[step]
+        assert (root / "nbgrader_config.py").exists() and (root / "autograded" / "summary.json").is_file(), (
+            f"after the {step} batch the course or its summary is gone (exit {proc.returncode}):\n"
+            + proc.stdout[-4000:] + "\n" + proc.stderr[-4000:])
     out["summary"] = json.loads((root / "autograded" / "summary.json").read_text())
     out["records"] = {r["student"]: r for r in out["summary"]["submissions"]}
     out["refused"] = {r["student"]: r for r in out["summary"]["refused"]}

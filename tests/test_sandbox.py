@@ -74,6 +74,8 @@ def test_bwrap_command_line_isolates(tmp_path):
     tmpfs = {argv[i + 3]: int(argv[i + 1]) for i in range(len(argv) - 3) if argv[i] == "--size" and argv[i + 2] == "--tmpfs"}
     assert tmpfs == {"/tmp": 100 << 20, "/dev/shm": 100 << 20, str(work): 50 << 20}, tmpfs
     assert argv.count("--tmpfs") == 3, "every tmpfs has a size"
+    ro = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--remount-ro"]
+    assert ro == ["/", "/dev"] and argv.index("--remount-ro") > argv.index(str(work)), "the rest of the sandbox is read-only"
     for _, src, _ in binds:
         assert not src.startswith(str(ROOT / "source")) and "gradebook" not in src and src not in ("/", "/root", "/home", str(ROOT))
         assert not src.startswith(str(ROOT / "course_judge")), "the judge never enters the sandbox"
@@ -353,7 +355,13 @@ def test_attack_cannot_write_outside_its_sandbox(graded_corpus):
         found += [str(p) for p in base.glob(f"pwned-{token}.txt")] + [str(p) for p in base.glob(f"*/pwned-{token}.txt")]
     found += [str(p) for p in graded_corpus["root"].rglob(f"fill-{token}*")]
     assert not found, f"files written from the sandbox reached the host: {found}\n{out[:2000]}"
-    assert f"{gc.ATTACK} WROTE" not in out, out[:3000]
+    tmpfs = ("/tmp/", "/dev/shm/")  # inside the sandbox: its own size-limited tmpfs mounts (the course lives under /tmp)
+    for ln in out.splitlines():
+        if ln.startswith(f"{gc.ATTACK} WROTE"):
+            path = ln.split(maxsplit=2)[2]
+            assert not path.startswith("/") or path.startswith(tmpfs), f"written outside the sandbox's tmpfs: {ln}"
+    for ro in ("/work/", "/run/", "/usr/lib/", "/var/tmp/"):  # the sandbox's root is read-only
+        assert any(ln.startswith("denied") and ln.split()[1].startswith(ro) for ln in out.splitlines()), f"{ro}: {out[:3000]}"
     assert "denied" in out
     diag = graded_corpus["root"] / "autograded" / ".batch" / "diag" / f"attack_write__{gc.SECTION}.jsonl"
     assert "pwned" not in diag.read_text(), "the grader's diagnosis file is out of the kernel's reach"

@@ -947,6 +947,8 @@ def refuse(root: Path, rec: Record) -> Record:
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         rec.diagnoses.append(_diag("stale_grade", f"the gradebook could not be checked for {name!r} ({type(e).__name__}: "
                                    f"{str(e)[:120]}): an earlier grade may still stand"))
+    if name.lower() in RESERVED_IDS:  # autograded/<name> is the batch's own (.batch, summary.md ...): never moved here
+        return rec
     for p in [root / "autograded" / name, *(root / BATCH / "state").glob(f"{glob_escape(name)}__*.json")]:
         if p.is_symlink() or p.is_dir() or (p.parent.name == "state" and p.exists()):
             _quarantine(root, p)
