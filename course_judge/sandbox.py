@@ -789,6 +789,8 @@ class SandboxKernelManager(AsyncKernelManager):
             except Exception as e:  # noqa: BLE001 - a confinement failure is reported, never fatal
                 cg, why = None, f"cgroup setup failed: {type(e).__name__}: {e}"
             self._course_cg = cg
+            if cg is None and cgroup_mode() == "require":
+                raise RuntimeError(f"COURSE_CGROUP=require but the kernel's cgroup could not be made: {why}")
             if cg is None:
                 self.log.warning("!!! grading kernel UNCONFINED: %s", why)
                 _note("unconfined", f"the kernel ran without a cgroup ({why}): its memory, CPU and processes were not bounded "
