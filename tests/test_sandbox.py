@@ -1,11 +1,11 @@
-"""The grading sandbox, the grading guard and hidden-test redaction.
+"""The grading sandbox: bubblewrap, the kernel's cgroup and limits, and attacks on both.
 
-- unit tests (fast): sandbox status and fallbacks, the kernel's environment and bubblewrap command line,
-  the guard in an in-process IPython shell, redaction of hidden test source in feedback;
+- unit tests (fast): sandbox and cgroup status and fallbacks, the kernel's environment and bubblewrap command
+  line, each kernel's cgroup (limits, the launcher, memory incl. children and tmpfs, tasks, cleanup, sweeping);
 - one real sandboxed kernel (nbclient + SandboxKernelManager);
 - the attack notebooks of tests/grading_corpus.py, graded with everything else by the batch: none reads
-  a hidden test, the gradebook or another submission, reaches a network, writes outside its sandbox,
-  or changes a grade.
+  a judge, the gradebook or another submission, reaches a network, writes outside its sandbox, fills more
+  than its size-limited tmpfs, or changes a grade.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import grading_corpus as gc
 import nbformat
 import pytest
 from conftest import ROOT
-from course_lib.guard import guard_source
 
-from course_lib import grading, sandbox
+from course_judge import sandbox
 
 BWRAP_OK, BWRAP_HOW = sandbox._probe()
 needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"no sandbox here: {BWRAP_HOW}")
+CG_OK, CG_HOW = sandbox._cgroup_probe()
+needs_cgroup = pytest.mark.skipif(not CG_OK, reason=f"no cgroup here: {CG_HOW}")
 
 
 # ------------------------------------------------------------------ sandbox configuration (fast)
@@ -54,22 +55,40 @@ def test_kernel_environment_keeps_no_grader_secrets():
     out = sandbox.clean_env(env)
     for k in ("AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "COURSE_ROOT", "COURSE_DIAG_FILE", "COURSE_GRADER_LOCK", "COURSE_BENCH_LOCK"):
         assert k not in out, k
-    assert out["HOME"] == "/tmp/home" and out["NBGRADER_EXECUTION"] == "autograde" and out["COURSE_TIMING_FILE"] == "/t"
+    assert "COURSE_TIMING_FILE" not in out, "the kernel writes no timing file: the grader keeps its own clock"
+    assert out["HOME"] == "/tmp/home" and out["NBGRADER_EXECUTION"] == "autograde"
 
 
 def test_bwrap_command_line_isolates(tmp_path):
-    work, copy, rt = tmp_path / "course" / "autograded" / "s" / "A", tmp_path / "copy", tmp_path / "rt"
+    work, copy, rt = tmp_path / "course" / "autograded" / "s" / "A", tmp_path / "copy", Path("/dev/shm/course-kernel-1-x")
+    lim = sandbox.Limits(tmp_mb=100, work_mb=50)
     argv = sandbox.bwrap_argv([sys.executable, "-m", "ipykernel_launcher", "-f", str(rt / "k.json")], workdir=work,
-                              work_copy=copy, runtime=rt, env=sandbox.clean_env(dict(os.environ)))
-    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--clearenv", "--tmpfs"):
+                              work_copy=copy, runtime=rt, env=sandbox.clean_env(dict(os.environ)), lib_view=tmp_path / "lib",
+                              limits=lim)
+    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--clearenv", "--cap-drop"):
         assert flag in argv
-    binds = [(argv[i], argv[i + 1], argv[i + 2]) for i in range(len(argv) - 2) if argv[i] in ("--bind", "--ro-bind")]
+    binds = [(argv[i], argv[i + 1], argv[i + 2]) for i in range(len(argv) - 2) if argv[i] in ("--bind", "--ro-bind", "--dev-bind")]
     writable = [src for kind, src, _ in binds if kind == "--bind"]
-    assert set(writable) == {str(rt), str(copy)}, writable
-    assert (str(copy), str(work)) in [(s, d) for k, s, d in binds if k == "--bind"], "the working copy is mounted at the workdir"
+    assert writable == [str(rt)], f"the only writable host folder is the kernel's own IPC folder (memory): {writable}"
+    assert ("--ro-bind", str(copy), sandbox.SUBMISSION_MOUNT) in binds, "the working copy is read-only, copied into a tmpfs"
+    tmpfs = {argv[i + 3]: int(argv[i + 1]) for i in range(len(argv) - 3) if argv[i] == "--size" and argv[i + 2] == "--tmpfs"}
+    assert tmpfs == {"/tmp": 100 << 20, "/dev/shm": 100 << 20, str(work): 50 << 20}, tmpfs
+    assert argv.count("--tmpfs") == 3, "every tmpfs has a size"
+    ro = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--remount-ro"]
+    assert ro == ["/", "/dev"] and argv.index("--remount-ro") > argv.index(str(work)), "the rest of the sandbox is read-only"
     for _, src, _ in binds:
         assert not src.startswith(str(ROOT / "source")) and "gradebook" not in src and src not in ("/", "/root", "/home", str(ROOT))
-    assert argv[argv.index("--") + 1: argv.index("--") + 3] == [sys.executable, "-I"], "limits are applied inside the sandbox"
+        assert not src.startswith(str(ROOT / "course_judge")), "the judge never enters the sandbox"
+    inner = argv[argv.index("--") + 1:]
+    assert inner[:2] == [sys.executable, "-I"] and sandbox.SUBMISSION_MOUNT in inner[:12], "copy-in and limits run inside"
+
+
+def test_launcher_joins_the_cgroup_before_the_sandbox_starts():
+    cg = sandbox.Cgroup("v1", {"memory": Path("/cg/memory/k"), "pids": Path("/cg/pids/k")}, sandbox.Limits())
+    cmd = sandbox.join_argv(cg, ["bwrap", "--", "python"])
+    assert cmd[:3] == [sys.executable, "-I", "-S"] and cmd[-3:] == ["bwrap", "--", "python"]
+    assert cmd[3] == "-c" and cmd[5:7] == ["/cg/memory/k/cgroup.procs", "/cg/pids/k/cgroup.procs"] and cmd[7] == "--"
+    assert sandbox.join_argv(None, ["bwrap"]) == ["bwrap"]
 
 
 def test_working_copy_leaves_notebooks_out(tmp_path):
@@ -80,107 +99,159 @@ def test_working_copy_leaves_notebooks_out(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["data.csv"]
 
 
-# ------------------------------------------------------------------ the grading guard (in-process IPython, fast)
+# ------------------------------------------------------------------ the kernel's cgroup (fast, real cgroups as root)
 
 
-@pytest.fixture()
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_cell("import torch\nimport torch.nn.functional as F\nimport course_lib.testing\nimport course_lib.utils")
-    yield ip
-    ip.run_cell("import course_lib.testing, importlib; importlib.reload(course_lib.testing)")
-    ip.input_transformers_post.clear()
-    ip.ast_transformers.clear()
-    ip.set_custom_exc((), None)
-    InteractiveShell.clear_instance()
-
-
-def _guard(ip, capsys) -> tuple[bool, str]:
-    src = guard_source("n0nce", grading._lib_roots(), "import torch\nimport torch.nn.functional as F")
-    res = ip.run_cell(src)
-    return res.success, capsys.readouterr().out
+def test_limits_from_env(monkeypatch):
+    for k, v in {"COURSE_KERNEL_MEMORY_MB": "3000", "COURSE_KERNEL_CPUS": "1.5", "COURSE_KERNEL_PIDS": "99",
+                 "COURSE_KERNEL_TMP_MB": "100", "COURSE_KERNEL_WORK_MB": "50"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("COURSE_KERNEL_AS_MB", raising=False)
+    lim = sandbox.Limits.from_env()
+    assert (lim.memory_mb, lim.as_mb, lim.cpus, lim.pids, lim.tmp_mb, lim.work_mb) == (3000, 3000, 1.5, 99, 100, 50)
+    monkeypatch.setenv("COURSE_KERNEL_AS_MB", "9000")
+    monkeypatch.delenv("COURSE_KERNEL_CPUS")
+    monkeypatch.setenv("COURSE_GRADE_WORKERS", "1")
+    lim = sandbox.Limits.from_env()
+    assert lim.as_mb == 9000 and lim.cpus == max(1, os.cpu_count() or 1)
 
 
-def test_guard_passes_a_clean_kernel(shell, capsys):
-    ok, out = _guard(shell, capsys)
-    assert ok and "[grading guard] ok n0nce" in out and "restored" not in out, out
+def test_confinement_status_modes(monkeypatch):
+    monkeypatch.setenv("COURSE_CGROUP", "off")
+    ok, how = sandbox.confinement_status()
+    assert not ok and how.startswith("UNCONFINED")
+    assert sandbox.create_cgroup()[0] is None
+    monkeypatch.setenv("COURSE_CGROUP", "bogus")
+    with pytest.raises(ValueError):
+        sandbox.cgroup_mode()
+    monkeypatch.setattr(sandbox, "_cgroup_probe", lambda: (False, "no usable cgroup (v2: none; v1: none)"))
+    monkeypatch.setenv("COURSE_CGROUP", "auto")
+    ok, how = sandbox.confinement_status()
+    assert not ok and how.startswith("UNCONFINED") and "no usable cgroup" in how
+    monkeypatch.setenv("COURSE_CGROUP", "require")
+    with pytest.raises(RuntimeError, match="no cgroup"):
+        sandbox.confinement_status()
 
 
-def test_guard_restores_monkeypatched_helpers_and_names(shell, capsys):
-    shell.run_cell("import course_lib.testing as T\nT.assert_close = lambda *a, **k: None\nF = object()")
-    ok, out = _guard(shell, capsys)
-    assert ok and "course_lib.testing" in out and "name F" in out, out
-    res = shell.run_cell("from course_lib.testing import assert_close\nassert_close(torch.zeros(2), torch.ones(2))")
-    assert not res.success, "the restored assert_close must fail on different tensors"
-    assert shell.user_ns["F"] is sys.modules["torch.nn.functional"]
+def test_no_cgroup_file_system_falls_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(sandbox, "_mounts", lambda: (None, {}))
+    cg, why = sandbox.create_cgroup(sandbox.Limits())
+    assert cg is None and "v2: no cgroup2" in why and "v1: no cgroup v1 memory" in why
 
 
-def test_guard_removes_ipython_hooks(shell, capsys):
-    shell.run_cell("import ast\nget_ipython().input_transformers_post.append(lambda ls: [] if any('assert' in x for x in ls) else ls)\n"
-                   "class W(ast.NodeTransformer):\n    pass\nget_ipython().ast_transformers.append(W())\n"
-                   "get_ipython().set_custom_exc((Exception,), lambda *a, **k: None)\n"
-                   "get_ipython().events.register('pre_run_cell', lambda info: None)")
-    ok, out = _guard(shell, capsys)
-    assert ok, out
-    for what in ("input transformer", "AST transformer", "custom exception handler", "pre_run_cell callback"):
-        assert what in out, (what, out)
-    res = shell.run_cell("assert False, 'tests run again'")
-    assert not res.success
+def _run_in(cg, code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(sandbox.join_argv(cg, [sys.executable, "-c", code]), capture_output=True, text=True, timeout=timeout)
 
 
-def test_guard_refuses_replaced_torch_and_threads(shell, capsys):
-    shell.run_cell("_orig = torch.allclose\ntorch.allclose = lambda *a, **k: True")
+@needs_cgroup
+def test_cgroup_applies_limits_and_is_removed():
+    lim = sandbox.Limits(memory_mb=300, pids=40, cpus=0.5)
+    cg, how = sandbox.create_cgroup(lim)
+    assert cg is not None, how
     try:
-        ok, out = _guard(shell, capsys)
+        mem = cg.dirs["memory"]
+        limit = (mem / ("memory.max" if cg.version == "v2" else "memory.limit_in_bytes")).read_text().split()[0]
+        assert int(limit) == 300 << 20
+        pids = (cg.dirs["pids"] / "pids.max").read_text().strip()
+        assert pids == "40"
+        cpu = cg.dirs["cpu"]
+        quota = (cpu / "cpu.max").read_text().split()[0] if cg.version == "v2" else (cpu / "cpu.cfs_quota_us").read_text().strip()
+        assert int(quota) == 50_000
+        # the launcher joins before it execs: the command and everything it starts are inside
+        proc = _run_in(cg, "import os,subprocess,sys; print(open('/proc/self/cgroup').read());"
+                           "print(subprocess.run(['cat','/proc/self/cgroup'],capture_output=True,text=True).stdout)")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count(cg.folders[0].name) >= 2 * (1 if cg.version == "v2" else len(cg.folders)), proc.stdout
     finally:
-        shell.run_cell("torch.allclose = _orig")  # this process's torch is shared with every other test
-    assert not ok, out
-    shell.run_cell("import threading, time\nthreading.Thread(target=lambda: time.sleep(3), daemon=True).start()")
-    ok, out = _guard(shell, capsys)
-    assert not ok, "a background thread from the submission must be refused"
+        assert cg.remove()
+    assert not any(d.exists() for d in cg.folders)
 
 
-# ------------------------------------------------------------------ feedback redaction and scoring (fast)
+@needs_cgroup
+def test_cgroup_memory_counts_children_and_tmpfs():
+    """Each process under its own address-space limit, together over the group's: the biggest is killed, the peak stays."""
+    cg, how = sandbox.create_cgroup(sandbox.Limits(memory_mb=256, pids=64))
+    code = """
+import os, time
+kids = []
+for i in range(3):
+    pid = os.fork()
+    if pid == 0:
+        b = bytearray(120 << 20)
+        for j in range(0, len(b), 4096):
+            b[j] = 1
+        time.sleep(3)
+        os._exit(0)
+    kids.append(pid)
+print([os.waitpid(p, 0)[1] for p in kids])
+"""
+    try:
+        proc = _run_in(cg, code)
+        statuses = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert 9 in statuses, proc.stdout + proc.stderr  # SIGKILL by the group's OOM killer
+        s = cg.stats()
+        assert s["oom_kills"] >= 1 and s["peak_memory_mb"] <= 256.5, s
+    finally:
+        cg.remove()
+    cg, how = sandbox.create_cgroup(sandbox.Limits(memory_mb=128, pids=64))
+    shm = sandbox.runtime_base() / f"{sandbox.PREFIX}{os.getpid()}-tmpfs-test"
+    try:  # tmpfs pages are charged to the group too: writing past the limit gets the writer killed
+        proc = _run_in(cg, f"f = open({str(shm)!r}, 'wb')\nfor i in range(400):\n    f.write(b'x' * (1 << 20))\n")
+        assert proc.returncode == -9, (proc.returncode, proc.stderr)
+        assert cg.stats()["oom_kills"] >= 1
+    finally:
+        shm.unlink(missing_ok=True)
+        cg.remove()
 
 
-def test_feedback_redacts_outputs_quoting_hidden_lines():
-    secret = "_oracle = compute_the_secret_answer(seed=1234)"
-    test = nbformat.v4.new_code_cell(f"# visible part\n### BEGIN HIDDEN TESTS\n{secret}\nassert f() == _oracle\n### END HIDDEN TESTS")
-    test.metadata["nbgrader"] = {"grade": True, "grade_id": "t", "points": 1}
-    later = nbformat.v4.new_code_cell("print(_ih)")
-    later.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"history: {secret}\nok line\n")]
-    guard = nbformat.v4.new_code_cell("# [grading guard] added by the grader\nprint('x')")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [guard, test, later]
-    nb, _ = grading.HideHiddenTests().preprocess(nb, {})
-    text = json.dumps(nb)
-    assert "compute_the_secret_answer" not in text and "ok line" in text and "grading guard" not in text
+@needs_cgroup
+def test_cgroup_bounds_processes_and_threads():
+    cg, how = sandbox.create_cgroup(sandbox.Limits(pids=30))
+    code = """
+import os, threading, time
+n = 0
+try:
+    for i in range(200):
+        threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+        n += 1
+except RuntimeError:
+    pass
+print(n)
+"""
+    try:
+        proc = _run_in(cg, code)
+        assert int(proc.stdout.split()[-1]) < 30, proc.stdout + proc.stderr
+        assert cg.stats()["pids_limit_hits"] >= 1
+    finally:
+        cg.remove()
 
 
-def test_audit_zeroes_a_test_whose_guard_did_not_report():
-    guard = nbformat.v4.new_code_cell("# [grading guard]")
-    guard.metadata["course_guard"] = "abc"
-    guard.outputs = [nbformat.v4.new_output("stream", name="stdout", text="[grading guard] ok forged\n")]
-    test = nbformat.v4.new_code_cell("assert True")
-    test.metadata["nbgrader"] = {"grade": True, "grade_id": "t", "points": 1}
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [guard, test]
-    nb, _ = grading.AuditGuards().preprocess(nb, {})
-    assert len(nb.cells) == 1 and grading.course_grade(nb.cells[0]) == 0.0
-    assert nb.cells[0].outputs[-1]["ename"] == "GradingIntegrityError"
+@needs_cgroup
+def test_remove_kills_leftovers_and_sweep_removes_groups_of_dead_graders(tmp_path):
+    cg, how = sandbox.create_cgroup(sandbox.Limits())
+    p = subprocess.Popen(sandbox.join_argv(cg, [sys.executable, "-c", "import os,time\nif os.fork()==0: time.sleep(600)\ntime.sleep(600)"]))
+    try:
+        import time
 
-
-def test_scores_ignore_stderr_clamp_results_and_zero_errors():
-    cell = nbformat.v4.new_code_cell("t")
-    cell.metadata["nbgrader"] = {"grade": True, "grade_id": "t", "points": 2.0}
-    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="debug\n")]
-    assert grading.course_grade(cell) == 2.0
-    cell.outputs.append(nbformat.v4.new_output("execute_result", data={"text/plain": "99"}, execution_count=1))
-    assert grading.course_grade(cell) == 2.0
-    cell.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[])]
-    assert grading.course_grade(cell) == 0.0
+        deadline = time.time() + 20
+        while len(cg.pids()) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(cg.pids()) == 2
+        assert cg.remove(), "a group with processes left is killed, then removed"
+        assert p.wait(timeout=10) == -9
+    finally:
+        p.kill()
+    dead = next(n for n in range(4_000_000, 3_000_000, -1) if not Path(f"/proc/{n}").exists())
+    stale, _ = sandbox.create_cgroup(sandbox.Limits(), name=f"{sandbox.PREFIX}{dead}-deadbeef")
+    (tmp_path / f"{sandbox.PREFIX}{dead}-x").mkdir()
+    alive, _ = sandbox.create_cgroup(sandbox.Limits(), name=f"{sandbox.PREFIX}{os.getpid()}-alive")
+    try:
+        assert sandbox.sweep_stale(str(tmp_path)) >= 2
+        assert not any(d.exists() for d in stale.folders) and not (tmp_path / f"{sandbox.PREFIX}{dead}-x").exists()
+        assert all(d.exists() for d in alive.folders), "a live grader's groups are left alone"
+    finally:
+        alive.remove()
+        stale.remove()
 
 
 # ------------------------------------------------------------------ one real sandboxed kernel
@@ -188,8 +259,15 @@ def test_scores_ignore_stderr_clamp_results_and_zero_errors():
 
 @needs_bwrap
 @pytest.mark.xdist_group("sandbox")
-def test_real_kernel_is_sandboxed(tmp_path):
+def test_real_kernel_is_sandboxed(tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
+    monkeypatch.setenv("COURSE_KERNEL_TMP_MB", "32")
+    monkeypatch.setenv("COURSE_KERNEL_WORK_MB", "16")
+    monkeypatch.setenv("COURSE_DIAG_FILE", str(tmp_path / "diag.jsonl"))
+    fill = ("import os\nn = 0\ntry:\n    with open({where!r} + '/fill.bin', 'wb') as f:\n        for n in range(1, 200):\n"
+            "            f.write(b'x' * (1 << 20)); f.flush()\nexcept OSError as e:\n    print(f'{{type(e).__name__}} {{e.errno}}')\n"
+            "print('filled', n)")
 
     course_dir = tmp_path / "course"
     work = course_dir / "autograded" / "s" / "A"
@@ -206,6 +284,8 @@ def test_real_kernel_is_sandboxed(tmp_path):
         "import torch\nx = torch.empty(64 * 2**30, dtype=torch.uint8)",
         "import time\nwhile True: time.sleep(0.1)",
         "print('still alive')",
+        fill.format(where="/tmp"),
+        fill.format(where="."),
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
@@ -221,6 +301,17 @@ def test_real_kernel_is_sandboxed(tmp_path):
     assert outs[3] == "wrote" and not (work / "written.txt").exists(), "writes land in the throw-away copy"
     assert "allocate" in outs[4] or "MemoryError" in outs[4], outs[4]
     assert "KeyboardInterrupt" in outs[5] and "still alive" in outs[6]
+    assert "OSError 28" in outs[7] and int(outs[7].split()[-1]) <= 32, f"/tmp is a 32 MB tmpfs: {outs[7]}"
+    assert "OSError 28" in outs[8] and int(outs[8].split()[-1]) <= 16, f"the working folder is a 16 MB tmpfs: {outs[8]}"
+    assert not list(tmp_path.rglob("fill.bin"))
+    usage = [json.loads(ln) for ln in (tmp_path / "diag.jsonl").read_text().splitlines()]
+    sb = [d for d in usage if d["kind"] == "sandbox"]
+    if CG_OK:
+        assert len(sb) == 1 and 50 < sb[0]["peak_memory_mb"] < 8192, usage  # the kernel's peak, recorded per kernel
+    else:
+        assert any(d["kind"] == "unconfined" for d in usage), usage
+    assert not sandbox._stale_cgroup_dirs() or all(sandbox._pid_alive(d.name.split("-")[2]) for d in sandbox._stale_cgroup_dirs())
+    assert not [d for d in sandbox._stale_cgroup_dirs() if d.name.split("-")[2] == str(os.getpid())], "the kernel's group is gone"
 
 
 # ------------------------------------------------------------------ attacks, graded with the corpus
@@ -239,7 +330,7 @@ def _skip_unsandboxed(corpus):
 
 @pytest.mark.pipeline
 @pytest.mark.xdist_group("corpus")
-def test_attack_cannot_read_hidden_tests_gradebook_or_other_submissions(graded_corpus):
+def test_attack_cannot_read_the_judge_gradebook_or_other_submissions(graded_corpus):
     _skip_unsandboxed(graded_corpus)
     out = _attack_output(graded_corpus, "attack_read")
     assert "denied" in out, out[:2000]
@@ -248,25 +339,11 @@ def test_attack_cannot_read_hidden_tests_gradebook_or_other_submissions(graded_c
              if ln.startswith(f"{gc.ATTACK} READ") and not ln.split()[2].startswith(own) and "/environ" not in ln.split()[2]]
     assert not leaks, leaks
     assert f"{gc.ATTACK} HIDDEN" not in out
-    for sensitive in ("/source/", "/gradebook.db", "/submitted/good", "/autograded/good", "/solutions/", "01_foundations.ipynb"):
+    for sensitive in ("/source/", "/gradebook.db", "/submitted/good", "/autograded/good", "/solutions/", "01_foundations.ipynb",
+                      "/course_judge/", "/course_lib/deepseek/moe.py"):
         assert any(ln.startswith("denied") and sensitive in ln for ln in out.splitlines()), f"{sensitive} was not even tried"
 
 
-@pytest.mark.pipeline
-@pytest.mark.xdist_group("corpus")
-def test_hidden_test_source_never_reaches_a_learner_output(graded_corpus):
-    """No cell of the learner's prints a hidden test; test cells' own tracebacks (instructor-only) may quote them."""
-    for nb_path in (graded_corpus["root"] / "autograded").glob(f"*/{gc.SECTION}/{gc.SECTION}.ipynb"):
-        nb = json.loads(nb_path.read_text())
-        for c in nb["cells"]:
-            graded = c.get("metadata", {}).get("nbgrader", {}).get("grade")
-            outs = [o for o in c.get("outputs", []) if not graded or o.get("output_type") == "stream"]
-            text = json.dumps(outs)
-            assert "manual_seed(11)" not in text and "BEGIN HIDDEN" not in text, f"{nb_path}: a hidden test leaked into an output"
-
-
-@pytest.mark.pipeline
-@pytest.mark.xdist_group("corpus")
 @pytest.mark.pipeline
 @pytest.mark.xdist_group("corpus")
 def test_attack_cannot_write_outside_its_sandbox(graded_corpus):
@@ -274,10 +351,28 @@ def test_attack_cannot_write_outside_its_sandbox(graded_corpus):
     token = graded_corpus["token"]
     out = _attack_output(graded_corpus, "attack_write")
     found = [str(p) for p in graded_corpus["root"].rglob(f"pwned-{token}.txt")]
-    for base in (Path("/tmp"), Path.home(), Path("/work"), Path("/usr/lib")):
-        found += [str(p) for p in base.glob(f"pwned-{token}.txt")]
+    for base in (Path("/tmp"), Path.home(), Path("/work"), Path("/usr/lib"), Path("/dev/shm"), Path("/var/tmp"), Path("/run")):
+        found += [str(p) for p in base.glob(f"pwned-{token}.txt")] + [str(p) for p in base.glob(f"*/pwned-{token}.txt")]
+    found += [str(p) for p in graded_corpus["root"].rglob(f"fill-{token}*")]
     assert not found, f"files written from the sandbox reached the host: {found}\n{out[:2000]}"
+    tmpfs = ("/tmp/", "/dev/shm/")  # inside the sandbox: its own size-limited tmpfs mounts (the course lives under /tmp)
+    for ln in out.splitlines():
+        if ln.startswith(f"{gc.ATTACK} WROTE"):
+            path = ln.split(maxsplit=2)[2]
+            assert not path.startswith("/") or path.startswith(tmpfs), f"written outside the sandbox's tmpfs: {ln}"
+    for ro in ("/work/", "/run/", "/usr/lib/", "/var/tmp/"):  # the sandbox's root is read-only
+        assert any(ln.startswith("denied") and ln.split()[1].startswith(ro) for ln in out.splitlines()), f"{ro}: {out[:3000]}"
     assert "denied" in out
+    diag = graded_corpus["root"] / "autograded" / ".batch" / "diag" / f"attack_write__{gc.SECTION}.jsonl"
+    assert "pwned" not in diag.read_text(), "the grader's diagnosis file is out of the kernel's reach"
+    for ln in out.splitlines():
+        if ln.startswith("own "):
+            assert "/dev/shm/" in ln, f"the kernel's own writable places are memory: {ln}"
+    filled = {ln.split()[1]: int(ln.split()[2]) for ln in out.splitlines() if ln.startswith("FILLED")}
+    limits = {".": int(gc.CORPUS_ENV["COURSE_KERNEL_WORK_MB"]), "/tmp": int(gc.CORPUS_ENV["COURSE_KERNEL_TMP_MB"])}
+    assert set(filled) == set(limits), out[-2000:]
+    for where, mb in filled.items():
+        assert mb <= limits[where], f"{where}: wrote {mb} MB into a {limits[where]} MB tmpfs"
 
 
 @pytest.mark.pipeline
@@ -296,7 +391,9 @@ def test_attack_cannot_change_any_grade(graded_corpus):
     out = _attack_output(graded_corpus, "attack_grade")
     assert f"{gc.ATTACK} GRADEBOOK" not in out, out
     recs = graded_corpus["records"]
-    for name in ("attack_grade", "attack_read", "attack_write", "attack_network", "ipython_hooks", "capture_hidden_source"):
+    for name in ("attack_grade", "attack_read", "attack_write", "attack_network", "fork_hog"):
+        if name not in recs:
+            continue
         assert recs[name]["score"] == 0, f"{name} earned {recs[name]['score']} points from the untouched release"
     assert recs["good"]["score"] == gc.FULL and all(v[0] <= v[1] for r in recs.values() for v in r["cells"].values())
 

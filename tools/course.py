@@ -172,17 +172,35 @@ def _mk(path: Path) -> Path:
 # benchmark cells take the grader's lock exclusively (every other cell takes it shared).
 
 BATCH = Path("autograded") / ".batch"
-STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}$")
+STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")  # used with fullmatch (re's $ would accept "bob\n")
+# Names the batch itself writes in autograded/ (and beside it): a student folder by one of these names would turn a
+# report into a folder (autograded/summary.md/...) and break every later batch. Compared case-insensitively.
+RESERVED_IDS = {"summary.md", "summary.json", "score_distribution.png", "readme.md", "grades.csv", "gradebook.db",
+                ".batch", ".timing", "staging", "state", "logs", "diag", "feedback", "autograded", "submitted", "source",
+                "release", "solutions", "self-check", "nbgrader_config.py"}
 IGNORED = {".ipynb_checkpoints", "__pycache__", "__MACOSX", ".DS_Store", ".git"}
-MAX_EXTRA_BYTES = 20 << 20
+MAX_EXTRA_BYTES = 20 << 20  # one extra file
+MAX_EXTRA_TOTAL = 100 << 20  # all extra files of a submission
+MAX_EXTRA_FILES = 200
 ATTENTION = {  # diagnosis kind -> counts as "needs attention" in the summary
     "missing_notebook", "broken_notebook", "renamed", "several_notebooks", "wrong_notebook", "grading_failed",
     "kernel_stopped", "notebook_timeout", "cell_timeout", "memory", "output_flood", "tamper", "restored", "suspicious",
     "edited_locked", "deleted_restored", "deleted_exercise", "duplicated", "unknown_cells", "shadow_package",
-    "unsandboxed", "stderr", "invalid_student", "reference_use", "inconclusive",
+    "unsandboxed", "stderr", "invalid_student", "reference_use", "inconclusive", "notebook_limit", "symlink",
+    "bad_timestamp", "pids_limit", "unconfined", "stale_grade",
 }
-REVIEW = {"tamper", "suspicious", "grading_failed", "invalid_student", "reference_use"}  # a person should look at these
-QUIET = {"verdict", "timing"}  # grader records, not diagnoses
+# a person should look at these
+REVIEW = {"tamper", "suspicious", "grading_failed", "invalid_student", "reference_use", "symlink", "stale_grade"}
+QUIET = {"verdict", "timing", "sandbox"}  # grader records, not diagnoses
+
+
+def notebook_caps() -> tuple[int, int, int]:
+    """(bytes, cells, JSON depth) a submitted notebook may have; over any of them it scores 0 without being parsed
+    further. Defaults far above any honest notebook (the executed solutions: under 1 MB, 60 cells, depth 8)."""
+    env = os.environ
+    return (int(float(env.get("COURSE_MAX_NOTEBOOK_MB", 32)) * 2**20), int(env.get("COURSE_MAX_CELLS", 2000)),
+            int(env.get("COURSE_MAX_JSON_DEPTH", 100)))
+
 
 @dataclass
 class GradeRun:
@@ -199,7 +217,7 @@ class Record:
 
     student: str
     section: str
-    status: str = "pending"  # graded | zero | failed
+    status: str = "pending"  # graded | zero | failed | refused (a folder that is no submission: never graded)
     hash: str = ""
     fingerprint: str = ""
     score: float = 0.0
@@ -207,6 +225,7 @@ class Record:
     cells: dict = field(default_factory=dict)  # grade_id -> [score, max, message]
     parts: dict = field(default_factory=dict)  # grade_id -> [[part name, points, passed], ...] (the judge's verdict)
     timing: dict = field(default_factory=dict)  # execution_s, kernel_start_s, judge_s, channel_s, judge_calls
+    resources: dict = field(default_factory=dict)  # the sandbox's cgroup: peak_memory_mb, oom_kills, pids_limit_hits, ...
     diagnoses: list = field(default_factory=list)  # {"kind", "detail", ...}
     seconds: float = 0.0
     notebook_seconds: float | None = None
@@ -225,19 +244,57 @@ class Record:
         return any(d["kind"] in REVIEW for d in self.diagnoses)
 
 
-def submissions(root: Path, students: list[str] | None = None, names: list[str] | None = None) -> list[tuple[str, str]]:
+def student_id_problem(name: str) -> str | None:
+    """Why a folder name cannot be a student id (None when it can)."""
+    if name.lower() in RESERVED_IDS:
+        return f"{name!r} is a name the batch writes its reports under (autograded/{name})"
+    if not STUDENT_ID.fullmatch(name):
+        return (f"{name!r} is not a usable student id (letters, digits and _ . @ + - only, starting with a letter or "
+                "digit, at most 100 characters: no spaces, quotes, accents or shell characters)")
+    return None
+
+
+def _scan_submitted(root: Path, students: list[str] | None = None, names: list[str] | None = None
+                    ) -> tuple[list[tuple[str, str]], list[Record]]:
+    """(valid STUDENT/SECTION pairs, refused folders): a refused folder is never graded nor entered in the gradebook.
+
+    Refused: a student folder that is a symbolic link or not a folder, or whose name is no valid student id or one the
+    batch writes (``summary.md`` ...). A section folder that is a link is *not* refused here: it scores 0 (stage).
+    """
     sub = root / "submitted"
-    if not sub.exists():
-        return []
-    out = []
-    for sdir in sorted(p for p in sub.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if students and sdir.name not in students:
+    if not sub.is_dir():
+        return [], []
+    out: list[tuple[str, str]] = []
+    refused: list[Record] = []
+    for sdir in sorted(sub.iterdir()):
+        name = sdir.name
+        if name in IGNORED or (students and name not in students):
             continue
-        for adir in sorted(p for p in sdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        why = None
+        if sdir.is_symlink():
+            why = _diag("symlink", f"submitted/{name!r} is a symbolic link (to {os.readlink(sdir)!r}): refused, never followed")
+        elif not sdir.is_dir():
+            why = _diag("invalid_student", f"submitted/{name!r} is not a folder: ignored")
+        else:
+            problem = student_id_problem(name)
+            if problem:
+                why = _diag("invalid_student", f"folder {problem}: refused, not graded, no gradebook entry; rename it "
+                            "to the student's id")
+        if why is not None:
+            refused.append(Record(name, "*", status="refused", diagnoses=[why]))
+            continue
+        for adir in sorted(sdir.iterdir()):
+            if (not adir.is_dir() and not adir.is_symlink()) or adir.name.startswith(".") or adir.name in IGNORED:
+                continue
             if names and adir.name not in names:
                 continue
-            out.append((sdir.name, adir.name))
-    return out
+            out.append((name, adir.name))
+    return out, refused
+
+
+def submissions(root: Path, students: list[str] | None = None, names: list[str] | None = None) -> list[tuple[str, str]]:
+    """Every gradable submitted/STUDENT/SECTION/ (refused folders left out: see :func:`_scan_submitted`)."""
+    return _scan_submitted(root, students, names)[0]
 
 
 def execution_seconds(root: Path, student: str, a: str) -> float | None:
@@ -271,14 +328,40 @@ def save_record(root: Path, rec: Record) -> None:
     os.replace(tmp, p)
 
 
+def _walk(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(regular files, symbolic links, other special files) under ``folder``, sorted, links never followed."""
+    files, links, special = [], [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        for n in list(dirnames):
+            if (here / n).is_symlink():
+                links.append(here / n)
+                dirnames.remove(n)
+        for n in filenames:
+            p = here / n
+            if p.is_symlink():
+                links.append(p)
+            elif p.is_file():
+                files.append(p)
+            else:
+                special.append(p)
+        dirnames.sort()
+    return sorted(files), sorted(links), sorted(special)
+
+
 def _hash_tree(folder: Path, h) -> None:
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and not f.is_symlink():
-            h.update(str(f.relative_to(folder)).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            h.update(b"\0")
+    if folder.is_symlink():
+        h.update(b"link\0" + os.readlink(folder).encode(errors="replace"))
+        return
+    files, links, special = _walk(folder)
+    for f in links + special:
+        h.update(b"link\0" + str(f.relative_to(folder)).encode(errors="replace") + b"\0")
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode(errors="replace") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
 
 
 def submission_hash(folder: Path) -> str:
@@ -353,8 +436,72 @@ def _src(cell: dict) -> str:
 _AST_LOCK = threading.Lock()
 
 
+def json_depth(obj, limit: int) -> int:
+    """Nesting depth of parsed JSON, counted without recursion; stops counting once past ``limit``."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        o, d = todo.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            todo.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def read_notebook_json(path: Path, name: str) -> tuple[dict | None, dict | None]:
+    """(parsed notebook JSON, None) or (None, the diagnosis that scores it 0), the caps checked before parsing."""
+    max_bytes, max_cells, max_depth = notebook_caps()
+    size = path.stat().st_size
+    if size > max_bytes:
+        return None, _diag("notebook_limit", f"{name} is {size / 2**20:.1f} MB, over the limit of {max_bytes / 2**20:g} MB "
+                           "(COURSE_MAX_NOTEBOOK_MB): scored 0 without being read")
+    raw = path.read_bytes()
+    # cheap bounds before parsing: every cell has a "cell_type" key, every nesting level an opening bracket
+    approx_cells = raw.count(b'"cell_type"')
+    if approx_cells > max_cells:
+        return None, _diag("notebook_limit", f"{name} has about {approx_cells} cells, over the limit of {max_cells} "
+                           "(COURSE_MAX_CELLS): scored 0 without being parsed")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        return None, _diag("notebook_limit", f"{name} nests its JSON deeper than {max_depth} levels "
+                           "(COURSE_MAX_JSON_DEPTH): scored 0")
+    except (UnicodeDecodeError, ValueError) as e:
+        return None, _diag("broken_notebook", f"{name} is not valid JSON ({str(e)[:160]}): scored 0")
+    depth = json_depth(data, max_depth)
+    if depth > max_depth:
+        return None, _diag("notebook_limit", f"{name} nests its JSON deeper than {max_depth} levels "
+                           "(COURSE_MAX_JSON_DEPTH): scored 0")
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if isinstance(cells, list) and len(cells) > max_cells:
+        return None, _diag("notebook_limit", f"{name} has {len(cells)} cells, over the limit of {max_cells} "
+                           "(COURSE_MAX_CELLS): scored 0")
+    if not isinstance(data, dict):
+        return None, _diag("broken_notebook", f"{name} is not a Jupyter notebook (its JSON is not an object): scored 0")
+    return data, None
+
+
+def check_timestamp(text: str) -> str | None:
+    """Why nbgrader could not read this timestamp.txt (None when it can): nbgrader would abort the submission."""
+    from nbgrader.utils import parse_utc
+
+    if not text.strip():
+        return "it is empty"
+    try:
+        parse_utc(text.strip())
+    except Exception as e:  # noqa: BLE001 - dateutil raises ValueError, OverflowError, ParserError, TypeError ...
+        return f"{type(e).__name__}: {str(e)[:100]}"
+    return None
+
+
 def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
-    """Normalised copy of submitted/STUDENT/A for nbgrader; (None, diagnoses) when there is nothing to run."""
+    """Normalised copy of submitted/STUDENT/A for nbgrader; (None, diagnoses) when there is nothing to run.
+
+    Never follows a symbolic link (a linked section folder scores 0, linked files are dropped), reads no notebook
+    over the caps (:func:`notebook_caps`), keeps at most MAX_EXTRA_FILES extra files (MAX_EXTRA_BYTES each,
+    MAX_EXTRA_TOTAL together) and a timestamp.txt only when nbgrader can read it.
+    """
     import warnings
 
     import nbformat
@@ -365,12 +512,23 @@ def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
     dest.mkdir(parents=True)
     diags: list[dict] = []
     expected = f"{a}.ipynb"
+    if src.is_symlink():
+        diags.append(_diag("symlink", f"submitted/{student}/{a} is a symbolic link (to {os.readlink(src)!r}): refused, "
+                           "never followed; scored 0"))
+        return None, diags
     release_nb = root / "release" / a / expected
     course_ids = graded_ids(_load(release_nb)) if release_nb.exists() else set()
-    notebooks, extra, shadow, big = [], [], [], []
-    for f in sorted(src.rglob("*")):
+    files, links, special = _walk(src)
+    if links or special:
+        what = [f"{p.relative_to(src)} -> {os.readlink(p)!r}" for p in links] + [f"{p.relative_to(src)} (special file)"
+                                                                              for p in special]
+        diags.append(_diag("symlink", "symbolic links and special files in the submission were refused (never followed): "
+                           + ", ".join(what[:5]) + (f" and {len(what) - 5} more" if len(what) > 5 else "")))
+    notebooks, extra, shadow, dropped = [], [], [], []
+    total = 0
+    for f in files:
         rel = f.relative_to(src)
-        if any(part in IGNORED or part.startswith(".") for part in rel.parts) or f.is_symlink() or not f.is_file():
+        if any(part in IGNORED or part.startswith(".") for part in rel.parts):
             continue
         if rel.parts[0] in ("course_lib", "course_lib.py"):
             shadow.append(str(rel))
@@ -378,29 +536,41 @@ def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
         if f.suffix == ".ipynb":
             notebooks.append(rel)
             continue
-        if f.stat().st_size > MAX_EXTRA_BYTES:
-            big.append(str(rel))
+        if rel == Path("timestamp.txt"):
             continue
+        size = f.stat().st_size
+        if size > MAX_EXTRA_BYTES or total + size > MAX_EXTRA_TOTAL or len(extra) >= MAX_EXTRA_FILES:
+            dropped.append(str(rel))
+            continue
+        total += size
         extra.append(str(rel))
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest / rel)
-    if (src / "timestamp.txt").exists():
-        shutil.copy2(src / "timestamp.txt", dest / "timestamp.txt")
-        extra = [e for e in extra if e != "timestamp.txt"]
+        shutil.copyfile(f, dest / rel)
+    ts = src / "timestamp.txt"
+    if ts in files:
+        text = ts.read_bytes()[:1000].decode("utf-8", errors="replace") if ts.stat().st_size <= 1000 else ""
+        problem = check_timestamp(text) if ts.stat().st_size <= 1000 else "it is over 1000 bytes"
+        if problem:
+            diags.append(_diag("bad_timestamp", f"timestamp.txt cannot be read as a time ({problem}; it holds "
+                               f"{text.strip()[:40]!r}): graded as if it had no timestamp (no late penalty computed)"))
+        else:
+            (dest / "timestamp.txt").write_text(text)
     if shadow:
         diags.append(_diag("shadow_package", "a submitted course_lib was ignored (grading imports the course's own package): "
                            + ", ".join(shadow[:5])))
-    if extra or big:
-        diags.append(_diag("extra_files", "extra files (not graded): " + ", ".join((extra + big)[:10])
-                           + (f"; {len(big)} over {MAX_EXTRA_BYTES >> 20} MB dropped" if big else "")))
+    if extra or dropped:
+        diags.append(_diag("extra_files", "extra files (not graded): " + ", ".join((extra + dropped)[:10])
+                           + (f"; {len(dropped)} dropped (over {MAX_EXTRA_BYTES >> 20} MB each, {MAX_EXTRA_TOTAL >> 20} MB "
+                              f"or {MAX_EXTRA_FILES} files together)" if dropped else "")))
     chosen: Path | None = None
     if Path(expected) in notebooks:
         chosen = Path(expected)
     elif notebooks:
         def overlap(rel: Path) -> int:
             try:
-                return len(graded_ids(json.loads((src / rel).read_text(errors="replace"))) & course_ids)
-            except (ValueError, OSError):
+                data, problem = read_notebook_json(src / rel, str(rel))
+                return -1 if problem else len(graded_ids(data) & course_ids)
+            except Exception:  # noqa: BLE001 - any unreadable candidate ranks last
                 return -1
 
         ranked = sorted(notebooks, key=lambda r: (-overlap(r), len(r.parts), str(r)))
@@ -414,11 +584,9 @@ def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
     if chosen is None:
         diags.append(_diag("missing_notebook", f"no notebook in the submission (expected {expected}): scored 0"))
         return None, diags
-    raw = (src / chosen).read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        diags.append(_diag("broken_notebook", f"{chosen} is not valid JSON ({str(e)[:160]}): scored 0"))
+    data, problem = read_notebook_json(src / chosen, str(chosen))
+    if problem:
+        diags.append(problem)
         return None, diags
     try:
         with warnings.catch_warnings():
@@ -564,7 +732,47 @@ _ACTIVE: set = set()
 
 
 def grade_submission(root: Path, student: str, a: str, force: bool = False) -> Record:
-    """Grade one submission (or return its stored record when nothing changed)."""
+    """Grade one submission (or return its stored record when nothing changed).
+
+    Never leaves an earlier grade standing by accident: whatever fails while staging or grading (a notebook that
+    crashes the parser, a grader bug, a killed process) replaces it with 0 and a ``grading_failed`` diagnosis, or, if
+    even the gradebook cannot be written, marks the record ``stale_grade`` for a person to look at.
+    """
+    t0 = time.perf_counter()
+    try:
+        return _grade_submission(root, student, a, force, t0)
+    except Exception as e:  # noqa: BLE001 - RecursionError, MemoryError, OSError, a bug: one submission, never the batch
+        import traceback
+
+        return fail_submission(root, student, a, f"the grader failed on this submission ({type(e).__name__}: {str(e)[:200]})",
+                               log=traceback.format_exc(), t0=t0)
+
+
+def fail_submission(root: Path, student: str, a: str, why: str, log: str = "", t0: float | None = None) -> Record:
+    """Record a submission whose grading failed: 0 points in the gradebook (never the old grade), a saved record."""
+    rec = Record(student, a, status="failed", log=log)
+    rec.diagnoses.append(_diag("grading_failed", f"{why}: scored 0"))
+    with contextlib.suppress(Exception):
+        rec.hash = submission_hash(root / "submitted" / student / a)
+    shutil.rmtree(root / "autograded" / student / a, ignore_errors=True)
+    try:
+        zero_in_gradebook(root, student, a)
+    except Exception as e:  # noqa: BLE001 - the gradebook itself is broken: say the old grade still stands
+        rec.diagnoses.append(_diag("stale_grade", f"the gradebook could not be updated ({type(e).__name__}: {str(e)[:160]}): "
+                                   "an earlier grade of this submission may still stand there and in grades.csv"))
+    with contextlib.suppress(Exception):
+        _fill_scores(root, rec)
+    rec.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    rec.graded_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        save_record(root, rec)
+    except Exception:  # noqa: BLE001 - an unsaved failure is regraded next time (hash "" never matches)
+        with contextlib.suppress(OSError):
+            _state_path(root, student, a).unlink()
+    return rec
+
+
+def _grade_submission(root: Path, student: str, a: str, force: bool, t0: float) -> Record:
     folder = root / "submitted" / student / a
     h, fp = submission_hash(folder), grading_fingerprint(root, a)
     old = load_record(root, student, a)
@@ -574,11 +782,12 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
         old.skipped = True
         return old
     rec = Record(student, a, hash=h, fingerprint=fp)
-    t0 = time.perf_counter()
-    if not STUDENT_ID.match(student):
-        rec.status = "failed"
-        rec.diagnoses.append(_diag("invalid_student", f"folder name {student!r} is not a usable student id: not graded"))
+    problem = student_id_problem(student)
+    if problem:  # batch() refuses these before; a direct call must not create a gradebook student either
+        rec.status = "refused"
+        rec.diagnoses.append(_diag("invalid_student", f"folder {problem}: not graded"))
         return rec
+    _state_path(root, student, a).unlink(missing_ok=True)  # from here on, a crash leaves no old record standing
     staged, diags = stage(root, student, a)
     rec.diagnoses += diags
     shutil.rmtree(root / "autograded" / student / a, ignore_errors=True)  # no stale result survives a failure
@@ -592,13 +801,15 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
     else:
         env = {"COURSE_DIAG_FILE": str(diag_file), "COURSE_ROOT": str(root), "COURSE_SECTION": a,
                "COURSE_GRADER_LOCK": str(batch / "grader.lock")}
+        if _BATCH_WORKERS and "COURSE_GRADE_WORKERS" not in os.environ:
+            env["COURSE_GRADE_WORKERS"] = str(_BATCH_WORKERS)
         limit = float(os.environ.get("COURSE_SUBMISSION_TIMEOUT", int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200)) + 300))
         rc, out = _run_autograde(root, student, a, env, limit)
         rec.log = out
         log = batch / "logs" / f"{student}__{a}.log"
         records = []
         if diag_file.exists():
-            for line in diag_file.read_text().splitlines():
+            for line in diag_file.read_text(errors="replace").splitlines():
                 try:
                     records.append(json.loads(line))
                 except ValueError:
@@ -607,6 +818,7 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
         rec.verdicts = verdicts_from_diagnoses(records)
         rec.timing = next((d for d in reversed(records) if d.get("kind") == "timing"), {})
         rec.timing = {k: v for k, v in rec.timing.items() if k not in ("kind", "detail")}
+        rec.resources = _resources([d for d in records if d.get("kind") == "sandbox"])
         if any(v.inconclusive for v in rec.verdicts.values()):
             rec.diagnoses.append(_diag("inconclusive", "benchmark inconclusive on a busy machine (left ungraded): regrade "
                                        "with `make autograde` (such submissions are never skipped)"))
@@ -616,6 +828,7 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
             last = [ln for ln in out.splitlines() if ln.strip() and "SAWarning" not in ln][-3:]
             rec.diagnoses.append(_diag("grading_failed", f"nbgrader autograde failed (exit {rc}): {' | '.join(last)[:300]}; "
                                        f"scored 0; log: {log.relative_to(root)}"))
+            shutil.rmtree(root / "autograded" / student / a, ignore_errors=True)
             zero_in_gradebook(root, student, a)
             rec.status = "failed"
     _fill_scores(root, rec)
@@ -625,6 +838,22 @@ def grade_submission(root: Path, student: str, a: str, force: bool = False) -> R
     rec.graded_at = time.strftime("%Y-%m-%d %H:%M:%S")
     save_record(root, rec)
     return rec
+
+
+def _resources(lines: list[dict]) -> dict:
+    """One submission's sandbox usage from its ``sandbox`` lines (normally one kernel; peaks and counts combined)."""
+    out: dict = {}
+    for d in lines:
+        for k, v in d.items():
+            if k in ("kind", "detail"):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(out.get(k), (int, float)):
+                out[k] = max(out[k], v) if k.endswith(("_mb", "_peak", "_limit", "cpus")) else out[k] + v
+            else:
+                out[k] = v
+    if lines:
+        out["kernels"] = len(lines)
+    return out
 
 
 def _fill_scores(root: Path, rec: Record) -> None:
@@ -690,24 +919,87 @@ def ensure_students(root: Path, students: list[str]) -> None:
             gb.update_or_create_student(s)
 
 
+_BATCH_WORKERS: int | None = None  # set by batch(): the kernels' default CPU quota is the machine's CPUs / workers
+
+
+def refuse(root: Path, rec: Record) -> Record:
+    """A refused student folder: no gradebook entry is created; one that exists (from before) is zeroed, old output moved."""
+    import warnings
+
+    from nbgrader.api import Gradebook, MissingEntry
+
+    name = rec.student
+    try:
+        with _GB_LOCK, warnings.catch_warnings(), Gradebook(_gradebook_url(root), COURSE_ID) as gb:
+            warnings.simplefilter("ignore")
+            try:
+                student = gb.find_student(name)
+            except MissingEntry:
+                student = None
+            if student is not None:
+                for sub in student.submissions:
+                    for nb in sub.notebooks:
+                        for g in nb.grades:
+                            g.auto_score, g.manual_score, g.needs_manual_grade = 0.0, None, False
+                gb.db.commit()
+                rec.diagnoses.append(_diag("stale_grade", f"{name!r} had grades in the gradebook from an earlier run: "
+                                           "set to 0"))
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        rec.diagnoses.append(_diag("stale_grade", f"the gradebook could not be checked for {name!r} ({type(e).__name__}: "
+                                   f"{str(e)[:120]}): an earlier grade may still stand"))
+    if name.lower() in RESERVED_IDS:  # autograded/<name> is the batch's own (.batch, summary.md ...): never moved here
+        return rec
+    for p in [root / "autograded" / name, *(root / BATCH / "state").glob(f"{glob_escape(name)}__*.json")]:
+        if p.is_symlink() or p.is_dir() or (p.parent.name == "state" and p.exists()):
+            _quarantine(root, p)
+    return rec
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _quarantine(root: Path, p: Path) -> Path:
+    """Move something that is in the way (a folder where a report goes, a refused student's old output) aside."""
+    q = root / BATCH / "quarantine" / f"{time.strftime('%Y%m%d-%H%M%S')}-{p.name}"
+    q.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while q.exists() or q.is_symlink():
+        n += 1
+        q = q.with_name(f"{q.name}.{n}")
+    os.replace(p, q)
+    print(f"!! moved {p.relative_to(root)} out of the way to {q.relative_to(root)}", flush=True)
+    return q
+
+
 def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str] | None = None, workers: int | None = None,
           force: bool = False, report: bool = True) -> list[Record]:
-    """Grade every submission, continue past failures, skip unchanged ones; write grades.csv and the summary."""
+    """Grade every submission, continue past failures, skip unchanged ones; always write grades.csv and the summary.
+
+    Returns one record per submission graded (or skipped) and one per refused folder (status ``refused``).
+    """
+    global _BATCH_WORKERS
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from course_judge.sandbox import sandbox_status, sweep_stale
+    from course_judge.sandbox import confinement_status, sandbox_status, sweep_stale
 
     sweep_stale()
-    todo = [(s, a) for s, a in submissions(root, students, names) if (root / "source" / a).exists()]
-    unknown = [(s, a) for s, a in submissions(root, students, names) if not (root / "source" / a).exists()]
-    for s, a in unknown:
-        print(f"!! submitted/{s}/{a}: no section {a} in source/ (ignored)", flush=True)
+    found, refused = _scan_submitted(root, students, names)
+    todo = [(s, a) for s, a in found if (root / "source" / a).exists()]
+    for s, a in found:
+        if (s, a) not in todo:
+            print(f"!! submitted/{s}/{a}: no section {a} in source/ (ignored)", flush=True)
+    refused = [refuse(root, r) for r in refused]
+    for r in refused:
+        print(f"!! {_progress_line(r)}", flush=True)
     ok, how = sandbox_status()
-    banner = how if ok else "!" * 78 + f"\n!!! {how}\n" + "!" * 78
-    print(banner, flush=True)
+    cg_ok, cg_how = confinement_status()
+    for good, line in ((ok, how), (cg_ok, cg_how)):
+        print(line if good else "!" * 78 + f"\n!!! {line}\n" + "!" * 78, flush=True)
     ensure_assignments(root, sorted({a for _, a in todo}))
     ensure_students(root, sorted({s for s, _ in todo}))
     workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
+    _BATCH_WORKERS = workers
     t0 = time.perf_counter()
     records: list[Record] = []
     try:
@@ -718,7 +1010,7 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
                 try:
                     rec = fut.result()
                 except Exception as e:  # noqa: BLE001 - one broken submission never stops the batch
-                    rec = Record(s, a, status="failed", diagnoses=[_diag("grading_failed", f"grader error: {e!r}"[:300])])
+                    rec = fail_submission(root, s, a, f"grader error: {e!r}"[:300])
                 records.append(rec)
                 print(_progress_line(rec), flush=True)
     except KeyboardInterrupt:
@@ -729,13 +1021,19 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
     wall = time.perf_counter() - t0
     sweep_stale()
     records.sort(key=lambda r: (r.section, r.student))
-    if report and records:
-        grades(root)
-        write_summary(root, records, wall, workers, how if ok else "UNSANDBOXED: " + how)
-    return records
+    if report and (records or refused):
+        try:
+            grades(root)
+        except Exception as e:  # noqa: BLE001 - the summary is still written
+            print(f"!! grades.csv not written: {type(e).__name__}: {e}", flush=True)
+        sandbox_line = (how if ok else "UNSANDBOXED: " + how) + "; " + cg_how
+        write_summary(root, records, wall, workers, sandbox_line, refused=refused)
+    return records + refused
 
 
 def _progress_line(rec: Record) -> str:
+    if rec.status == "refused":
+        return f"submitted/{rec.student!r}: refused: " + "; ".join(d["detail"] for d in rec.diagnoses)
     what = "unchanged, skipped" if rec.skipped else f"{rec.status} in {rec.seconds:.0f} s"
     nb = f", notebook {rec.notebook_seconds:.0f} s" if rec.notebook_seconds and not rec.skipped else ""
     att = list(dict.fromkeys(d["kind"] for d in rec.attention))
@@ -802,20 +1100,49 @@ def exercise_stats(records: list[Record]) -> dict[str, list[dict]]:
     return out
 
 
-def write_summary(root: Path, records: list[Record], wall: float, workers: int, sandbox_line: str) -> Path:
-    """autograded/summary.md, summary.json and score_distribution.png."""
+def _md(text: str) -> str:
+    """Text for a Markdown table cell: pipes escaped, control characters shown, no line breaks."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+    return text.replace("|", "\\|")
+
+
+def _report_target(out_dir: Path, name: str) -> Path:
+    """autograded/NAME, ready to be written: whatever is in the way (a folder, a link) is moved aside first."""
+    p = out_dir / name
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        _quarantine(out_dir.parent, p)
+    return p
+
+
+def write_summary(root: Path, records: list[Record], wall: float, workers: int, sandbox_line: str,
+                  refused: list[Record] | None = None) -> Path:
+    """autograded/summary.md, summary.json and score_distribution.png (each written even if another one fails)."""
     out_dir = root / "autograded"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    refused = refused or []
     graded_now = [r for r in records if not r.skipped]
     rate = len(graded_now) / (wall / 60) if graded_now and wall > 0 else 0.0
     stats = exercise_stats(records)
-    fig_path = out_dir / "score_distribution.png"
-    _score_figure(records, fig_path)
+    fig_path = _report_target(out_dir, "score_distribution.png")
+    try:
+        if records:
+            _score_figure(records, fig_path)
+    except Exception as e:  # noqa: BLE001 - a figure never costs the summary
+        print(f"!! {fig_path.relative_to(root)} not drawn: {type(e).__name__}: {e}", flush=True)
+    peaks = [(r.resources.get("peak_memory_mb"), r) for r in records if r.resources.get("peak_memory_mb") is not None]
     lines = [
         "# Grading summary", "",
         f"- {time.strftime('%Y-%m-%d %H:%M')}: {len(records)} submissions, {len(graded_now)} graded now "
         f"({len(records) - len(graded_now)} unchanged, skipped), {wall:.0f} s with {workers} workers"
-        + (f": **{rate:.2f} submissions/minute**" if graded_now else ""),
+        + (f": **{rate:.2f} submissions/minute**" if graded_now else "")
+        + (f"; {len(refused)} folders refused" if refused else ""),
         f"- sandbox: {sandbox_line}",
+    ]
+    if peaks:
+        top, who = max(peaks, key=lambda x: x[0])
+        lines.append(f"- sandbox peak memory: median {sorted(p for p, _ in peaks)[len(peaks) // 2]:.0f} MB, "
+                     f"max {top:.0f} MB ({_md(who.student)}/{who.section})")
+    lines += [
         f"- grades: `grades.csv`; figure: `{fig_path.relative_to(root)}`; per-submission logs: `{BATCH}/logs/`", "",
         "## Scores", "", "| section | submissions | mean | median | min | max | full marks |", "|---|---|---|---|---|---|---|",
     ]
@@ -842,20 +1169,38 @@ def write_summary(root: Path, records: list[Record], wall: float, workers: int, 
     if need:
         lines += ["| student | section | score | why |", "|---|---|---|---|"]
         for r in sorted(need, key=lambda r: (not r.review, r.section, r.student)):
-            why = "<br>".join(f"{d['kind']}: {d['detail']}".replace("|", "\\|") for d in r.attention)
-            lines.append(f"| {'**REVIEW** ' if r.review else ''}{r.student} | {r.section} | {r.score:g}/{r.max_score:g} | {why} |")
+            why = "<br>".join(_md(f"{d['kind']}: {d['detail']}") for d in r.attention)
+            lines.append(f"| {'**REVIEW** ' if r.review else ''}{_md(r.student)} | {r.section} | {r.score:g}/{r.max_score:g} | {why} |")
+    if refused:
+        lines += ["", "## Refused folders (not graded, no gradebook entry)", "",
+                  "| folder | why |", "|---|---|"]
+        for r in refused:
+            why = "<br>".join(_md(f"{d['kind']}: {d['detail']}") for d in r.diagnoses)
+            lines.append(f"| **REVIEW** submitted/{_md(repr(r.student))} | {why} |")
     info = [(r, d) for r in records for d in r.diagnoses if d["kind"] not in ATTENTION]
     if info:
-        lines += ["", "## Notes", ""] + [f"- {r.student}/{r.section}: {d['detail']}" for r, d in info]
-    md = out_dir / "summary.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps({
-        "wall_seconds": wall, "workers": workers, "graded_now": len(graded_now), "submissions_per_minute": rate,
-        "sandbox": sandbox_line, "exercises": stats,
-        "submissions": [{k: getattr(r, k) for k in Record.__dataclass_fields__ if k not in ("log", "verdicts")}
-                        | {"attention": bool(r.attention), "review": r.review} for r in records],
-    }, indent=1))
-    print(f"\nsummary: {md}  ({len(need)} needing attention; {rate:.2f} submissions/minute over {len(graded_now)} graded now)")
+        lines += ["", "## Notes", ""] + [f"- {_md(r.student)}/{r.section}: {_md(d['detail'])}" for r, d in info]
+    md = _report_target(out_dir, "summary.md")
+    try:
+        md.write_text("\n".join(lines) + "\n")
+    except OSError as e:
+        print(f"!! {md} not written: {e}", flush=True)
+
+    def row(r: Record) -> dict:
+        return {k: getattr(r, k) for k in Record.__dataclass_fields__ if k not in ("log", "verdicts")} | {
+            "attention": bool(r.attention), "review": r.review}
+
+    js = _report_target(out_dir, "summary.json")
+    try:
+        js.write_text(json.dumps({
+            "wall_seconds": wall, "workers": workers, "graded_now": len(graded_now), "submissions_per_minute": rate,
+            "sandbox": sandbox_line, "exercises": stats, "submissions": [row(r) for r in records],
+            "refused": [row(r) for r in refused],
+        }, indent=1, default=str))
+    except OSError as e:
+        print(f"!! {js} not written: {e}", flush=True)
+    print(f"\nsummary: {md}  ({len(need)} needing attention, {len(refused)} refused; {rate:.2f} submissions/minute over "
+          f"{len(graded_now)} graded now)")
     return md
 
 
