@@ -106,6 +106,7 @@ verify: install
 # notebook gets the machine it is budgeted for (<= 90 s on 2 cores), then the browser suite (headless Chromium
 # against the server `make lab` starts, in a fresh copy; screenshots in .cache/screenshots/).
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not pipeline and not browser" tests
 	$(PY) -m pytest -q -m pipeline tests
 	$(PY) -m pytest -q -m browser tests
