@@ -105,7 +105,7 @@ def bench_course(repeats: int = 3) -> dict:
 
 
 def _sandbox_mode() -> str:
-    from course_lib import sandbox
+    from course_judge import sandbox
 
     ok, how = sandbox.sandbox_status()
     return "bubblewrap" if ok else how.split(":")[0]

@@ -685,44 +685,50 @@ def _start(proc) -> None:
             sys.modules["__main__"] = main
 
 
+def nbgrader_step(root: Path, args: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, str]:
+    """Run ``nbgrader *args`` in its own process (forked from the preloaded server when it can), output to ``log``."""
+    full_env = {**grading_env(root), **env}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    ctx = _mp_context()
+    if ctx is not None:
+        proc = ctx.Process(target=nbgrader_cli, args=(args, full_env, str(root), str(log)), daemon=False)
+        _start(proc)
+        _ACTIVE.add(proc)
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            rc = -9
+        else:
+            rc = proc.exitcode
+        _ACTIVE.discard(proc)
+        out = log.read_text(errors="replace") if log.exists() else ""
+    else:
+        p = subprocess.Popen([nbgrader_bin(), *args], cwd=root, env=full_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_die_with_parent)
+        _ACTIVE.add(p)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            out, _ = p.communicate()
+            rc = -9
+        finally:
+            _ACTIVE.discard(p)
+        log.write_text(out or "")
+    if rc == -9:
+        out += f"\n[grader] killed after {timeout:.0f} s"
+    return rc, out
+
+
 def _run_autograde(root: Path, student: str, a: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
     args = ["autograde", a, "--student", student, "--force", f"--CourseDirectory.root={root}",
             f"--CourseDirectory.submitted_directory={BATCH / 'staging'}", "--log-level=WARN"]
-    full_env = {**grading_env(root), **env}
     log = root / BATCH / "logs" / f"{student}__{a}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     out, rc = "", 1
     for attempt in range(2):
-        ctx = _mp_context()
-        if ctx is not None:
-            proc = ctx.Process(target=nbgrader_cli, args=(args, full_env, str(root), str(log)), daemon=False)
-            _start(proc)
-            _ACTIVE.add(proc)
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-                rc = -9
-            else:
-                rc = proc.exitcode
-            _ACTIVE.discard(proc)
-            out = log.read_text(errors="replace") if log.exists() else ""
-        else:
-            p = subprocess.Popen([nbgrader_bin(), *args], cwd=root, env=full_env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_die_with_parent)
-            _ACTIVE.add(p)
-            try:
-                out, _ = p.communicate(timeout=timeout)
-                rc = p.returncode
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                out, _ = p.communicate()
-                rc = -9
-            finally:
-                _ACTIVE.discard(p)
-            log.write_text(out or "")
-        if rc == -9:
-            out += f"\n[grader] killed after {timeout:.0f} s"
+        rc, out = nbgrader_step(root, args, env, log, timeout)
         if rc == 0 or "database is locked" not in out or attempt:
             break
     return rc, out
@@ -1308,6 +1314,42 @@ def temp_course(names: list[str]) -> Path:
     return tmp
 
 
+CHECK_CACHE = ROOT / ".cache" / "check"
+
+
+def prepared_course(a: str) -> Path:
+    """A throw-away course with section ``a`` released and entered in its gradebook, ready to grade a notebook.
+
+    ``nbgrader generate_assignment`` takes seconds; its result depends only on the source notebook and the
+    config, so it is made once per version of those (``.cache/check/``) and copied for each use.
+    """
+    import nbgrader
+
+    h = hashlib.sha256()
+    for f in (ROOT / "source" / a / f"{a}.ipynb", ROOT / "nbgrader_config.py"):
+        h.update(f.read_bytes())
+    h.update(nbgrader.__version__.encode())
+    template = CHECK_CACHE / f"{a}-{h.hexdigest()[:16]}"
+    if not (template / "gradebook.db").exists():
+        build = temp_course([a])
+        rc, out = nbgrader_step(build, ["generate_assignment", a, "--force", f"--CourseDirectory.root={build}", "--log-level=WARN"],
+                                {}, build / "generate_assignment.log", 600)
+        if rc != 0:
+            shutil.rmtree(build, ignore_errors=True)
+            raise SystemExit(f"generate_assignment {a} failed:\n{out[-3000:]}")
+        template.parent.mkdir(parents=True, exist_ok=True)
+        for old in template.parent.glob(f"{a}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(build, template)  # atomic: a concurrent check sees all of it or nothing
+        except OSError:
+            shutil.copytree(build, template, dirs_exist_ok=True)
+            shutil.rmtree(build, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix="course-"))
+    shutil.copytree(template, tmp, dirs_exist_ok=True)
+    return tmp
+
+
 def infer_section(nb_path: Path) -> str:
     names = sections()
     for a in names:
@@ -1363,7 +1405,7 @@ def print_report(sc: NotebookScore, seconds: float | None = None, rec: Record | 
 
 
 def check(nb_path: Path, section: str | None = None) -> NotebookScore:
-    """Grade one notebook against the hidden tests on a copy; print the report and the feedback path."""
+    """Grade one notebook with the judge on a copy; print the report, then write the feedback page."""
     from course_judge.sandbox import sandbox_status
 
     nb_path = nb_path.resolve()
@@ -1374,16 +1416,17 @@ def check(nb_path: Path, section: str | None = None) -> NotebookScore:
     if not ok:
         print("!" * 78 + f"\n!!! {how}\n" + "!" * 78)
     before = hashlib.sha256(nb_path.read_bytes()).hexdigest()
-    tmp = temp_course([a])
+    tmp = prepared_course(a)
     try:
-        run_nbgrader(tmp, "generate_assignment", a, "--force")
         dest = _mk(tmp / "submitted" / "self" / a / f"{a}.ipynb")
         shutil.copy(nb_path, dest)
         rec = grade_submission(tmp, "self", a, force=True)
-        if rec.status == "graded":
-            run_nbgrader(tmp, "generate_feedback", a, "--student", "self", "--force")
         sc = scores(tmp, "self", a)
-        print_report(sc, rec.seconds, rec, tmp)
+        print_report(sc, rec.seconds, rec, tmp)  # the answer first; the feedback page follows
+        sys.stdout.flush()
+        if rec.status == "graded":
+            nbgrader_step(tmp, ["generate_feedback", a, "--student", "self", "--force", f"--CourseDirectory.root={tmp}",
+                                "--log-level=WARN"], {}, tmp / "feedback.log", 600)
         fb = tmp / "feedback" / "self" / a / f"{a}.html"
         if fb.exists():
             out = _mk(ROOT / "feedback" / "self-check" / a / f"{a}.html")
@@ -1398,13 +1441,9 @@ def check(nb_path: Path, section: str | None = None) -> NotebookScore:
 
 def verify(a: str, keep: bool = False) -> int:
     """Author's check: the source notebook scores full marks, the untouched release scores zero."""
-    tmp = temp_course([a])
+    tmp = prepared_course(a)
     status = 0
     try:
-        proc = run_nbgrader(tmp, "generate_assignment", a, "--force")
-        if proc.returncode:
-            print(proc.stdout, proc.stderr)
-            return 1
         shutil.copy(tmp / "release" / a / f"{a}.ipynb", _mk(tmp / "submitted" / "blank" / a / f"{a}.ipynb"))
         _save(strip_outputs(_load(tmp / "source" / a / f"{a}.ipynb")), tmp / "submitted" / "reference" / a / f"{a}.ipynb")
         for student in ("reference", "blank"):

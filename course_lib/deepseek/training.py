@@ -159,7 +159,7 @@ def checkpoint_dir() -> Path:
     """The course's recorded runs (``make checkpoints`` writes them): ``course_lib/checkpoints``.
 
     They live inside the package because a grading kernel sees only the installed ``course_lib``
-    (``course_lib.sandbox``), not the rest of the repository.
+    (``course_judge.sandbox``), not the rest of the repository.
     """
     return Path(__file__).resolve().parents[1] / "checkpoints"
 
