@@ -589,7 +589,7 @@ plt.show()
 # %% [code]
 torch.manual_seed(0)
 BENCH = MLAConfig(dim=512, n_heads=16, q_lora_rank=192, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                  v_head_dim=64, max_seq_len=4097)
+                  v_head_dim=64, max_seq_len=4097, rope_scaling="none")
 bench_mha = StandardAttention(BENCH.dim, BENCH.n_heads, head_dim=BENCH.qk_nope_head_dim, max_seq_len=BENCH.max_seq_len).eval()
 bench_mla = MultiHeadLatentAttention(BENCH).eval()
 MODELS = {"MHA": lambda x, pos, caches: bench_mha(x, pos, caches["kv"]),
@@ -674,7 +674,7 @@ from course_lib.testing import assert_close as _close, assert_true as _true
 from course_lib.utils import sizes as _sizes
 
 _cfg = MLAConfig(dim=512, n_heads=16, q_lora_rank=192, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                 v_head_dim=64, max_seq_len=4097)
+                 v_head_dim=64, max_seq_len=4097, rope_scaling="none")
 _ctx = _sizes(2048, 4096)
 _t.manual_seed(0)
 _mla = MultiHeadLatentAttention(_cfg).eval()
