@@ -527,7 +527,9 @@ for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.a
 #    worse than the SVD — then prove it with Eckart–Young.
 #
 # ## Quiz
-# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`, and run the cells below it: the last one tells you at once
+# which answers are right and why (it holds only salted hashes of the key, so reading it gives nothing away);
+# `check(2, "c")` checks a single answer. Your graded score comes from the judge, as for every exercise.
 #
 # **Q1.** The softmax scale $1/\sqrt{d}$ exists because … (a) it makes attention causal; (b) it keeps the
 # variance of $q\cdot k$ near 1 so the softmax does not saturate; (c) it normalises the values; (d) it is
@@ -560,6 +562,9 @@ ANSWER_Q5 = "b"
 for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
+
+# %% [given id=feedback_01_quiz]
+#@quiz-feedback
 
 # %% [markdown]
 # ## Summary
