@@ -68,7 +68,11 @@ def module_path(section: str) -> Path:
 
 
 def _shown(path: Path) -> str:
-    """The path relative to the working directory when it is nearby (``../my_deepseek/s02_mla.py``), else absolute."""
+    """``$COURSE_MY_PARTS/s02_mla.py`` when the folder is overridden; else the path relative to the working directory
+    when it is nearby (``../my_deepseek/s02_mla.py``), else absolute."""
+    env = os.environ.get("COURSE_MY_PARTS")
+    if env and Path(path).resolve().parent == Path(env).expanduser().resolve():
+        return f"$COURSE_MY_PARTS/{Path(path).name}"
     try:
         rel = os.path.relpath(path)
     except ValueError:  # another drive

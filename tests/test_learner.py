@@ -165,6 +165,7 @@ def test_no_kernel_no_save_cells_and_never_into_course_lib(parts, capsys, monkey
     assert "inside course_lib" in capsys.readouterr().out
     monkeypatch.setenv("COURSE_MY_PARTS", str(parts.parent / "elsewhere"))
     assert save_my_parts("02_mla", HEADER, shell=shell) == (parts.parent / "elsewhere" / "s02_mla.py").resolve()
+    assert "$COURSE_MY_PARTS/s02_mla.py" in capsys.readouterr().out  # no machine-specific path in a notebook's output
 
 
 SECTION_PARTS = {  # what Section 5 needs from each section's #@save cells
