@@ -13,7 +13,9 @@
 # - route tokens to experts with softmax or sigmoid gating and measure the resulting load imbalance;
 # - decode any FP8 bit pattern by hand and explain why FP8 needs scaling.
 #
-# **Time:** about 30 minutes. **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
+# **Time:** core path about 95 min; no deep dives.
+#
+# **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
 # softmax. **How to work:** fill in every cell marked `YOUR CODE HERE`, run the test cell under it, read
 # the checkpoint line. Hidden tests run the same functions on other shapes, seeds and edge cases when
 # your notebook is graded (`make check NB=...` runs them for you).

@@ -15,7 +15,9 @@
 # - derive and implement weight absorption, and check it against the naive path to float64 round-off;
 # - measure cache memory, prefill and decode cost, and explain the results in FLOPs and bytes.
 #
-# **Time:** about 60 minutes (2.1: 10, 2.2: 15, 2.3: 20, 2.4: 15). **Prerequisites:** Section 1 (scaled
+# **Time:** core path about 130 min; no deep dives.
+#
+# **Prerequisites:** Section 1 (scaled
 # dot-product attention, KV-cache bytes, low-rank factorisation), PyTorch `nn.Module`.
 #
 # **Notation.** Symbols follow the DeepSeek-V2 paper; DeepSeek's code names are in brackets:
@@ -904,7 +906,7 @@ print("quiz: answers well-formed")
 # %% [given]
 from course_lib.learner import save_my_parts
 
-save_my_parts("02_mla", header="""
+my_parts_file = save_my_parts("02_mla", header="""
 import math
 
 import torch

@@ -19,7 +19,8 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** about 45 minutes (3.1: 10, 3.2: 15, 3.3: 20), plus 15 for balancing and the experiments.
+# **Time:** core path about 150 min; no deep dives.
+#
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
 # **Notation.** Symbols follow the DeepSeek-V3 report (section 2.1.2); DeepSeek's code names are in brackets.
@@ -948,7 +949,7 @@ print("quiz: answers well-formed")
 # %% [given]
 from course_lib.learner import save_my_parts
 
-save_my_parts("03_moe", header="""
+my_parts_file = save_my_parts("03_moe", header="""
 import math
 
 import torch

@@ -18,7 +18,9 @@
 # - write an FP8 linear layer whose Fprop, Dgrad and Wgrad all run on FP8 inputs, a mixed-precision trainer
 #   (BF16 autocast, FP16 with dynamic loss scaling) and a stability monitor.
 #
-# **Time:** 30 minutes (4.1: 10, 4.2: 15, 4.3: 5). **Prerequisites:** floating-point representation
+# **Time:** core path about 280 min; no deep dives.
+#
+# **Prerequisites:** floating-point representation
 # (Section 1.4), autograd (`torch.autograd.Function`), a training loop.
 #
 # *For instructors:* the seed's 4.1 (FP8 conversion utilities) is split into four graded parts — codec,
@@ -1169,7 +1171,7 @@ print("quiz: answers well-formed")
 # %% [given]
 from course_lib.learner import save_my_parts
 
-save_my_parts("04_fp8", header="""
+my_parts_file = save_my_parts("04_fp8", header="""
 import math
 
 import torch
