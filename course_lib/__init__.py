@@ -7,6 +7,8 @@ Modules, one concern each:
 - ``bench``    side-by-side timing (interleaved A/B, warm-up, median), ratios, memory measurement
 - ``viz``      the course's figures and live training monitor, one seaborn style
 - ``data``     synthetic data sets
+- ``learner``  the learner's ``#@save`` parts, saved to ``my_deepseek/`` and reused by later sections
+- ``quiz``     immediate quiz feedback from salted hashes (no readable key in the release)
 - ``deepseek`` the compact reference implementation of DeepSeek-V3's parts (MLA, MoE, FP8, model)
 """
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from course_lib.deepseek.v3 import V3
+
 __all__ = [
     "GiB",
     "COMPONENTS",
@@ -31,25 +33,25 @@ COMPONENTS = ("embedding", "attention", "dense_mlp", "shared_experts", "routed_e
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """DeepSeek-V3's shape; the defaults are the 671B model (DeepSeek-V3 Table/config_671B.json)."""
+    """DeepSeek-V3's shape; the defaults are the 671B model (``course_lib.deepseek.v3.V3``, config_671B.json)."""
 
-    vocab_size: int = 129280
-    dim: int = 7168
-    n_layers: int = 61
-    n_dense_layers: int = 3
-    n_heads: int = 128
-    q_lora_rank: int = 1536  # d_c' (0: no query compression)
-    kv_lora_rank: int = 512  # d_c
-    qk_nope_head_dim: int = 128  # d_h
-    qk_rope_head_dim: int = 64  # d_h^R
-    v_head_dim: int = 128
-    inter_dim: int = 18432  # dense MLP
-    moe_inter_dim: int = 2048  # each expert
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    n_activated_experts: int = 8
-    n_expert_groups: int = 8
-    n_limited_groups: int = 4
+    vocab_size: int = V3["vocab_size"]
+    dim: int = V3["dim"]
+    n_layers: int = V3["n_layers"]
+    n_dense_layers: int = V3["n_dense_layers"]
+    n_heads: int = V3["n_heads"]
+    q_lora_rank: int = V3["q_lora_rank"]  # d_c' (0: no query compression)
+    kv_lora_rank: int = V3["kv_lora_rank"]  # d_c
+    qk_nope_head_dim: int = V3["qk_nope_head_dim"]  # d_h
+    qk_rope_head_dim: int = V3["qk_rope_head_dim"]  # d_h^R
+    v_head_dim: int = V3["v_head_dim"]
+    inter_dim: int = V3["inter_dim"]  # dense MLP
+    moe_inter_dim: int = V3["moe_inter_dim"]  # each expert
+    n_routed_experts: int = V3["n_routed_experts"]
+    n_shared_experts: int = V3["n_shared_experts"]
+    n_activated_experts: int = V3["n_activated_experts"]
+    n_expert_groups: int = V3["n_expert_groups"]
+    n_limited_groups: int = V3["n_limited_groups"]
     router_bias: bool = True  # V3's selection bias (auxiliary-loss-free balancing); V2 has none
 
     @property

@@ -13,7 +13,9 @@
 # - route tokens to experts with softmax or sigmoid gating and measure the resulting load imbalance;
 # - decode any FP8 bit pattern by hand and explain why FP8 needs scaling.
 #
-# **Time:** about 30 minutes. **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
+# **Time:** core path about 95 min; no deep dives.
+#
+# **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
 # softmax. **How to work:** fill in every cell marked `YOUR CODE HERE`, run the test cell under it, read
 # the checkpoint line. Hidden tests run the same functions on other shapes, seeds and edge cases when
 # your notebook is graded (`make check NB=...` runs them for you).
@@ -527,7 +529,9 @@ for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.a
 #    worse than the SVD — then prove it with Eckart–Young.
 #
 # ## Quiz
-# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
+# Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`, and run the cells below it: the last one tells you at once
+# which answers are right and why (it holds only salted hashes of the key, so reading it gives nothing away);
+# `check(2, "c")` checks a single answer. Your graded score comes from the judge, as for every exercise.
 #
 # **Q1.** The softmax scale $1/\sqrt{d}$ exists because … (a) it makes attention causal; (b) it keeps the
 # variance of $q\cdot k$ near 1 so the softmax does not saturate; (c) it normalises the values; (d) it is
@@ -560,6 +564,9 @@ ANSWER_Q5 = "b"
 for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
+
+# %% [given id=feedback_01_quiz]
+#@quiz-feedback
 
 # %% [markdown]
 # ## Summary

@@ -15,7 +15,9 @@
 # - derive and implement weight absorption, and check it against the naive path to float64 round-off;
 # - measure cache memory, prefill and decode cost, and explain the results in FLOPs and bytes.
 #
-# **Time:** about 60 minutes (2.1: 10, 2.2: 15, 2.3: 20, 2.4: 15). **Prerequisites:** Section 1 (scaled
+# **Time:** core path about 130 min; no deep dives.
+#
+# **Prerequisites:** Section 1 (scaled
 # dot-product attention, KV-cache bytes, low-rank factorisation), PyTorch `nn.Module`.
 #
 # **Notation.** Symbols follow the DeepSeek-V2 paper; DeepSeek's code names are in brackets:
@@ -85,6 +87,7 @@ print(TINY)
 # only on the distance between them. A decode step at position 37 must rotate by 37, not by 0.
 
 # %% [solution id=ex_02_1_standard_attention]
+#@save
 def causal_mask(t_q: int, t_k: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Additive causal mask for t_q queries that are the LAST t_q of t_k key positions.
 
@@ -218,6 +221,7 @@ print("StandardAttention: visible tests passed")
 # decoded. The norm keeps its scale fixed, so the up-projections see inputs of steady magnitude.
 
 # %% [solution id=ex_02_2_compression]
+#@save
 class CompressionLayer(nn.Module):
     """MLA's down-projections (DeepSeek-V2 eqs. (9), (12), (15); RMSNorms on the latents as in DeepSeek-V3).
 
@@ -302,6 +306,7 @@ print("CompressionLayer: visible tests passed")
 # `wkv_b`'s per head as $[k^C_h; v_h]$, i.e. `view(..., n_heads, d_h + d_h^R)` and `view(..., n_heads, d_h + d_v)`.
 
 # %% [solution id=ex_02_3_decompression]
+#@save
 class DecompressionWithRoPE(nn.Module):
     """MLA's up-projections and decoupled RoPE (DeepSeek-V2 eqs. (10), (11), (13)-(17)).
 
@@ -419,6 +424,7 @@ print("DecompressionWithRoPE: visible tests passed")
 # Positions are absolute, exactly as in 2.1.
 
 # %% [solution id=ex_02_4_mla]
+#@save
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2 eqs. (9)-(19)) with a latent KV cache and an absorbed path."""
 
@@ -589,7 +595,7 @@ plt.show()
 # %% [code]
 torch.manual_seed(0)
 BENCH = MLAConfig(dim=512, n_heads=16, q_lora_rank=192, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                  v_head_dim=64, max_seq_len=4097)
+                  v_head_dim=64, max_seq_len=4097, rope_scaling="none")
 bench_mha = StandardAttention(BENCH.dim, BENCH.n_heads, head_dim=BENCH.qk_nope_head_dim, max_seq_len=BENCH.max_seq_len).eval()
 bench_mla = MultiHeadLatentAttention(BENCH).eval()
 MODELS = {"MHA": lambda x, pos, caches: bench_mha(x, pos, caches["kv"]),
@@ -674,7 +680,7 @@ from course_lib.testing import assert_close as _close, assert_true as _true
 from course_lib.utils import sizes as _sizes
 
 _cfg = MLAConfig(dim=512, n_heads=16, q_lora_rank=192, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                 v_head_dim=64, max_seq_len=4097)
+                 v_head_dim=64, max_seq_len=4097, rope_scaling="none")
 _ctx = _sizes(2048, 4096)
 _t.manual_seed(0)
 _mla = MultiHeadLatentAttention(_cfg).eval()
@@ -889,3 +895,23 @@ print("quiz: answers well-formed")
 #
 # **Next:** Section 3 replaces the feed-forward layer with DeepSeekMoE. Section 5 stacks MLA and MoE into a model
 # built on `course_lib.deepseek.mla.MLA`, the reference version of what you just wrote.
+
+# %% [markdown]
+# ## Keep your parts
+# The answer cells that start with `#@save` (the standard attention baseline, the compression and decompression layers and your MLA) are yours to keep. Run the cell below after your last
+# change: it writes the latest version of each into `my_deepseek/s02_mla.py` beside your notebooks, and Section 5
+# builds on them. Where a part is missing or fails a quick check, Section 5 says so in one line and uses the
+# course's version (it always does while grading, so each section is graded on its own).
+
+# %% [given]
+from course_lib.learner import save_my_parts
+
+my_parts_file = save_my_parts("02_mla", header="""
+import math
+
+import torch
+from torch import nn
+
+from course_lib.deepseek.attention import KVCache, LatentKVCache, MLAConfig, check_input
+from course_lib.deepseek.common import RMSNorm, apply_rope, rope_angles
+""")

@@ -19,7 +19,8 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** about 45 minutes (3.1: 10, 3.2: 15, 3.3: 20), plus 15 for balancing and the experiments.
+# **Time:** core path about 150 min; no deep dives.
+#
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
 # **Notation.** Symbols follow the DeepSeek-V3 report (section 2.1.2); DeepSeek's code names are in brackets.
@@ -94,6 +95,7 @@ print(TINY)
 # (the shared expert) still sees everything.
 
 # %% [solution id=ex_03_1_expert]
+#@save
 class ExpertNetwork(nn.Module):
     """One SwiGLU expert: FFN(x) = w2(silu(w1 x) * w3 x), no biases (DeepSeek-V3 eq. 12's FFN_i)."""
 
@@ -185,6 +187,7 @@ print("ExpertNetwork and moe_param_counts: visible tests passed")
 # no bias, a group's score is its **max**, and the top-$K_r$ weights are **not** renormalised (times `route_scale`).
 
 # %% [solution id=ex_03_2_router]
+#@save
 class ExpertRouter(nn.Module):
     """DeepSeek-V3's gate (eqs. 13-16): sigmoid affinities, selection bias, group-limited top-k, normalised weights.
 
@@ -350,6 +353,7 @@ plt.show()
 # `cfg.capacity_factor` is set. Until you have written 3.4, leave `capacity_factor=None`.
 
 # %% [solution id=ex_03_3_moe]
+#@save
 class MixtureOfExperts(nn.Module):
     """DeepSeekMoE layer: shared experts + routed experts chosen by ExpertRouter (DeepSeek-V3 eq. 12).
 
@@ -471,6 +475,7 @@ print("MixtureOfExperts: visible tests passed")
 # demand evens out. The balance loss is more like a tax in the loss, and every gradient step pays it.
 
 # %% [solution id=ex_03_4_balance]
+#@save
 def max_violation(load: torch.Tensor) -> float:
     """MaxVio = max_i load_i / mean(load) - 1, as a Python float (load: (E,) counts, any numeric dtype)."""
     ### BEGIN SOLUTION
@@ -933,3 +938,23 @@ print("quiz: answers well-formed")
 #
 # **Next:** Section 4 takes the expert GEMMs to FP8. Section 5 puts `course_lib.deepseek.moe.MoE` (the reference
 # version of your layer) after MLA in every block, with the bias updated once per training step.
+
+# %% [markdown]
+# ## Keep your parts
+# The answer cells that start with `#@save` (your expert, router, MoE layer and balancing functions) are yours to keep. Run the cell below after your last
+# change: it writes the latest version of each into `my_deepseek/s03_moe.py` beside your notebooks, and Section 5
+# builds on them. Where a part is missing or fails a quick check, Section 5 says so in one line and uses the
+# course's version (it always does while grading, so each section is graded on its own).
+
+# %% [given]
+from course_lib.learner import save_my_parts
+
+my_parts_file = save_my_parts("03_moe", header="""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
+""")

@@ -18,7 +18,9 @@
 # - write an FP8 linear layer whose Fprop, Dgrad and Wgrad all run on FP8 inputs, a mixed-precision trainer
 #   (BF16 autocast, FP16 with dynamic loss scaling) and a stability monitor.
 #
-# **Time:** 30 minutes (4.1: 10, 4.2: 15, 4.3: 5). **Prerequisites:** floating-point representation
+# **Time:** core path about 280 min; no deep dives.
+#
+# **Prerequisites:** floating-point representation
 # (Section 1.4), autograd (`torch.autograd.Function`), a training loop.
 #
 # *For instructors:* the seed's 4.1 (FP8 conversion utilities) is split into four graded parts — codec,
@@ -120,6 +122,7 @@ for f in (E4M3, E5M2):
 # `quantize` and `dequantize` with scales (there, cast with `.to(fmt.torch_dtype)` after clamping).
 
 # %% [solution id=ex_04_1_converter]
+#@save
 class FP8Converter:
     """Precision conversion with scaling: a bit-level FP8 codec and fine-grained scaled quantisation."""
 
@@ -379,6 +382,7 @@ yours_or_placeholder(granularity_figure, "exercise 4.1 (FP8Converter.quantize / 
 # `round_to_bits(x, bits, "truncate")`, which keeps `bits` mantissa bits.
 
 # %% [solution id=ex_04_1_gemm]
+#@save
 def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``a @ b^T`` from FP8 operands with fine-grained scales, as DeepSeek-V3's kernel computes it.
 
@@ -503,6 +507,7 @@ yours_or_placeholder(accumulation_figure, "exercise 4.1 (accumulate)")
 # Implement `forward` and `backward` with your `FP8Converter` and `fp8_gemm` (M, K, N multiples of 128).
 
 # %% [solution id=ex_04_1_linear]
+#@save
 class FP8LinearFunction(torch.autograd.Function):
     """``y = x W^T`` whose Fprop, Dgrad and Wgrad GEMMs all take E4M3 inputs (DeepSeek-V3 figure 6)."""
 
@@ -547,6 +552,7 @@ class FP8LinearFunction(torch.autograd.Function):
 
 
 # %% [given]
+#@save
 class FP8Linear(nn.Module):
     """A bias-free linear layer (as all of DeepSeek's) with an FP32 master weight and FP8 GEMMs."""
 
@@ -1154,3 +1160,22 @@ print("quiz: answers well-formed")
 #
 # Section 5 assembles MLA (Section 2) and DeepSeekMoE (Section 3) into `DeepSeekV3Mini` blocks and trains it
 # end to end — with the FP8 linear layers of this section as an option for the expert and attention projections.
+
+# %% [markdown]
+# ## Keep your parts
+# The answer cells that start with `#@save` (your FP8 converter, GEMM and linear layer (with the given `FP8Linear` around it)) are yours to keep. Run the cell below after your last
+# change: it writes the latest version of each into `my_deepseek/s04_fp8.py` beside your notebooks, and Section 5
+# builds on them. Where a part is missing or fails a quick check, Section 5 says so in one line and uses the
+# course's version (it always does while grading, so each section is graded on its own).
+
+# %% [given]
+from course_lib.learner import save_my_parts
+
+my_parts_file = save_my_parts("04_fp8", header="""
+import math
+
+import torch
+from torch import nn
+
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits
+""")

@@ -17,7 +17,9 @@
 # - validate a model end to end (causality, gradient flow, memory, expert specialisation, load balance, MTP, FP8)
 #   and check parity with a reference implementation.
 #
-# **Time:** about 45 minutes (5.1 block: 10, 5.2 model: 15, 5.3 validation: 20). **Prerequisites:** Sections 2
+# **Time:** core path about 170 min; no deep dives.
+#
+# **Prerequisites:** Sections 2
 # (MLA, latent cache, absorption) and 3 (DeepSeekMoE routing and balancing); Section 4 for the FP8 comparison.
 #
 # *For instructors:* the template is followed. MLA, MoE and FP8Linear come from `course_lib.deepseek`, the course's

@@ -19,7 +19,9 @@
 #   single-process MoE, gradients included;
 # - quantify node-limited routing, expert capacity and the KV-cache memory of each concurrent request.
 #
-# **Time:** about 75 minutes (6.1: 10, 6.2: 15, 6.3: 15, 6.4: 25, 6.5: 10). **Prerequisites:** Sections 2 (MLA,
+# **Time:** core path about 185 min; no deep dives.
+#
+# **Prerequisites:** Sections 2 (MLA,
 # latent cache) and 3 (DeepSeekMoE routing), autograd, `pytest`-style asserts.
 #
 # *For instructors:* the seed's three subsections (organisation, performance, scaling) become five. The memory

@@ -69,8 +69,11 @@ def _tokens(cfg: ModelConfig, B: int = 3, T: int = 21, seed: int = 5) -> torch.T
 
 
 @contextlib.contextmanager
-def _hf_float64_islands_lifted():
-    """Run HF's RoPE table, RMSNorm statistics, router and attention softmax in the input's dtype, not float32."""
+def _hf_float64_islands_lifted(inv_freq: torch.Tensor | None = None):
+    """Run HF's RoPE table, RMSNorm statistics, router and attention softmax in the input's dtype, not float32.
+
+    ``inv_freq``: the float64 rotary frequencies to use (YaRN's); default ``theta^(-2i/d)``.
+    """
 
     def norm_forward(self, x):
         var = x.pow(2).mean(-1, keepdim=True)
@@ -79,9 +82,11 @@ def _hf_float64_islands_lifted():
     def rope_forward(self, x, position_ids):
         d = 2 * self.inv_freq.numel()
         inv = self.config.rope_parameters["rope_theta"] ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        if inv_freq is not None:
+            inv = inv_freq
         freqs = position_ids[..., None].to(torch.float64) * inv
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
     orig_router = hf_mod.DeepseekV3TopkRouter.forward
 
@@ -256,3 +261,94 @@ def test_config_checks():
     hcfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0}
     with pytest.raises(ValueError, match="YaRN"):
         config_from_hf(hcfg)
+
+
+# ----------------------------------------------------------------------------- YaRN (rope_parameters of type yarn)
+
+# original context 256 extended 4x to 1024 (HF checks factor == max_position_embeddings / original); 16 rotary dims
+# so that the ramp between the correction range's ends has interior pairs (beta_fast 8: low 1, high 4)
+YARN = dict(max_seq_len=1024, original_seq_len=256, rope_scaling="yarn", rope_factor=4.0, beta_fast=8, beta_slow=1,
+            qk_rope_head_dim=16, mscale=0.7)
+
+
+def _yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    from test_yarn import reference_yarn_frequencies
+
+    return torch.tensor(reference_yarn_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor, cfg.beta_fast,
+                                                   cfg.beta_slow, cfg.original_seq_len), dtype=torch.float64)
+
+
+def test_yarn_config_is_written_and_read_back():
+    cfg = ModelConfig(**YARN)
+    hcfg = hf_config(cfg)
+    rope = hcfg.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_max_position_embeddings"] == 256
+    assert rope["mscale"] == rope["mscale_all_dim"] == 0.7 and rope["attention_factor"] == 1.0
+    assert hcfg.max_position_embeddings == 1024
+    back = config_from_hf(hcfg)
+    for f in ("max_seq_len", "original_seq_len", "rope_scaling", "rope_factor", "beta_fast", "beta_slow", "mscale", "rope_theta"):
+        assert getattr(back, f) == getattr(cfg, f), f
+    hf_attn = hf_mod.DeepseekV3Attention(hcfg, layer_idx=0)
+    assert hf_attn.scaling == pytest.approx(cfg.mla().softmax_scale, rel=1e-12), "HF's softmax scale = ours (mscale^2)"
+    rot = hf_mod.DeepseekV3RotaryEmbedding(hcfg)
+    assert rot.attention_scaling == 1.0, "DeepSeek's YaRN never scales cos/sin"
+    assert_close(rot.inv_freq.double(), _yarn_inv_freq(cfg), atol=0, rtol=1e-6, name="HF yarn inv_freq (float32) vs formula")
+    # inactive YaRN (max_seq_len <= original_seq_len) is written as plain RoPE, as DeepSeek's code computes it
+    assert hf_config(ModelConfig(rope_scaling="yarn")).rope_parameters["rope_type"] == "default"
+
+
+def test_yarn_hub_config_and_refusals():
+    from transformers import DeepseekV3Config
+
+    hub = DeepseekV3Config(max_position_embeddings=163840, rope_scaling={  # deepseek-ai/DeepSeek-V3 config.json
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn"})
+    cfg = config_from_hf(hub)
+    assert (cfg.rope_scaling, cfg.original_seq_len, cfg.rope_factor, cfg.mscale, cfg.max_seq_len) == ("yarn", 4096, 40.0, 1.0, 163840)
+    assert cfg.mla().softmax_scale * 192 ** 0.5 == pytest.approx(1.874, abs=1e-3)
+    base = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+    for change, match in ((dict(mscale=1.0, mscale_all_dim=0.5), "cos/sin"), (dict(), "cos/sin"),
+                          (dict(mscale=1.0, mscale_all_dim=1.0, truncate=False), "truncate")):
+        h = hf_config(ModelConfig(**YARN))
+        h.rope_parameters = {**base, **change}
+        with pytest.raises(ValueError, match=match):
+            config_from_hf(h)
+    h = hf_config(ModelConfig(**YARN))
+    h.max_position_embeddings = 256
+    h.rope_parameters = {**base, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        config_from_hf(h)
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_yarn_logits_match_hf_float32(rope_interleave):
+    m = _model("moe_groups_no_q_lora", **YARN)
+    assert m.cfg.mla().yarn
+    hf = to_hf(m, rope_interleave=rope_interleave)
+    x = _tokens(m.cfg, T=40)
+    with torch.no_grad():
+        ours, theirs = m(x), hf(x).logits
+        plain = to_hf(_model("moe_groups_no_q_lora", **{**YARN, "rope_scaling": "none"}))(x).logits
+    assert_close(ours, theirs, atol=1e-5, rtol=0, name=f"YaRN logits vs HF (rope_interleave={rope_interleave})",
+                 hint="rope_parameters not written as yarn, or mscale applied to cos/sin instead of the softmax scale")
+    assert float((ours - plain).abs().max()) > 1e-3, "YaRN must change the logits"
+
+
+def test_yarn_logits_match_hf_float64_without_float32_islands():
+    m = _model("moe", dtype=torch.float64, **YARN)
+    hf = to_hf(m)
+    x = _tokens(m.cfg, T=40)
+    with torch.no_grad():
+        ours = m(x)
+        with _hf_float64_islands_lifted(_yarn_inv_freq(m.cfg)):
+            lifted = hf(x).logits
+    assert_close(ours, lifted, atol=1e-12, rtol=0, name="float64 YaRN logits vs HF without float32 islands")
+
+
+def test_yarn_generate_matches_hf():
+    m = _model("moe_groups_no_q_lora", **YARN)
+    hf = to_hf(m)
+    prompt = _tokens(m.cfg, B=2, T=7, seed=11)
+    ours = m.generate(prompt, max_new_tokens=12)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours, theirs), f"\n{ours}\n{theirs}"

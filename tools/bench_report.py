@@ -141,7 +141,7 @@ def bench_mla(contexts=(256, 1024, 2048, 4096), repeats: int = 5) -> dict:
                       "mha": mha_cache_elements_per_token(128, 128)},
     }
     cfg = MLAConfig(dim=1024, n_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                    v_head_dim=64, max_seq_len=max(contexts) + 8)
+                    v_head_dim=64, max_seq_len=max(contexts) + 8, rope_scaling="none")  # plain RoPE past 4096
     sizes["bench config"] = {"mla": cfg.latent_cache_elements_per_token, "naive": cfg.full_cache_elements_per_token,
                              "mha": mha_cache_elements_per_token(cfg.n_heads, cfg.dim // cfg.n_heads)}
     torch.manual_seed(0)

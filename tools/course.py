@@ -96,7 +96,10 @@ def release(root: Path = ROOT, names: list[str] | None = None) -> None:
 def solutions(root: Path = ROOT, names: list[str] | None = None) -> None:
     for a in names or sections(root):
         t0 = time.perf_counter()
-        proc = run_nbgrader(root, "generate_solution", a, "--force")
+        # the learner's saved parts (course_lib.learner) go to a fresh folder per section: a worked solution never
+        # reads another section's build, whatever the order, and nothing is written beside source/
+        with tempfile.TemporaryDirectory(prefix="course-my-parts-") as parts:
+            proc = run_nbgrader(root, "generate_solution", a, "--force", env={"COURSE_MY_PARTS": parts})
         if proc.returncode != 0:
             raise SystemExit(f"generate_solution {a} failed")
         print(f"solution {a} -> solutions/{a}/{a}.ipynb ({time.perf_counter() - t0:.0f} s)")

@@ -9,7 +9,9 @@ The authoring format is a percent script: each cell starts with a header line
     # %% [test id=test_02_1_rmsnorm points=3]  an autograded, locked test cell
 
 Everything nbgrader needs (schema 3 metadata, grade ids, points, locks) is derived from the header, so
-the script stays readable and diffs stay small. ``python tools/nbsrc.py build`` writes every notebook;
+the script stays readable and diffs stay small. A given cell whose only line is ``#@quiz-feedback`` is filled
+at build time from the section's quiz judge (``KEY``, ``EXPLANATIONS``): salted hashes and encrypted
+explanations for ``course_lib.quiz`` (``export`` writes the marker back). ``python tools/nbsrc.py build`` writes every notebook;
 ``python tools/nbsrc.py check`` fails if a committed notebook is out of date; ``python tools/nbsrc.py
 export source/A/A.ipynb`` writes the script back from a notebook edited in JupyterLab.
 """
@@ -35,11 +37,42 @@ def _parse_args(text: str) -> dict[str, str]:
     return out
 
 
-def _cell(kind: str, args: dict[str, str], lines: list[str], index: int, prefix: str = "") -> dict:
+QUIZ_MARKER = "#@quiz-feedback"
+
+
+def quiz_feedback_source(section: str) -> str:
+    """The feedback cell of ``section``'s quiz: ``course_lib.quiz.Quiz`` over the judge's key, hashed and encrypted."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import course_judge
+    from course_lib.quiz import feedback_table
+
+    mods = [m for m in course_judge.judges(section).values() if hasattr(m, "KEY")]
+    if len(mods) != 1 or not hasattr(mods[0], "EXPLANATIONS"):
+        raise ValueError(f"{section}: a {QUIZ_MARKER} cell needs one quiz judge with KEY and EXPLANATIONS")
+    table = feedback_table(section, mods[0].KEY, mods[0].EXPLANATIONS)
+    out = [f"{QUIZ_MARKER}: written by tools/nbsrc.py from the judge's key (salted hashes, encrypted explanations; no answers)",
+           "from course_lib.quiz import Quiz, check  # check(n, answer) gives feedback on one answer at any time",
+           "",
+           f'QUIZ = Quiz("{section}", {{']
+    for q, (salt, digest, cipher) in table.items():
+        chunks = [cipher[i:i + 96] for i in range(0, len(cipher), 96)] or [""]
+        out.append(f'    {q}: ("{salt}", "{digest}",')
+        out += [f'        "{c}"' for c in chunks[:-1]]
+        out.append(f'        "{chunks[-1]}"),')
+    out += ["})", "QUIZ.check_all(globals())"]
+    return "\n".join(out)
+
+
+def _cell(kind: str, args: dict[str, str], lines: list[str], index: int, prefix: str = "", section: str = "") -> dict:
     while lines and not lines[-1].strip():
         lines.pop()
     while lines and not lines[0].strip():
         lines.pop(0)
+    if kind == "given" and lines and lines[0].strip() == QUIZ_MARKER:
+        if len(lines) > 1:
+            raise ValueError(f"the {QUIZ_MARKER} cell is generated: its only line is the marker")
+        lines = quiz_feedback_source(section).split("\n")
     if kind == "markdown":
         body = [ln[2:] if ln.startswith("# ") else ln.removeprefix("#") for ln in lines]
         source = "\n".join(body)
@@ -77,12 +110,12 @@ def script_to_notebook(text: str, section: str = "") -> dict:
         m = HEADER.match(line)
         if m:
             if kind is not None:
-                cells.append(_cell(kind, args, lines, len(cells), prefix))
+                cells.append(_cell(kind, args, lines, len(cells), prefix, section))
             kind, args, lines = m["kind"], _parse_args(m["args"]), []
         elif kind is not None:
             lines.append(line)
     if kind is not None:
-        cells.append(_cell(kind, args, lines, len(cells), prefix))
+        cells.append(_cell(kind, args, lines, len(cells), prefix, section))
     for i, cell in enumerate(cells):
         cell["id"] = f"c{i:03d}"
         src = cell["source"]
@@ -119,6 +152,8 @@ def notebook_to_script(nb: dict) -> str:
                 gid = meta["grade_id"]
                 header = "# %% [given]" if gid.startswith("given_") else f"# %% [given id={gid}]"
             body = src.split("\n")
+            if body[0].startswith(QUIZ_MARKER):  # generated at build time: the script keeps the marker only
+                body = [QUIZ_MARKER]
         out.append(header)
         out.extend(body)
         out.append("")

@@ -26,9 +26,9 @@ DECOMPRESS = ("wq_b.weight", "wkv_b.weight")
 
 TINY = MLAConfig(dim=64, n_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                  v_head_dim=12, max_seq_len=128)
-# every width differs; long positions (start 4000) need max_seq_len > 4096 (no YaRN in the course's MLA)
+# every width differs; long positions (start 4000) need max_seq_len > 4096: plain RoPE there (Section 2's MLA has no YaRN)
 ODD = MLAConfig(dim=40, n_heads=3, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10,
-                max_seq_len=4100)
+                max_seq_len=4100, rope_scaling="none")
 ONE_HEAD = MLAConfig(dim=36, n_heads=1, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6,
                      v_head_dim=4, max_seq_len=64)
 LONG_START = 4000

@@ -32,7 +32,7 @@ SUMMARY = ("naive and absorbed decode at 2048 cached tokens against the referenc
 REFERENCE = ("course_lib.deepseek.mla",)
 
 BENCH = MLAConfig(dim=512, n_heads=16, q_lora_rank=192, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                  v_head_dim=64, max_seq_len=4097)
+                  v_head_dim=64, max_seq_len=4097, rope_scaling="none")
 CONTEXT = 2048
 THRESHOLD = 3.0
 PER_BATCH = 3  # decode calls per channel request: spreads the round trip's fixed cost

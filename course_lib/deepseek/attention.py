@@ -5,9 +5,15 @@ notebook imports them), while the attention layers themselves, the learner's exe
 :mod:`course_lib.deepseek.mla` (which re-exports everything below, so ``from course_lib.deepseek.mla
 import MLAConfig, LatentKVCache`` keeps working).
 
-- ``MLAConfig``: MLA's dimensions (``MLAConfig.v3()`` is DeepSeek-V3's), with ``qk_head_dim`` = d_h + d_h^R,
-  ``softmax_scale`` = 1/sqrt(d_h + d_h^R) and the cache sizes per token (``latent_cache_elements_per_token``
-  = d_c + d_h^R = 576 at V3, ``full_cache_elements_per_token`` = H (d_h + d_h^R + d_v) = 40960 at V3).
+- ``MLAConfig``: MLA's dimensions (``MLAConfig.v3()`` is DeepSeek-V3's, from ``course_lib.deepseek.v3``), with
+  ``qk_head_dim`` = d_h + d_h^R, ``softmax_scale`` = 1/sqrt(d_h + d_h^R) (times YaRN's mscale^2 when YaRN is active)
+  and the cache sizes per token (``latent_cache_elements_per_token`` = d_c + d_h^R = 576 at V3,
+  ``full_cache_elements_per_token`` = H (d_h + d_h^R + d_v) = 40960 at V3).
+- Context length and RoPE scaling, DeepSeek's ``inference/model.py`` semantics: beyond ``original_seq_len`` (4096)
+  a model needs a choice, ``rope_scaling="yarn"`` (DeepSeek-V3: rotary frequencies rescaled with ``rope_factor``,
+  ``beta_fast``, ``beta_slow``; softmax scale times ``(0.1 * mscale * ln(rope_factor) + 1)^2``) or ``"none"`` (plain
+  RoPE, extrapolated). ``max_seq_len > original_seq_len`` without a choice is a ``ValueError``. As in DeepSeek's code,
+  YaRN is active only when ``max_seq_len > original_seq_len`` (``cfg.yarn``); at or below it nothing changes.
 - ``LatentKVCache``: the absorbed path's cache, the normalised latent ``c_kv`` (B, S, d_c) and the roped
   shared key ``k_pe`` (B, S, d_h^R). ``KVCache``: per-head keys (B, S, H, d_k) and values (B, S, H, d_v).
   Both are pre-allocated; ``update(start_pos, a, b)`` writes a chunk and returns views of ``[0, start_pos + T)``.
@@ -17,9 +23,12 @@ import MLAConfig, LatentKVCache`` keeps working).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from course_lib.deepseek.v3 import preset
 
 __all__ = [
     "MLAConfig",
@@ -57,12 +66,53 @@ class MLAConfig:
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    # context extension (DeepSeek's ModelArgs names and defaults); see the module docstring
+    original_seq_len: int = 4096  # the pre-training context; beyond it a rope scaling must be chosen
+    rope_scaling: str | None = None  # None (not chosen), "none" (plain RoPE) or "yarn" (DeepSeek-V3)
+    rope_factor: float = 40.0  # YaRN's s: the slowest frequencies are divided by it
+    beta_fast: int = 32  # YaRN's correction range: frequencies turning more than beta_fast times keep their value
+    beta_slow: int = 1  # ... and those turning less than beta_slow times over original_seq_len are divided
+    mscale: float = 1.0  # softmax scale *= (0.1 * mscale * ln(rope_factor) + 1)^2 when YaRN is active
+
+    def __post_init__(self) -> None:
+        if self.rope_scaling not in (None, "none", "yarn"):
+            raise ValueError(f"rope_scaling must be None, 'none' or 'yarn', got {self.rope_scaling!r}")
+        if self.max_seq_len > self.original_seq_len and self.rope_scaling is None:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} exceeds original_seq_len={self.original_seq_len}: choose "
+                "rope_scaling='yarn' (DeepSeek-V3's context extension) or rope_scaling='none' (plain RoPE, extrapolated)")
+        if self.rope_scaling == "yarn" and not (self.rope_factor > 1 and self.beta_fast > self.beta_slow > 0):
+            raise ValueError(f"YaRN needs rope_factor > 1 and beta_fast > beta_slow > 0, got {self.rope_factor}, "
+                             f"{self.beta_fast}, {self.beta_slow}")
 
     @classmethod
     def v3(cls, max_seq_len: int = 4096) -> MLAConfig:
-        """DeepSeek-V3's attention dimensions (``inference/configs/config_671B.json``)."""
-        return cls(dim=7168, n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                   qk_rope_head_dim=64, v_head_dim=128, max_seq_len=max_seq_len, rope_theta=10000.0, rms_norm_eps=1e-6)
+        """DeepSeek-V3's attention (``course_lib.deepseek.v3.V3``), with YaRN chosen as in the released model.
+
+        YaRN is active only for ``max_seq_len > 4096``: DeepSeek's ``generate.py`` runs at 16384
+        (``course_lib.deepseek.v3.SERVING_SEQ_LEN``), where the softmax scale is 1.874 / sqrt(192).
+        """
+        return cls(**preset(cls, max_seq_len=max_seq_len, rope_scaling="yarn"))
+
+    @property
+    def yarn(self) -> bool:
+        """YaRN is active: chosen, and ``max_seq_len > original_seq_len`` (DeepSeek's ``inference/model.py``)."""
+        return self.rope_scaling == "yarn" and self.max_seq_len > self.original_seq_len
+
+    @property
+    def yarn_mscale(self) -> float:
+        """``0.1 * mscale * ln(rope_factor) + 1`` when YaRN is active (1.3689 at V3), else 1."""
+        return 0.1 * self.mscale * math.log(self.rope_factor) + 1.0 if self.yarn else 1.0
+
+    def rope_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The (qk_rope_head_dim / 2,) rotary frequencies in float64: YaRN's when active, else ``theta^(-2i/d)``."""
+        from course_lib.deepseek.common import rope_frequencies, yarn_frequencies
+
+        d = self.qk_rope_head_dim
+        if self.yarn:
+            return yarn_frequencies(d, self.rope_theta, self.rope_factor, self.beta_fast, self.beta_slow,
+                                    self.original_seq_len, device=device)
+        return rope_frequencies(d, self.rope_theta, device=device)
 
     @property
     def qk_head_dim(self) -> int:
@@ -71,8 +121,8 @@ class MLAConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """``1/sqrt(d_h + d_h^R)`` (1/sqrt(192) in V3; YaRN's mscale^2 factor is not used here)."""
-        return self.qk_head_dim ** -0.5
+        """``1/sqrt(d_h + d_h^R)`` (1/sqrt(192) in V3), times ``yarn_mscale^2`` when YaRN is active (1.874 at V3)."""
+        return self.qk_head_dim ** -0.5 * self.yarn_mscale ** 2
 
     @property
     def latent_cache_elements_per_token(self) -> int:

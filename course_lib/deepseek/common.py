@@ -3,9 +3,18 @@
 RoPE layout: DeepSeek-V3's inference code rotates *interleaved* pairs ``(x[2i], x[2i+1])`` as one
 complex number; HF transformers reproduces the same scores with ``rope_interleave=True``. The course
 uses the interleaved layout throughout.
+
+Frequencies: ``rope_frequencies(d, theta)`` = ``theta^(-2i/d)``; ``yarn_frequencies`` is DeepSeek-V3's context
+extension (``precompute_freqs_cis`` in DeepSeek's ``inference/model.py``): with ``(low, high) =
+yarn_correction_range(beta_fast, beta_slow, d, theta, original_seq_len)`` and the linear ramp
+``r_i = clamp((i - low) / (high - low), 0, 1)`` over the d/2 pair indices,
+``f_i' = f_i / factor * r_i + f_i * (1 - r_i)``: fast frequencies (below ``low``) keep their value, slow ones (above
+``high``) are divided by ``factor``, the ramp blends those between. ``rope_angles(..., freqs=...)`` uses them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +36,47 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(y.dtype)).to(dtype)
 
 
-def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rotation angles ``positions[:, None] * theta^(-2i/dim)``, shape (T, dim/2)."""
+def rope_frequencies(dim: int, theta: float = 10000.0, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's frequencies ``theta^(-2i/dim)`` for the dim/2 pairs, float64, shape (dim/2,)."""
     if dim % 2:
         raise ValueError(f"RoPE needs an even dimension, got {dim}")
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
-    return (positions.to(torch.float64)[:, None] * inv_freq[None, :]).to(dtype)
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, theta: float, original_seq_len: int) -> tuple[int, int]:
+    """The pair indices ``(low, high)`` between which YaRN blends (DeepSeek's ``find_correction_range``).
+
+    Pair ``i`` turns ``original_seq_len * f_i / (2 pi)`` times over the original context; the index where that count
+    equals ``n`` is ``dim * ln(original_seq_len / (2 pi n)) / (2 ln theta)``. ``low`` is it for ``beta_fast``
+    (rounded down), ``high`` for ``beta_slow`` (rounded up), clamped to ``[0, dim - 1]`` as DeepSeek's code does.
+    """
+
+    def index(n_rotations: float) -> float:
+        return dim * math.log(original_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    return max(math.floor(index(beta_fast)), 0), min(math.ceil(index(beta_slow)), dim - 1)
+
+
+def yarn_frequencies(dim: int, theta: float, factor: float, beta_fast: float, beta_slow: float, original_seq_len: int,
+                     *, device: torch.device | str | None = None) -> torch.Tensor:
+    """YaRN's rotary frequencies (float64, shape (dim/2,)), DeepSeek-V3's ``precompute_freqs_cis`` beyond
+    ``original_seq_len``: the module docstring's ramp between ``yarn_correction_range`` with ``factor``."""
+    freqs = rope_frequencies(dim, theta, device=device)  # (dim/2,)
+    low, high = yarn_correction_range(beta_fast, beta_slow, dim, theta, original_seq_len)
+    width = (high - low) if high != low else 0.001  # DeepSeek's guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / width).clamp(0, 1)  # 0: keep, 1: divide
+    return freqs / factor * ramp + freqs * (1 - ramp)
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32,
+                *, freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotation angles ``positions[:, None] * f_i``, shape (T, dim/2): ``f_i = theta^(-2i/dim)`` unless ``freqs``
+    (shape (dim/2,), e.g. ``yarn_frequencies`` or ``MLAConfig.rope_frequencies()``) is given."""
+    if freqs is None:
+        freqs = rope_frequencies(dim, theta, device=positions.device)
+    elif freqs.shape != (dim // 2,) or dim % 2:
+        raise ValueError(f"freqs must have shape ({dim // 2},) for an even dim {dim}, got {tuple(freqs.shape)}")
+    return (positions.to(torch.float64)[:, None] * freqs.to(device=positions.device, dtype=torch.float64)[None, :]).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,12 @@ Where the two differ, on purpose or by convention:
 - **Group masking.** transformers 5.x fills the experts of dropped groups with ``-inf`` like DeepSeek's code
   (and ours); transformers 4.x used ``0.0``, which routes outside the kept groups once biased scores turn
   negative (``ModelConfig.group_mask_fill = 0.0`` reproduces it).
+- **YaRN.** ``hf_config`` writes ``rope_parameters`` of type ``yarn`` when the config's YaRN is active (DeepSeek
+  applies it only for ``max_seq_len > original_seq_len``; HF whenever the type is yarn): ``factor``,
+  ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, and DeepSeek's ``mscale`` as both ``mscale`` and
+  ``mscale_all_dim`` with ``attention_factor`` 1.0, so that HF multiplies the softmax scale by mscale^2 and leaves
+  cos/sin unscaled, as DeepSeek does. ``config_from_hf`` reads it back (also the hub's legacy ``rope_scaling``, which
+  transformers standardises) and refuses a yarn setting DeepSeek's code cannot express.
 - **Precision islands.** HF computes the RoPE angles, RMSNorm statistics, the router and the eager attention
   softmax in float32 even for a float64 model (logits then differ by ~2e-6; ~1e-14 with those lifted to float64,
   see ``tests/test_hf_parity.py``), and its ``q_a_layernorm``/``kv_a_layernorm`` always use eps = 1e-6
@@ -54,6 +60,7 @@ Where the two differ, on purpose or by convention:
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -102,7 +109,7 @@ def hf_config(cfg: ModelConfig, *, rope_interleave: bool = True, attn_implementa
         v_head_dim=cfg.v_head_dim, qk_nope_head_dim=cfg.qk_nope_head_dim, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
         num_experts_per_tok=cfg.n_activated_experts, first_k_dense_replace=cfg.n_dense_layers, norm_topk_prob=True, hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_interleave=rope_interleave,
+        rope_parameters=_rope_parameters(cfg), rope_interleave=rope_interleave,
         tie_word_embeddings=False, attention_bias=False, num_mtp_layers=cfg.mtp_depth, bos_token_id=None, eos_token_id=None,
         pad_token_id=None, attn_implementation=attn_implementation, experts_implementation=experts_implementation,
     )
@@ -110,11 +117,53 @@ def hf_config(cfg: ModelConfig, *, rope_interleave: bool = True, attn_implementa
     return DeepseekV3Config(**kw)
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """HF's ``rope_parameters`` for ``cfg``: ``default``, or ``yarn`` with DeepSeek's semantics when YaRN is active."""
+    if not cfg.mla().yarn:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": float(cfg.rope_factor),
+            "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
+            "mscale": float(cfg.mscale), "mscale_all_dim": float(cfg.mscale), "attention_factor": 1.0}
+
+
+def _yarn_from_hf(hcfg, rope: dict) -> dict:
+    """``ModelConfig`` fields of an HF yarn setting, or ``ValueError`` where DeepSeek's code would compute otherwise."""
+    if not rope.get("original_max_position_embeddings"):
+        raise ValueError("YaRN (rope_type 'yarn') needs original_max_position_embeddings, DeepSeek's original_seq_len")
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor") or hcfg.max_position_embeddings / original
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+
+    def get_mscale(m: float) -> float:  # HF's yarn_get_mscale
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    cos_sin = rope.get("attention_factor")
+    if cos_sin is None:
+        cos_sin = get_mscale(mscale) / get_mscale(mscale_all_dim) if mscale and mscale_all_dim else get_mscale(1.0)
+    if abs(cos_sin - 1.0) > 1e-12:
+        raise ValueError(f"this YaRN setting scales cos/sin by {cos_sin:.6g}; DeepSeek's YaRN never does (it scales the "
+                         "softmax by mscale^2): use mscale == mscale_all_dim, or attention_factor=1.0")
+    if not rope.get("truncate", True):
+        raise ValueError("YaRN with truncate=False: DeepSeek rounds the correction range (truncate=True)")
+    if hcfg.max_position_embeddings <= original:
+        raise ValueError(f"YaRN with max_position_embeddings {hcfg.max_position_embeddings} <= original_max_position_embeddings "
+                         f"{original}: HF applies it there, DeepSeek's code (YaRN only beyond original_seq_len) does not")
+    return dict(rope_scaling="yarn", original_seq_len=original, rope_factor=float(factor),
+                beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1, mscale=float(mscale_all_dim or 0.0),
+                max_seq_len=hcfg.max_position_embeddings)
+
+
 def config_from_hf(hcfg, **overrides) -> ModelConfig:
-    """The ``ModelConfig`` of a ``DeepseekV3Config`` (``mtp_depth`` 0 unless overridden: HF's module has no MTP)."""
+    """The ``ModelConfig`` of a ``DeepseekV3Config`` (``mtp_depth`` 0 unless overridden: HF's module has no MTP).
+
+    ``rope_parameters`` of type ``default`` keep ``max_seq_len`` at most 4096; ``yarn`` gives ``rope_scaling="yarn"``
+    with ``max_seq_len = max_position_embeddings`` (see the module docstring); other types are refused.
+    """
     rope = dict(hcfg.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type {rope.get('rope_type')!r} (YaRN) is not implemented by the course's MLA")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"rope_type {rope_type!r} is not DeepSeek-V3's (default or yarn)")
+    yarn = _yarn_from_hf(hcfg, rope) if rope_type == "yarn" else {"max_seq_len": min(hcfg.max_position_embeddings, 4096)}
     if not hcfg.norm_topk_prob or hcfg.hidden_act != "silu" or hcfg.attention_bias:
         raise ValueError("only norm_topk_prob=True, hidden_act='silu' and attention_bias=False match DeepSeek-V3")
     if hcfg.num_key_value_heads != hcfg.num_attention_heads:
@@ -126,8 +175,8 @@ def config_from_hf(hcfg, **overrides) -> ModelConfig:
         qk_nope_head_dim=hcfg.qk_nope_head_dim, qk_rope_head_dim=hcfg.qk_rope_head_dim, v_head_dim=hcfg.v_head_dim,
         moe_inter_dim=hcfg.moe_intermediate_size, n_routed_experts=hcfg.n_routed_experts, n_shared_experts=hcfg.n_shared_experts,
         n_activated_experts=hcfg.num_experts_per_tok, n_expert_groups=hcfg.n_group, n_limited_groups=hcfg.topk_group,
-        route_scale=hcfg.routed_scaling_factor, mtp_depth=0, max_seq_len=min(hcfg.max_position_embeddings, 4096),
-        rope_theta=float(rope.get("rope_theta", 10000.0)), rms_norm_eps=hcfg.rms_norm_eps,
+        route_scale=hcfg.routed_scaling_factor, mtp_depth=0, rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rms_norm_eps=hcfg.rms_norm_eps, **yarn,
     )
     kw.update(overrides)
     return ModelConfig(**kw)

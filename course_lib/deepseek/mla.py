@@ -29,9 +29,11 @@ Parameter names follow DeepSeek's inference code so Section 5 can map weights to
 ``DeepseekV3Attention``: ``wq_a -> q_a_proj``, ``q_norm -> q_a_layernorm``, ``wq_b -> q_b_proj``
 (``wq -> q_proj``), ``wkv_a -> kv_a_proj_with_mqa``, ``kv_norm -> kv_a_layernorm``,
 ``wkv_b -> kv_b_proj``, ``wo -> o_proj`` (see ``HF_NAMES``). RoPE rotates interleaved pairs
-(``course_lib.deepseek.common``), which HF reproduces with ``rope_interleave=True``. YaRN is not
-implemented: keep ``max_seq_len <= 4096`` (V3's ``original_seq_len``) so the softmax scale is exactly
-``1/sqrt(qk_nope_head_dim + qk_rope_head_dim)``.
+(``course_lib.deepseek.common``), which HF reproduces with ``rope_interleave=True``. YaRN follows DeepSeek's
+``inference/model.py``: when ``cfg.yarn`` (``rope_scaling="yarn"`` and ``max_seq_len > original_seq_len``) the
+rotary frequencies are ``cfg.rope_frequencies()`` (``common.yarn_frequencies``) and the softmax scale of both paths
+is ``cfg.softmax_scale`` = ``mscale^2 / sqrt(d_h + d_h^R)``; otherwise exactly ``1/sqrt(d_h + d_h^R)``. Only the
+rotary dims change: the cache holds the same 576 numbers per token.
 
 Interface::
 
@@ -107,10 +109,11 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     return scores.softmax(-1)
 
 
-def _angles_for(x: torch.Tensor, start_pos: int, dim: int, theta: float) -> torch.Tensor:
-    """RoPE angles of the T tokens of ``x`` at absolute positions ``start_pos ..``, always computed in float64."""
+def _angles_for(x: torch.Tensor, start_pos: int, dim: int, theta: float, freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE angles of the T tokens of ``x`` at absolute positions ``start_pos ..``, always computed in float64
+    (``freqs``: the (dim/2,) frequencies, e.g. YaRN's; default ``theta^(-2i/dim)``)."""
     positions = start_pos + torch.arange(x.shape[1], device=x.device)
-    return rope_angles(positions, dim, theta, dtype=torch.float64)  # (T, dim / 2)
+    return rope_angles(positions, dim, theta, dtype=torch.float64, freqs=freqs)  # (T, dim / 2)
 
 
 class MLA(nn.Module):
@@ -131,7 +134,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(lat, eps)  # the latent only
         self.wkv_b = nn.Linear(lat, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)  # per head [W_UK ; W_UV]
         self.wo = nn.Linear(heads * cfg.v_head_dim, d, bias=False)  # W_O
-        self.softmax_scale = cfg.softmax_scale
+        self.softmax_scale = cfg.softmax_scale  # 1/sqrt(d_h + d_h^R), times mscale^2 when YaRN is active
 
     def new_cache(self, batch: int, max_seq_len: int | None = None, *, kind: str = "latent",
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LatentKVCache | KVCache:
@@ -187,7 +190,8 @@ class MLA(nn.Module):
         """
         c = self.cfg
         check_input(x, c.dim, start_pos, c.max_seq_len)
-        angles = _angles_for(x, start_pos, c.qk_rope_head_dim, c.rope_theta)
+        freqs = c.rope_frequencies(x.device) if c.yarn else None  # YaRN's, beyond original_seq_len
+        angles = _angles_for(x, start_pos, c.qk_rope_head_dim, c.rope_theta, freqs)
         q_nope, q_pe = self.queries(x, angles)  # (B, T, H, d_h), (B, T, H, d_h^R)
         c_kv, k_pe = self.latent(x, angles)  # (B, T, d_c), (B, T, d_h^R)
         if isinstance(cache, KVCache):  # naive path over a cache of per-head K and V

@@ -124,8 +124,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
     ``total``: the main model (embedding, blocks, final norm, head), as DeepSeek reports it (671B for
     V3); ``active``: what one token uses, i.e. ``total`` minus the ``n_routed - n_activated`` routed experts
-    it skips in every MoE layer (37.5B for V3, "37B activated"); ``mtp``: the MTP modules on top, their
-    shared embedding and head not counted again (11.6B for V3). The gate bias is a buffer, not a parameter.
+    it skips in every MoE layer, the embedding included (37.6B for V3; the course's convention leaves the embedding
+    out: 36.6B, DeepSeek's "37B activated", ``course_lib.planner.count_active``, see ``course_lib.deepseek.v3``);
+    ``mtp``: the MTP modules on top, their shared embedding and head not counted again (11.6B for V3). The gate
+    bias is a buffer, not a parameter.
     """
     d, H = cfg.dim, cfg.n_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim

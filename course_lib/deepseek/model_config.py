@@ -27,6 +27,7 @@ from torch import nn
 from course_lib.deepseek.common import RMSNorm, SwiGLU
 from course_lib.deepseek.mla import MLAConfig
 from course_lib.deepseek.moe import MoEConfig, RoutingInfo
+from course_lib.deepseek.v3 import preset
 
 __all__ = ["IGNORE_INDEX", "ModelConfig", "ModelOutput", "StepStats", "init_weights", "convert_to_fp8", "MHABaseline",
            "masked_cross_entropy"]
@@ -68,6 +69,13 @@ class ModelConfig:
     max_seq_len: int = 64
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    # context extension, as MLAConfig (DeepSeek's inference/model.py): beyond original_seq_len choose a rope scaling
+    original_seq_len: int = 4096
+    rope_scaling: str | None = None  # None (not chosen), "none" (plain RoPE) or "yarn" (DeepSeek-V3)
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
     fp8: bool = False  # FP8 (emulated on CPU) GEMMs in every linear layer of the blocks
 
     def __post_init__(self) -> None:
@@ -75,22 +83,21 @@ class ModelConfig:
             raise ValueError(f"need n_layers >= 1 and 0 <= n_dense_layers <= n_layers, got {self.n_layers}, {self.n_dense_layers}")
         if self.mtp_depth < 0:
             raise ValueError(f"mtp_depth must be >= 0, got {self.mtp_depth}")
-        if self.max_seq_len > 4096:
-            raise ValueError("max_seq_len above 4096 would need YaRN, which the course's MLA does not implement")
+        self.mla()  # validates the context length and rope scaling (max_seq_len > original_seq_len needs a choice)
         self.moe()  # validates the routing fields
 
     @classmethod
-    def v3(cls) -> ModelConfig:
-        """DeepSeek-V3 (``inference/configs/config_671B.json``): 61 layers, first 3 dense, 256 experts, top-8."""
-        return cls(vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3, n_heads=128, inter_dim=18432, q_lora_rank=1536,
-                   kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_inter_dim=2048,
-                   n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
-                   route_scale=2.5, mtp_depth=1, mtp_lambda=0.3, max_seq_len=4096)
+    def v3(cls, max_seq_len: int = 4096) -> ModelConfig:
+        """DeepSeek-V3 (``course_lib.deepseek.v3.V3``): 61 layers, first 3 dense, 256 experts, top-8, YaRN chosen
+        (active only for ``max_seq_len > 4096``; DeepSeek's generate.py runs at 16384)."""
+        return cls(**preset(cls, max_seq_len=max_seq_len, rope_scaling="yarn"))
 
     def mla(self) -> MLAConfig:
         return MLAConfig(dim=self.dim, n_heads=self.n_heads, q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
                          qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-                         max_seq_len=self.max_seq_len, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps)
+                         max_seq_len=self.max_seq_len, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                         original_seq_len=self.original_seq_len, rope_scaling=self.rope_scaling, rope_factor=self.rope_factor,
+                         beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale)
 
     def moe(self) -> MoEConfig:
         return MoEConfig(dim=self.dim, moe_inter_dim=self.moe_inter_dim, n_routed_experts=self.n_routed_experts,

@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from course_lib.deepseek.v3 import preset
+
 __all__ = ["MoEConfig", "RoutingInfo", "expert_load", "expert_capacity", "dispatch_per_token"]
 
 
@@ -66,9 +68,9 @@ class MoEConfig:
 
     @classmethod
     def deepseek_v3(cls) -> MoEConfig:
-        """The 671B model's MoE layer (REFERENCE: 256 routed, 1 shared, top-8, 8 groups keep 4, scale 2.5)."""
-        return cls(dim=7168, moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
-                   n_expert_groups=8, n_limited_groups=4, route_scale=2.5)
+        """The 671B model's MoE layer (``course_lib.deepseek.v3.V3``: 256 routed, 1 shared, top-8, 8 groups keep 4,
+        scale 2.5, sigmoid)."""
+        return cls(**preset(cls))
 
 
 @dataclass

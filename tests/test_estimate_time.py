@@ -1,0 +1,92 @@
+"""tools/estimate_time.py: the time model, deep-dive regions, and every notebook's stated time against its estimate."""
+
+from __future__ import annotations
+
+import estimate_time as ET
+import pytest
+from conftest import section_names
+
+SCRIPT = '''# %% [markdown]
+# # Section 9
+# **Time:** core path about 5 min; deep dives 5 min.
+#
+# one two three four five six seven eight nine ten
+
+# %% [solution id=ex_09_1_a]
+def f(x):
+    """A docstring line counts (it is code the learner writes)."""
+    ### BEGIN SOLUTION
+    # a comment does not count
+    y = x + 1
+
+    return y
+    ### END SOLUTION
+
+# %% [markdown]
+# ## 9.1 Core
+# alpha beta
+#
+# ### Deep dive: the long way round
+# gamma delta epsilon
+# ```
+# # not a heading inside a fence
+# ```
+# #### a sub-heading stays in the deep dive
+# zeta
+
+# %% [solution id=ex_09_2_b]
+def g():
+    ### BEGIN SOLUTION
+    return 2
+    ### END SOLUTION
+
+# %% [markdown]
+# ### 9.2 back on the core path (same level closes the deep dive)
+# | a | b |
+# |---|---|
+# | 1 | 2 |
+#
+# ## Optional challenge (ungraded)
+# try it
+'''
+
+
+def test_the_model_and_deep_dive_regions():
+    e = ET.estimate("09_demo", SCRIPT)
+    assert (e.core_lines, e.deep_lines) == (2, 1), "y = x + 1 and return y on the core path; return 2 in the deep dive"
+    assert e.deep_dives == ("Deep dive: the long way round", "Optional challenge (ungraded)")
+    deep = "### Deep dive: the long way round gamma delta epsilon ``` # not a heading inside a fence ``` " \
+           "#### a sub-heading stays in the deep dive zeta ## Optional challenge (ungraded) try it"
+    assert e.deep_words == len(deep.split())
+    assert e.core_minutes == pytest.approx(e.core_words / 120 + 2 * 1.5)
+    assert e.deep_minutes == pytest.approx(e.deep_words / 120 + 1.5)
+    assert ET.stated("09_demo", SCRIPT) == (5, 5)
+    assert ET.stated("09_demo", SCRIPT.replace("; deep dives 5 min.", "; no deep dives.")) == (5, 0)
+    assert ET.stated("09_demo", SCRIPT.replace("**Time:**", "Time:")) is None
+    assert ET.statement(e).startswith("**Time:** core path about 5 min; ")
+
+
+def _within(stated: float, estimated: float) -> bool:
+    """25% of the estimate, or the 2.5 minutes that rounding to 5 minutes may cost."""
+    return abs(stated - estimated) <= max(ET.TOLERANCE * estimated, 2.5)
+
+
+@pytest.mark.parametrize("section", section_names())
+def test_each_notebook_states_its_estimated_time(section):
+    st = ET.stated(section)
+    assert st, (f"notebooks/{section}.py: the intro needs one line '**Time:** core path about N min; deep dives M min.' "
+                f"(or '; no deep dives.'): `python tools/estimate_time.py --write {section}` writes it")
+    e = ET.estimate(section)
+    assert _within(st[0], e.core_minutes), f"{section}: states {st[0]} min of core path, the estimate is {e.core_minutes:.0f}"
+    assert _within(st[1], e.deep_minutes), f"{section}: states {st[1]} min of deep dives, the estimate is {e.deep_minutes:.0f}"
+
+
+def test_the_readme_course_map_states_the_notebooks_times():
+    import re
+
+    from conftest import ROOT
+
+    rows = re.findall(r"^\| (\d) \| \[[^\]]+\]\(release/(\w+)/\w+\.ipynb\) \| (\d+) min \|", (ROOT / "README.md").read_text(), re.M)
+    assert {s for _, s, _ in rows} == set(section_names()), rows
+    for _, section, minutes in rows:
+        assert int(minutes) == ET.stated(section)[0], f"README says {minutes} min for {section}, its intro {ET.stated(section)[0]}"
