@@ -25,11 +25,6 @@
 # | | model width $d$ [`dim`] | heads $n_h$ | query latent $d_c'$ [`q_lora_rank`] | KV latent $d_c$ [`kv_lora_rank`] | $d_h$ [`qk_nope_head_dim`] | $d_h^R$ [`qk_rope_head_dim`] | $d_v$ [`v_head_dim`] |
 # |---|---|---|---|---|---|---|---|
 # | DeepSeek-V3 | 7168 | 128 | 1536 | 512 | 128 | 64 | 128 |
-#
-# *For instructors:* the template is followed. 2.1 is a short exercise because the KV cache and the offset
-# causal mask are new here. RMSNorm and RoPE are given from `course_lib.deepseek.common`, and the configuration and
-# cache containers from `course_lib.deepseek.attention`: learners decide what goes *into* the cache, not how to store it.
-# The course's own MLA (`course_lib.deepseek.mla`, the answer key) is not importable while this section is graded.
 
 # %% [given]
 import math

@@ -28,13 +28,6 @@
 # | | $d$ [`dim`] | expert width [`moe_inter_dim`] | routed $N_r$ [`n_routed_experts`] | shared $N_s$ | active $K_r$ [`n_activated_experts`] | groups [`n_expert_groups`] | kept groups $M$ [`n_limited_groups`] | [`route_scale`] |
 # |---|---|---|---|---|---|---|---|---|
 # | DeepSeek-V3 | 7168 | 2048 | 256 | 1 | 8 | 8 | 4 | 2.5 |
-#
-# *For instructors:* the template is followed. The seed's three classes (`ExpertNetwork`, `ExpertRouter`,
-# `MixtureOfExperts`) are the exercises 3.1-3.3. Load balancing gets its own exercise (3.4), because the
-# experiments after it depend on it. The routing bookkeeping (`MoEConfig`, `RoutingInfo`, `expert_load`,
-# `expert_capacity`, `dispatch_per_token`) comes from `course_lib.deepseek.routing`. The reference `MoE` in
-# `course_lib.deepseek.moe` is what the judge (`course_judge/s03_moe/`) compares against; the grading kernel
-# cannot import it.
 
 # %% [given]
 import math

@@ -22,10 +22,6 @@
 #
 # **Prerequisites:** floating-point representation
 # (Section 1.4), autograd (`torch.autograd.Function`), a training loop.
-#
-# *For instructors:* the seed's 4.1 (FP8 conversion utilities) is split into four graded parts — codec,
-# quantiser, GEMM, linear layer — because each is a separate skill with its own failure modes; the
-# seed's 4.2 and 4.3 follow the template unchanged.
 
 # %% [given]
 import torch

@@ -21,13 +21,6 @@
 #
 # **Prerequisites:** Sections 2
 # (MLA, latent cache, absorption) and 3 (DeepSeekMoE routing and balancing); Section 4 for the FP8 comparison.
-#
-# *For instructors:* the template is followed. MLA, MoE and FP8Linear come from `course_lib.deepseek`, the course's
-# reference versions of what learners wrote in Sections 2–4, so a failure here is an integration mistake. Every
-# figure and the training run use the learner's own classes; the course's reference model never enters the kernel. The
-# comparisons that need several training runs (no balancing, no MTP, FP8) show curves recorded by
-# `make checkpoints` from the same code; set `RETRAIN = True` to rerun them (a few minutes). The graded training
-# run always executes.
 
 # %% [given]
 import math

@@ -23,12 +23,6 @@
 #
 # **Prerequisites:** Sections 2 (MLA,
 # latent cache) and 3 (DeepSeekMoE routing), autograd, `pytest`-style asserts.
-#
-# *For instructors:* the seed's three subsections (organisation, performance, scaling) become five. The memory
-# planner (6.3) and serving (6.5) get their own headings because each answers a separate production question
-# ("does it fit?", "how many users?"). The three graded exercises are a test-writing exercise (graded by
-# running the learner's test against hidden correct and wrong implementations), the planner and expert-parallel
-# dispatch/combine. The distributed cells spawn two worker processes once per kernel, which takes a few seconds.
 
 # %% [given]
 import torch

@@ -134,3 +134,45 @@ def test_quiz_key_cannot_be_guessed_with_one_letter(section):
     assert len(key) >= 3, f"{section}: expected a quiz of at least 3 questions, found {len(key)} answers"
     top = max(key.count(x) for x in set(key))
     assert top / len(key) <= 0.6, f"{section}: quiz key {key} — answering one letter everywhere scores {top}/{len(key)}"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_student_text_has_no_instructor_notes(section):
+    """What students read carries nothing addressed to instructors (design notes live in docs/AUTHORING.md)."""
+    nb = load_nb(ROOT / "release" / section / f"{section}.ipynb")
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown":
+            text = _src(cell).lower()
+            for phrase in ("for instructors", "instructor note", "answer key", "the judge ("):
+                assert phrase not in text, f"release/{section} cell {i} addresses instructors ({phrase!r})"
+
+
+def _solution_lines(section: str) -> set[str]:
+    """The non-trivial lines between BEGIN/END SOLUTION in the source, whitespace-normalised."""
+    nb = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    lines: set[str] = set()
+    for cell in nb["cells"]:
+        inside = False
+        for line in _src(cell).splitlines():
+            if "### BEGIN SOLUTION" in line:
+                inside = True
+            elif "### END SOLUTION" in line:
+                inside = False
+            elif inside:
+                code = " ".join(line.split("#", 1)[0].split())
+                # an answer line is one with an operation in it; names and short returns are shared with the stub
+                if len(code) >= 24 and any(op in code for op in ("(", "[", "*", "/", "+", "-", "@")):
+                    lines.add(code)
+    return lines
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_markdown_never_quotes_an_answer_line(section):
+    """No answer line appears in the release's text: troubleshooting tables, hints and tips name symptoms and concepts."""
+    answers = _solution_lines(section)
+    assert answers, f"{section}: no solution lines found in source"
+    nb = load_nb(ROOT / "release" / section / f"{section}.ipynb")
+    text = " ".join(" ".join(_src(c).split()) for c in nb["cells"] if c["cell_type"] == "markdown")
+    text = text.replace("`", "")
+    quoted = sorted(a for a in answers if a in text)
+    assert not quoted, f"release/{section} markdown quotes answer lines: {quoted[:3]}"
