@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["SAVE_MARK", "FOLDER", "parts_dir", "module_path", "latest_cells", "save_my_parts", "my_part"]
+__all__ = ["SAVE_MARK", "FOLDER", "parts_dir", "module_path", "latest_cells", "save_my_parts", "my_part", "saved_part"]
 
 SAVE_MARK = "#@save"
 FOLDER = "my_deepseek"
@@ -276,3 +276,15 @@ def my_part(section: str, name: str, fallback: Any, check: Callable[[Any], objec
             return fall("yours differs from it in a quick check")
     print(f"using your {name} (from {_shown(path)})")
     return obj
+
+
+def saved_part(section: str, name: str, default: Any = None) -> Any:
+    """The learner's saved ``name`` from ``my_deepseek/s<section>.py`` without a word: ``default`` when it is missing,
+    does not import, or while grading. For helpers a checked part needs (use :func:`my_part` for the part itself)."""
+    path = module_path(section)
+    if _grading() or not path.exists():
+        return default
+    try:
+        return getattr(_load(path), name, default)
+    except BaseException:  # noqa: BLE001 - my_part reports the same failure for the part itself
+        return default

@@ -283,7 +283,8 @@ def _is_number(v) -> bool:
 
 
 def _control(widgets, name: str, choices: Sequence[object]):
-    """A slider over sorted numeric choices, a checkbox for booleans, else a dropdown; full-width labels."""
+    """A slider over sorted numeric choices, a checkbox for booleans, else a dropdown (numbers sorted, then words);
+    full-width labels."""
     style = {"description_width": "initial"}
     layout = widgets.Layout(width="min(520px, 95%)")
     first = choices[0]
@@ -293,7 +294,11 @@ def _control(widgets, name: str, choices: Sequence[object]):
                                        style=style, layout=layout)
     if all(isinstance(v, bool) for v in choices):
         return widgets.Checkbox(value=bool(first), description=name, style=style, indent=False)
-    return widgets.Dropdown(options=list(choices), value=first, description=name, style=style, layout=layout)
+    # mixed choices (a size or "tensor"): the numbers in order, then the words as given
+    numbers = sorted({v for v in choices if _is_number(v)})
+    words = [v for v in dict.fromkeys(choices) if not _is_number(v)]
+    return widgets.Dropdown(options=[(str(v), v) for v in numbers + words], value=first, description=name,
+                            style=style, layout=layout)
 
 
 def _guarded(fn: Callable[..., object]) -> Callable[..., object]:

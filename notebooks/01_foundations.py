@@ -307,7 +307,7 @@ except NotImplementedError:
 # each token to $k\ll N$ of them. Parameters grow with $N$, compute only with $k$. The router scores token
 # $u_t$ against a learned centroid $e_i$ per expert and keeps the top $k$:
 #
-# $$s_{i,t} = \begin{cases}\mathrm{softmax}_i(u_t^\top e_i) & \text{(GShard, DeepSeek-V2)}\\ \sigma(u_t^\top e_i) & \text{(DeepSeek-V3)}\end{cases}\qquad
+# $$s_{i,t} = \begin{cases}\mathrm{softmax}_i(u_t^\top e_i) & \text{(Switch, DeepSeek-V2)}\\ \sigma(u_t^\top e_i) & \text{(DeepSeek-V3)}\end{cases}\qquad
 # g_{i,t} = \begin{cases} s_{i,t} & \text{softmax gating: already a distribution}\\ s_{i,t}\,/\sum_{j\in\mathrm{TopK}} s_{j,t} & \text{sigmoid gating: renormalise over the chosen}\end{cases}$$
 #
 # for $i$ in the top-$k$ set, and 0 otherwise. Sigmoid scores are independent per expert (one expert's

@@ -14,8 +14,9 @@
 # - explain decoupled RoPE: why the rotary part needs its own key and why one key serves every head;
 # - derive and implement weight absorption, and check it against the naive path to float64 round-off;
 # - measure cache memory, prefill and decode cost, and explain the results in FLOPs and bytes.
+# - explain why a 128K context needs YaRN, and read its frequency blend and softmax-scale factor off the config.
 #
-# **Time:** core path about 130 min; no deep dives.
+# **Time:** core path about 135 min; no deep dives.
 #
 # **Prerequisites:** Section 1 (scaled
 # dot-product attention, KV-cache bytes, low-rank factorisation), PyTorch `nn.Module`.
@@ -202,7 +203,7 @@ print("StandardAttention: visible tests passed")
 #
 # ## 2.2 Compression: the latents
 #
-# DeepSeek-V2 eqs. (9), (12) and (15), with the RMSNorms that DeepSeek-V3 adds after each latent:
+# DeepSeek-V2 eqs. (9), (12) and (15), with an RMSNorm on each latent (DeepSeek-V2's released model has them; the paper's equations leave them out):
 #
 # $$c_t^{Q} = \mathrm{RMSNorm}_q\big(W^{DQ} h_t\big) \in \mathbb{R}^{d_c'}, \qquad
 #   c_t^{KV} = \mathrm{RMSNorm}_{kv}\big(W^{DKV} h_t\big) \in \mathbb{R}^{d_c}, \qquad
@@ -218,7 +219,7 @@ print("StandardAttention: visible tests passed")
 # %% [solution id=ex_02_2_compression]
 #@save
 class CompressionLayer(nn.Module):
-    """MLA's down-projections (DeepSeek-V2 eqs. (9), (12), (15); RMSNorms on the latents as in DeepSeek-V3).
+    """MLA's down-projections (DeepSeek-V2 eqs. (9), (12), (15); RMSNorms on the latents as in DeepSeek-V2's released code).
 
     Weights (no biases), named as in DeepSeek's code (Section 5 maps them to HF transformers):
         wq_a    Linear(dim -> q_lora_rank)                       W^{DQ}
@@ -560,7 +561,8 @@ plt.show()
 
 # %% [markdown]
 # At 128K tokens a V3-sized MHA would need about 488 GiB of cache for one sequence, the memory of more than six
-# 80 GB GPUs. MLA needs 8.6 GiB.
+# 80 GB GPUs. MLA needs 8.6 GiB. At that length the released model runs with YaRN (section 2.5): it changes the
+# rotary frequencies and the softmax scale, never what is cached, so these bytes hold with it.
 #
 # ### Performance: prefill and decode across sequence lengths
 #
@@ -821,6 +823,74 @@ def memory_explorer(kv_lora_rank: int = 512, context: int = 4096):
 viz.interactive(memory_explorer, kv_lora_rank=[512, 128, 256, 1024], context=[4096, 32768, 131072, 1024])
 
 # %% [markdown]
+# ## 2.5 Long context: YaRN
+# DeepSeek-V3 was pre-trained on 4K-token sequences and then extended to 128K. Plain RoPE does not extend: pair $i$
+# of the rotary key turns at frequency $f_i = \theta^{-2i/d}$, and the slowest pairs make less than one turn in
+# 4096 tokens. At position 100,000 they show angles the model never saw in pre-training, and attention degrades.
+# YaRN (Peng et al., 2023) rescales each frequency by how many turns it makes over the original context $L$:
+#
+# $$r_i = \mathrm{clamp}\Big(\frac{i - \ell}{h - \ell},\, 0,\, 1\Big), \qquad f_i' = (1 - r_i)\, f_i + r_i\, \frac{f_i}{s},
+# \qquad \mathrm{index}(n) = \frac{d \,\ln\!\big(L / (2\pi n)\big)}{2 \ln \theta},$$
+#
+# where $\ell = \lfloor \mathrm{index}(\beta_{fast}) \rfloor$ and $h = \lceil \mathrm{index}(\beta_{slow}) \rceil$ are the pairs that
+# turn $\beta_{fast} = 32$ and $\beta_{slow} = 1$ times over $L$, and $s$ = `rope_factor` = 40.
+#
+# **Intuition.** Fast pairs (many turns) encode local order and already saw every angle: they keep their frequency.
+# Slow pairs (under one turn) encode coarse position: dividing them by $s$ maps 128K positions onto the angles of
+# 3.2K, inside what pre-training covered. Pairs in between are blended. Longer contexts also flatten the attention
+# distribution, so YaRN sharpens the logits: the softmax scale is multiplied by $m^2$ with
+# $m = 0.1 \ln s + 1 = 1.3689$, a factor of 1.874. DeepSeek's inference code switches YaRN on whenever
+# `max_seq_len` exceeds 4096 (its `generate.py` runs at 16384), so the released model always runs with it.
+#
+# The course gives you the three functions (`course_lib.deepseek.common`): `rope_frequencies(d, theta)`,
+# `yarn_correction_range(beta_fast, beta_slow, d, theta, L)` and `yarn_frequencies(d, theta, s, beta_fast, beta_slow, L)`.
+# `MLAConfig` refuses a `max_seq_len` above `original_seq_len` unless you choose `rope_scaling="yarn"` or `"none"`;
+# `MLAConfig.v3(max_seq_len)` chooses YaRN, as DeepSeek does, and `cfg.rope_frequencies()` and `cfg.softmax_scale`
+# follow that choice. Your MLA above takes its angles and scale from the config, so it runs YaRN unchanged.
+
+# %% [code]
+from course_lib.deepseek.common import rope_frequencies, yarn_correction_range, yarn_frequencies
+
+LONG = MLAConfig.v3(max_seq_len=131072)  # DeepSeek-V3 at 128K: YaRN active
+d_r, L = LONG.qk_rope_head_dim, LONG.original_seq_len
+low, high = yarn_correction_range(LONG.beta_fast, LONG.beta_slow, d_r, LONG.rope_theta, L)
+plain = rope_frequencies(d_r, LONG.rope_theta)  # (d_r/2,) float64
+yarn = LONG.rope_frequencies()  # (d_r/2,) the same as yarn_frequencies(d_r, theta, 40, 32, 1, 4096)
+print(f"YaRN active at 128K: {LONG.yarn}; blended pairs {low}..{high} of {d_r // 2}; "
+      f"softmax scale x{LONG.softmax_scale * math.sqrt(LONG.qk_head_dim):.3f}")
+
+# the checks the formula implies: fast pairs unchanged, slow pairs divided by s, nothing sped up
+assert torch.equal(yarn[:low], plain[:low]), "pairs below the correction range keep their frequency"
+assert torch.allclose(yarn[high:], plain[high:] / LONG.rope_factor, rtol=1e-12), "pairs above it are divided by s"
+assert bool((yarn <= plain).all()), "YaRN only slows pairs down"
+
+pairs = torch.arange(d_r // 2)
+turns = lambda f, n: (n * f / (2 * math.pi)).numpy()  # turns a pair makes over n tokens
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6))
+ax0.semilogy(pairs, turns(plain, 131072), "C0-o", ms=3, label="plain RoPE over 128K tokens")
+ax0.semilogy(pairs, turns(yarn, 131072), "C1-o", ms=3, label="YaRN over 128K tokens")
+ax0.semilogy(pairs, turns(plain, L), "k--", lw=1, label="plain RoPE over the 4K of pre-training")
+ax0.axhline(1, color="grey", lw=0.8)
+ax0.set_xlabel("rotary pair i")
+ax0.set_ylabel("turns over the context")
+ax0.set_title("How far each pair turns")
+ax0.legend(fontsize=8)
+ax1.plot(pairs, (yarn / plain).numpy(), "C1-o", ms=3)
+ax1.axvspan(low, high, color="C1", alpha=0.15, label=f"correction range {low}..{high}")
+ax1.set_xlabel("rotary pair i")
+ax1.set_ylabel("f_i' / f_i")
+ax1.set_title(f"YaRN's factor per pair (s = {LONG.rope_factor:g})")
+ax1.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The dashed line is what pre-training saw. Plain RoPE at 128K (blue) turns the slow pairs 32 times further than
+# that; YaRN (orange) brings the slowest back under it and leaves the fast pairs, which turned thousands of times
+# anyway, alone. **Try it:** change `LONG` to `MLAConfig.v3(max_seq_len=16384)`, the length DeepSeek's
+# `generate.py` uses: the frequencies are the same, because YaRN depends on the original length and the factor,
+# not on how long you decode.
+#
 # ## Optional challenge (ungraded)
 # 1. **Cache in bf16.** Run your MLA in float32 but store the latent cache in bfloat16 (`LatentKVCache(..., dtype=torch.bfloat16)`,
 #    cast on the way in and out). Measure the decode error against float32 as the context grows.
@@ -888,8 +958,8 @@ print("quiz: answers well-formed")
 # | `expected c_kv (B, T, 32) and k_pe (B, T, 8)` from `cache.update` | caching per-head tensors, or the un-split 40-d projection | cache `c_kv` (B, T, d_c) and the rotated `k_pe` (B, T, d_h^R) |
 # | benchmark speedup ≈ 1x | the absorbed path calls `keys_values` or `wkv_b` on the cache | use `absorbed_weights()` and work on `c_kv` directly |
 #
-# **Next:** Section 3 replaces the feed-forward layer with DeepSeekMoE. Section 5 stacks MLA and MoE into a model
-# built on `course_lib.deepseek.mla.MLA`, the reference version of what you just wrote.
+# **Next:** Section 3 replaces the feed-forward layer with DeepSeekMoE. Section 5 stacks your MLA and MoE into a
+# model (saved by the cell below) and trains it next to the course's versions.
 
 # %% [markdown]
 # ## Keep your parts

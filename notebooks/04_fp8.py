@@ -936,7 +936,7 @@ class StabilityMonitor:
         """What to do about each kind of alert seen so far."""
         advice = {
             "overflow": "values above the FP8 range saturate: use online (current) scaling, or a finer granularity (1x128 tiles)",
-            "underflow": "values flush to zero: the scale is set by a far larger outlier; use per-tile scales (or E5M2 for range)",
+            "underflow": "values flush to zero: the scale is set by a far larger outlier; use per-tile scales (DeepSeek-V3 gets range from fine-grained scales, not from E5M2)",
             "nonfinite": "NaN/inf in an activation: find the first layer that produces it; check the amax floor and divisions",
             "nonfinite grad": "NaN/inf gradients: skip the step (loss scaler), lower the learning rate, check the loss for log(0)",
         }
@@ -1081,7 +1081,8 @@ else:
 #
 # 1. Replace the amax scale by a power of two ($2^{\lceil\log_2(\text{amax}/448)\rceil}$, DeepSeek's `ue8m0`
 #    option): multiplying by it is exact. How much SQNR does it cost on Gaussian data?
-# 2. Train the precision study with E5M2 gradients (`grad_fmt`) instead of E4M3 and compare the final loss.
+# 2. Quantise the gradients of the precision study to E5M2 instead of E4M3 (give your backward's quantiser a
+#    format argument) and compare the final loss: why does DeepSeek-V3 keep E4M3 for gradients too?
 # 3. Emulate the Wgrad GEMM with *delayed* scaling (scales from the amax history) and find the learning rate
 #    at which the stability monitor starts reporting overflows.
 #

@@ -234,3 +234,18 @@ def test_nbgrader_config_loads():
 def test_math_sanity():
     assert math.isclose(1 / math.sqrt(192), 0.07216878364870323)
     assert os.path.exists(ROOT / "nbgrader_config.py")
+
+
+def test_interactive_controls_are_ordered_and_keep_the_default():
+    """Numbers become a sorted slider; a mixed list a dropdown with the numbers sorted, then the words; the first
+    choice stays the default either way."""
+    widgets = pytest.importorskip("ipywidgets")
+    from course_lib.viz import _control
+
+    slider = _control(widgets, "outlier_scale", [1e4, 1.0, 1e2, 1e6])
+    assert isinstance(slider, widgets.SelectionSlider) and list(slider.options) == [1.0, 1e2, 1e4, 1e6]
+    assert slider.value == 1e4
+    drop = _control(widgets, "tile", [128, 32, 512, "tensor"])
+    assert isinstance(drop, widgets.Dropdown)
+    assert [v for _, v in drop.options] == [32, 128, 512, "tensor"] and drop.value == 128
+    assert [label for label, _ in drop.options] == ["32", "128", "512", "tensor"]

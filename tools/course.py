@@ -94,15 +94,16 @@ def release(root: Path = ROOT, names: list[str] | None = None) -> None:
 
 
 def solutions(root: Path = ROOT, names: list[str] | None = None) -> None:
-    for a in names or sections(root):
-        t0 = time.perf_counter()
-        # the learner's saved parts (course_lib.learner) go to a fresh folder per section: a worked solution never
-        # reads another section's build, whatever the order, and nothing is written beside source/
-        with tempfile.TemporaryDirectory(prefix="course-my-parts-") as parts:
+    # One folder of saved parts (course_lib.learner) per build, as a learner's my_deepseek/: built in section order,
+    # Section 5's worked solution trains the worked Sections 2 and 3 parts next to the course's. Nothing is written
+    # beside source/, and a build of Section 5 alone shows the course's parts.
+    with tempfile.TemporaryDirectory(prefix="course-my-parts-") as parts:
+        for a in sorted(names or sections(root)):
+            t0 = time.perf_counter()
             proc = run_nbgrader(root, "generate_solution", a, "--force", env={"COURSE_MY_PARTS": parts})
-        if proc.returncode != 0:
-            raise SystemExit(f"generate_solution {a} failed")
-        print(f"solution {a} -> solutions/{a}/{a}.ipynb ({time.perf_counter() - t0:.0f} s)")
+            if proc.returncode != 0:
+                raise SystemExit(f"generate_solution {a} failed")
+            print(f"solution {a} -> solutions/{a}/{a}.ipynb ({time.perf_counter() - t0:.0f} s)")
 
 
 # ---------------------------------------------------------------- sample submissions
