@@ -51,6 +51,7 @@ import traceback
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -721,18 +722,26 @@ def _split_moe(moe: nn.Module):
     return router, experts, shared
 
 
-def make_moe(seed: int = 0, *, dtype: torch.dtype = torch.float64, bias: Sequence[float] | None = None, **cfg) -> nn.Module:
+def make_moe(seed: int = 0, *, dtype: torch.dtype = torch.float64, bias: Sequence[float] | None = None,
+             parts: str | None = None, **cfg) -> nn.Module:
     """A ``course_lib.deepseek.moe.MoE`` built from ``seed`` (identical on every rank), in ``dtype``.
 
     ``cfg`` overrides ``MoEConfig`` fields (the balance loss is off); ``bias`` sets the gate's selection
     bias, the natural knob for skewed routing (a large bias on some experts sends every token to them).
+    ``parts``: the path of the learner's saved Section 3 (``my_deepseek/s03_moe.py``, see ``course_lib.learner``):
+    their ``MixtureOfExperts`` instead, loaded by every worker from that file.
     Pass ``functools.partial(make_moe, ...)`` to ``ep_job`` so every worker builds the same layer.
     """
     from course_lib.deepseek.moe import MoE, MoEConfig
 
+    cls = MoE
+    if parts is not None:
+        from course_lib.learner import load_saved
+
+        cls = load_saved(Path(parts)).MixtureOfExperts
     cfg.setdefault("seq_aux_alpha", 0.0)
     torch.manual_seed(seed)
-    moe = MoE(MoEConfig(**cfg)).to(dtype)
+    moe = cls(MoEConfig(**cfg)).to(dtype)
     if bias is not None:
         with torch.no_grad():
             moe.gate.bias.copy_(torch.as_tensor(bias, dtype=moe.gate.bias.dtype))

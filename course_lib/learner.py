@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["SAVE_MARK", "FOLDER", "parts_dir", "module_path", "latest_cells", "save_my_parts", "my_part", "saved_part"]
+__all__ = ["SAVE_MARK", "FOLDER", "parts_dir", "module_path", "latest_cells", "save_my_parts", "my_part", "saved_part", "load_saved"]
 
 SAVE_MARK = "#@save"
 FOLDER = "my_deepseek"
@@ -288,3 +288,9 @@ def saved_part(section: str, name: str, default: Any = None) -> Any:
         return getattr(_load(path), name, default)
     except BaseException:  # noqa: BLE001 - my_part reports the same failure for the part itself
         return default
+
+
+def load_saved(path: Path) -> ModuleType:
+    """The module a ``save_my_parts`` file defines (cached while unchanged), e.g. in a worker process that was
+    handed its path."""
+    return _load(Path(path))

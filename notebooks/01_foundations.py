@@ -583,9 +583,9 @@ print("quiz: answers well-formed")
 # | symptom | likely cause | fix |
 # |---|---|---|
 # | `NotImplementedError: exercise not implemented yet` | a stub is still in place | replace the `raise` line in that function |
-# | attention weights' rows don't sum to 1 | softmax over the wrong dimension | `softmax(scores, dim=-1)` (keys) |
-# | causal output differs only when `S > T` | mask aligned to the start, not the end | `tril(diagonal=S - T)` |
-# | low-rank error larger than the bound | kept the smallest singular values, or put $\Sigma$ in both factors | `U[:, :r] * S[:r]` and `Vh[:r]` |
+# | attention weights' rows don't sum to 1 | softmax over the wrong dimension | normalise over the keys, the last axis of the scores |
+# | causal output differs only when `S > T` | mask aligned to the start, not the end | the T queries are the *last* T of the S positions: query $i$ sees keys up to $S - T + i$ |
+# | low-rank error larger than the bound | kept the smallest singular values, or put $\Sigma$ in both factors | keep the $r$ largest singular values (SVD returns them in descending order) and put $\Sigma_r$ in one factor only |
 # | `decode_fp8` wrong only for small codes | subnormals decoded with the implicit leading 1 | exponent 0: $2^{1-\text{bias}} \cdot m/2^M$ |
 # | E4M3 codes 0x78–0x7E decode to inf/NaN | treated E4M3 like IEEE | `float8_e4m3fn` has no inf; only `S.1111.111` is NaN |
 # | `ModuleNotFoundError: course_lib` | kernel not started from the course venv | `make lab`, or pick the "DeepSeek-V3 course" kernel |

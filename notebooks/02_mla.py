@@ -703,10 +703,11 @@ _true(_speedup >= 3.0, f"absorbed decode is only {_speedup:.1f}x faster than nai
 
 # %% [markdown]
 # ### Attention patterns: MHA vs MLA
-# Both layers see the same input, a sequence that repeats every 8 tokens, and both have random weights. Heads
-# then attend to earlier tokens with the same content, which shows as stripes parallel to the diagonal, 8 positions
-# apart. Which stripes a head prefers is random. The point is that MLA builds its keys from a 32-d latent and still
-# produces patterns of the same kind. The naive and absorbed paths give the same probabilities, so only the naive
+# Both layers see the same input, a sequence that repeats every 8 tokens, and both have random weights. Random
+# weights give each head a few preferred keys, so most rows are a scatter of bright cells; where a head prefers a
+# token's own content, its bright cells repeat every 8 keys (MHA head 2 here). Which keys a head prefers is random,
+# and untrained heads show no clean structure. The point is that MLA builds its keys from a 32-d latent and still
+# produces patterns of the same kind: causal, sparse, and as varied across heads as MHA's. The naive and absorbed paths give the same probabilities, so only the naive
 # ones are drawn.
 
 # %% [code]
@@ -936,6 +937,9 @@ for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
 
+# %% [given id=feedback_02_quiz]
+#@quiz-feedback
+
 # %% [markdown]
 # ## Summary
 # - MLA caches a normalised latent $c^{KV}$ ($d_c$ = 512) and one rotary key $k^R$ ($d_h^R$ = 64) per token: 576
@@ -953,10 +957,10 @@ print("quiz: answers well-formed")
 # | `ValueError: x must have shape (B, T, dim)` | a token passed as (B, dim) | `x[:, None, :]` or slice with `x[:, t : t + 1]` |
 # | cached decode differs from the full forward after the first step | RoPE positions start at 0 for every chunk, or mask not offset | angles for `start_pos .. start_pos + T - 1`; `causal_mask(T, S)` |
 # | `start_pos ... would leave a hole` | a decode step skipped a position | feed position `cache.length` next |
-# | absorbed ≠ naive by ~1e-1 | `w_uk`/`w_uv` taken from the wrong rows, or different scales | per-head layout $[k^C_h; v_h]$: `view(H, d_h + d_v, d_c)`; same $1/\sqrt{d_h + d_h^R}$ |
+# | absorbed ≠ naive by ~1e-1 | `w_uk`/`w_uv` taken from the wrong rows, or different scales | `wkv_b`'s rows are grouped per head as $[k^C_h; v_h]$; both paths use the same $1/\sqrt{d_h + d_h^R}$ |
 # | float64 output off the reference by ~1e-9 to 1e-7 | RoPE angles computed in float32 | `rope_angles(..., dtype=torch.float64)` |
 # | `expected c_kv (B, T, 32) and k_pe (B, T, 8)` from `cache.update` | caching per-head tensors, or the un-split 40-d projection | cache `c_kv` (B, T, d_c) and the rotated `k_pe` (B, T, d_h^R) |
-# | benchmark speedup ≈ 1x | the absorbed path calls `keys_values` or `wkv_b` on the cache | use `absorbed_weights()` and work on `c_kv` directly |
+# | benchmark speedup ≈ 1x | the absorbed path calls `keys_values` or `wkv_b` on the cache | fold the up-projections into the query and the output, and attend over `c_kv` itself |
 #
 # **Next:** Section 3 replaces the feed-forward layer with DeepSeekMoE. Section 5 stacks your MLA and MoE into a
 # model (saved by the cell below) and trains it next to the course's versions.

@@ -907,6 +907,9 @@ for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
 
+# %% [given id=feedback_03_quiz]
+#@quiz-feedback
+
 # %% [markdown]
 # ## Summary
 # - A DeepSeekMoE layer = shared expert(s) on every token + $K_r$ of $N_r$ fine-grained SwiGLU experts. V3: 1 + 8 of
@@ -924,10 +927,10 @@ print("quiz: answers well-formed")
 # | `NotImplementedError: exercise not implemented yet` | a stub is still in place | replace the `raise` line in that method |
 # | weights do not sum to 2.5 | not renormalised, or `route_scale` forgotten | divide the chosen $s$ by their sum, then multiply by `route_scale` |
 # | "bias in weights" | gathered the weights from `s + b` | gather from the unbiased `scores` |
-# | tokens routed outside their kept groups | masked with 0 (or a large negative number that biased scores can undercut) | `masked_fill(..., float("-inf"))` |
-# | wrong groups kept | group score = max | sum of each group's two largest selection scores (`topk(2).values.sum(-1)`) |
+# | tokens routed outside their kept groups | masked with 0 (or a large negative number that biased scores can undercut) | mask dropped groups with $-\infty$, which no biased score can undercut |
+# | wrong groups kept | group score = max | a group's score is the sum of its two largest selection scores |
 # | `RuntimeError: split_with_sizes expects split_sizes to sum exactly to ...` | counts taken before dropping masked assignments | `bincount` the *kept* sorted assignments |
-# | output right for one token, wrong for others | `order // K` vs `order % K` mixed up, or the weights not permuted with `order` | token = `order // K`; weight = `weights.reshape(-1)[order]` |
+# | output right for one token, wrong for others | `order // K` vs `order % K` mixed up, or the weights not permuted with `order` | assignment $j$ of the flattened (N, K) layout belongs to token $j$ div $K$; permute the weights with the same order as the assignments |
 # | "expert e was called n times" | a loop over tokens, or over (token, slot) pairs | one call per expert on its contiguous slice |
 # | MaxVio grows with the bias update on | sign flipped | `sign(mean - load)`: overloaded experts go *down* |
 # | benchmark speedup ≈ 1x | per-token loop inside `dispatch` | sort once, slice per expert |

@@ -1125,6 +1125,9 @@ for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4, ANSWER_Q5],
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
 
+# %% [given id=feedback_04_quiz]
+#@quiz-feedback
+
 # %% [markdown]
 # ## Summary
 #
@@ -1148,7 +1151,7 @@ print("quiz: answers well-formed")
 # | NaN in quantised output, no NaN in input | no clamping before the cast, or an all-zero tile divided by 0 | clamp to $\pm$max; floor amax at $10^{-4}$ |
 # | tile's max code is 127, not 448 | scale = amax/127 (the int8 range) | scale = amax / fmt.max |
 # | dequantised values wildly off | scale stored as its reciprocal | store amax/448 and multiply to dequantise |
-# | "scale ... shape (M, 1)" | one scale per row or tensor | reshape to (M, K/128, 128) and reduce the last axis |
+# | "scale ... shape (M, 1)" | one scale per row or tensor | one scale per row *and* per 128 columns: group the columns into tiles before taking amax |
 # | Wgrad far from the reference | reused the forward's tiles along K | re-tile $\partial y^\top$ and $x^\top$ along the tokens |
 # | fp16 loss stuck, every step skipped | scale never shrinks, or clipping before unscaling | halve on overflow; unscale, then clip |
 # | fp16 scale stays low forever | growth counter not incremented / reset on growth | count clean steps; double at 2000 |

@@ -51,6 +51,8 @@ from course_lib.cluster import DispatchPlan, WorkerError, all_to_all, get_cluste
 from course_lib.deepseek.common import RMSNorm, SwiGLU
 from course_lib.deepseek.mla import MLA, MLAConfig, MultiHeadAttention
 from course_lib.deepseek.moe import route as moe_route
+from course_lib.learner import module_path, my_part
+from course_lib.my_model import check_moe, your_moe
 from course_lib.plan_config import (BF16_MIXED, COMPONENTS, DEEPSEEK_V3, GiB, V3_TRAINING, ModelConfig, Parallelism,
                                     Precision, attention_training_flops_per_token)
 from course_lib.utils import env_report
@@ -478,7 +480,8 @@ print(f"-> {per_gpu / 1e12:.0f} TFLOP/s per H800 on average: {100 * per_gpu / 98
 #
 # **Active parameters** are the weights one token multiplies with: all of the above except the routed experts it
 # did not choose ($256 - 8$ per MoE layer) and except the embedding table, from which a token reads one row.
-# This convention gives DeepSeek-V3's "671B total, 37B activated" and also V2's "236B, 21B".
+# This convention gives DeepSeek-V3's "671B total, 37B activated" (36.6B; Section 5 counts the whole embedding table
+# as active and gets 37.6B) and also V2's "236B, 21B".
 #
 # **KV cache** per token per layer: MLA stores $d_c + d_h^R$ numbers; standard MHA with the same heads stores $2 n_h d_h$.
 #
@@ -808,8 +811,8 @@ _probe = torch.randn(10, 16, generator=_g, dtype=torch.float64)
 _res = get_cluster(2).run(ep_job, _moe_fn, _x, _probe, dispatch=ep_dispatch, combine=ep_combine, backward=False, timeout=60)
 _ref = single_process_reference(_moe_fn(), _x, _probe)
 assert_close(torch.cat([r["out"] for r in _res]), _ref["out"], atol=1e-12, rtol=0, name="EP output over 2 ranks vs one process",
-             hint="multiply each returned row by its pair's weight, taken in the rows' sorted order "
-                  "(topk_weight.reshape(-1)[plan.order]), and sum per token")  # measured 3e-17
+             hint="multiply each returned row by its pair's combine weight, taken in the same sorted order as the "
+                  "rows, and sum per token")  # measured 3e-17
 for _rk in range(2):
     assert_true(_res[_rk]["recv_counts"] == [_res[_j]["send_counts"][_rk] for _j in range(2)],
                 f"rank {_rk} recv_counts {_res[_rk]['recv_counts']} do not match what the ranks sent it",
@@ -845,11 +848,14 @@ runs = {
     "balanced (bias 0)": functools.partial(cdist.make_moe, 0, **moe_kw),
     "skewed (bias +1 on rank 0's experts)": functools.partial(cdist.make_moe, 0, bias=[1.0] * 4 + [0.0] * 4, **moe_kw),
 }
+# your Section 3 MoE, when saved and right (one line either way): both workers load it from your file
+if my_part("03_moe", "MixtureOfExperts", fallback=None, check=lambda c: check_moe(your_moe(c))) is not None:
+    runs["your MoE (Section 3), balanced"] = functools.partial(cdist.make_moe, 0, parts=str(module_path("03_moe")), **moe_kw)
 results = {label: ep_runs(fn, x_ep, probe_ep) for label, fn in runs.items()}
 if any(res is None for res in results.values()):
     print("(finish exercise 6.4 to see this figure)")
     results = {}
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.2)) if results else (None, [])
+fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2)) if results else (None, [])
 for ax, (label, fn) in zip(axes, runs.items()):
     res = results[label]
     err = cdist.compare_ep(res, cdist.single_process_reference(fn(), x_ep, probe_ep))
@@ -858,6 +864,7 @@ for ax, (label, fn) in zip(axes, runs.items()):
     for i in range(2):
         for j in range(2):
             ax.text(j, i, int(M[i, j]), ha="center", va="center", color="k")
+    ax.grid(False)
     ax.set_xticks([0, 1], ["rank 0", "rank 1"])
     ax.set_yticks([0, 1], ["rank 0", "rank 1"])
     ax.set_xlabel("destination (expert owner)")
@@ -1107,6 +1114,9 @@ for _n, _a in enumerate([ANSWER_Q1, ANSWER_Q2, ANSWER_Q3, ANSWER_Q4], 1):
     assert _a in ("a", "b", "c", "d"), f"ANSWER_Q{_n} must be one of 'a', 'b', 'c', 'd' (got {_a!r})"
 print("quiz: answers well-formed")
 
+# %% [given id=feedback_06_quiz]
+#@quiz-feedback
+
 # %% [markdown]
 # ## Summary
 # - A good test has an independent oracle, checks invariants, compares what the contract fixes (sets of experts,
@@ -1130,11 +1140,11 @@ print("quiz: answers well-formed")
 # | `WorkerError: ... raised NotImplementedError` | a stub is still in place | write the function body |
 # | `WorkerError: ... NameError` on a worker | the function uses a notebook name that could not be shipped (an open file, a lambda in a variable) | pass it as an argument or define it at the top level of a cell |
 # | `TypeError: cannot ship ...: it is a closure` | a function defined inside another function was sent to the workers | move it to the top level of a cell |
-# | `ValueError: all_to_all: ... recv_counts [...] disagree with what the ranks send` | recv_counts computed locally instead of exchanged | `dist.all_to_all_single(recv_counts, send_counts)` before any rows |
+# | `ValueError: all_to_all: ... recv_counts [...] disagree with what the ranks send` | recv_counts computed locally instead of exchanged | exchange the counts with one all-to-all before sending any rows |
 # | `received expert ids 4..7 (all of them this rank's GLOBAL expert ids)` | global expert ids sent without subtracting `rank * E/W` | send local ids |
 # | EP output right, router gradient wrong | `topk_weight` detached in combine | weight the rows with `topk_weight` itself: the router learns through it |
-# | EP output wrong | combine weights not applied, or in (token, k) order while the rows are sorted by expert | `topk_weight.reshape(-1)[plan.order]` times each returned row |
-# | `ValueError: all_to_all: ... x has R rows but send_counts [...] add up to ...` in combine | combine used the dispatch splits instead of the reversed ones | send back with `(plan.recv_counts, plan.send_counts)` |
+# | EP output wrong | combine weights not applied, or in (token, k) order while the rows are sorted by expert | put the combine weights in the same expert-sorted order as the rows before multiplying |
+# | `ValueError: all_to_all: ... x has R rows but send_counts [...] add up to ...` in combine | combine used the dispatch splits instead of the reversed ones | the way back swaps the roles of the two count lists |
 # | workers take > 30 s to start | the machine is busy (each worker imports torch) | wait, or close other kernels; start-up happens once per kernel |
 # | `test_router` rejects a correct router | it compares indices position by position, or uses an exact float tolerance | sort each row by expert id first; compare weights with a tolerance |
 #

@@ -164,3 +164,20 @@ def test_the_worked_section5_trains_the_worked_parts_next_to_the_courses():
     assert any(o["output_type"] == "display_data" and "image/png" in o["data"] for os_ in outs.values() for o in os_)
     m = re.search(r"loss difference (\S+) at most over the first 10 steps; the runs agree to 1e-3 for (\d+)", text)
     assert m and float(m.group(1)) < 1e-4 and int(m.group(2)) >= 10, text[-400:]
+
+
+def test_expert_parallel_workers_can_build_the_learners_moe(shell, parts):
+    """Section 6 hands the saved file's path to its workers: make_moe(parts=...) builds the learner's MoE, which
+    computes what the course's computes with the same weights."""
+    from course_lib import cluster
+    from course_lib.learner import module_path
+
+    _save(shell, "03_moe")
+    kw = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=2)
+    mine = cluster.make_moe(0, parts=str(module_path("03_moe")), **kw)
+    ref = cluster.make_moe(0, **kw)
+    assert type(mine).__name__ == "MixtureOfExperts" and type(ref) is CourseMoE
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(10, 16, dtype=torch.float64)
+    (y, _), (y_ref, _) = mine(x), ref(x)
+    assert torch.allclose(y, y_ref, atol=1e-12, rtol=0)

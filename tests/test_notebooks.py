@@ -167,12 +167,43 @@ def _solution_lines(section: str) -> set[str]:
 
 
 @pytest.mark.parametrize("section", SECTIONS)
-def test_markdown_never_quotes_an_answer_line(section):
-    """No answer line appears in the release's text: troubleshooting tables, hints and tips name symptoms and concepts."""
+def test_release_never_quotes_an_answer_line(section):
+    """No answer line appears in the release outside the answer cells: markdown (troubleshooting tables, tips),
+    visible tests and their hints, given cells name symptoms and concepts, never the line."""
     answers = _solution_lines(section)
     assert answers, f"{section}: no solution lines found in source"
     nb = load_nb(ROOT / "release" / section / f"{section}.ipynb")
-    text = " ".join(" ".join(_src(c).split()) for c in nb["cells"] if c["cell_type"] == "markdown")
-    text = text.replace("`", "")
-    quoted = sorted(a for a in answers if a in text)
-    assert not quoted, f"release/{section} markdown quotes answer lines: {quoted[:3]}"
+    for i, c in enumerate(nb["cells"]):
+        if c.get("metadata", {}).get("nbgrader", {}).get("solution"):
+            continue  # the learner's own cell: its stub keeps the signature and docstring
+        text = " ".join(_src(c).split()).replace("`", "")
+        quoted = sorted(a for a in answers if a in text)
+        assert not quoted, f"release/{section} cell {i} ({c['cell_type']}) quotes answer lines: {quoted[:3]}"
+
+
+def _solution_code(section: str) -> str:
+    """All solution code of the source, one whitespace-normalised line per source line, comments dropped."""
+    nb = load_nb(ROOT / "source" / section / f"{section}.ipynb")
+    out = []
+    for cell in nb["cells"]:
+        inside = False
+        for line in _src(cell).splitlines():
+            if "### BEGIN SOLUTION" in line:
+                inside = True
+            elif "### END SOLUTION" in line:
+                inside = False
+            elif inside:
+                out.append(" ".join(line.split("#", 1)[0].split()))
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_troubleshooting_names_symptoms_never_answer_code(section):
+    """No code span of a troubleshooting table is a piece of an answer (``U[:, :r] * S[:r]``, ``order // K``)."""
+    code = _solution_code(section)
+    nb = load_nb(ROOT / "release" / section / f"{section}.ipynb")
+    tables = [_src(c) for c in nb["cells"] if c["cell_type"] == "markdown" and "## Troubleshooting" in _src(c)]
+    assert tables, f"release/{section} has no troubleshooting table"
+    spans = {" ".join(s.split()) for t in tables for s in re.findall(r"`([^`]+)`", t)}
+    answers = sorted(s for s in spans if len(s) >= 6 and any(op in s for op in "([*/+-@") and s in code)
+    assert not answers, f"release/{section}'s troubleshooting quotes answer code: {answers}"

@@ -11,6 +11,17 @@ ANSWERS = ("quiz_03_answers",)
 SUMMARY = "each answer is one letter; 1 point per correct answer"
 REFERENCE = ()
 KEY = {1: "b", 2: "c", 3: "a", 4: "d"}
+# shown to the learner right after a right answer (tools/nbsrc.py encrypts each with its answer; see course_lib.quiz)
+EXPLANATIONS = {
+    1: 'V3 adds b_i to the affinities only to pick the top-k; each combine weight uses the unbiased sigmoid '
+       'score, renormalised over the chosen experts. The bias steers load without changing what a chosen expert '
+       'contributes.',
+    2: '4 kept groups of 256 / 8 = 32 experts: the top-8 is chosen among 128 experts.',
+    3: 'Selection ranks s + b, and the bias can make that negative. Experts of a dropped group set to 0 could '
+       'then outrank kept experts, sending tokens outside their kept groups; -inf is never chosen.',
+    4: 'The step is gamma * sign(mean - load_i): any load above the mean gives -1, however large the excess, so '
+       'the bias falls by exactly gamma = 0.001.',
+}
 ABOUT = {
     1: "what the expert bias changes (3.2)",
     2: "how many candidates group-limited routing leaves (3.2)",

@@ -11,6 +11,20 @@ ANSWERS = ("quiz_05_answers",)
 SUMMARY = "each answer is one letter; 0.5 points per correct answer, 0.5 for well-formed answers"
 REFERENCE = ()
 KEY = {1: "b", 2: "d", 3: "a", 4: "c", 5: "b"}
+# shown to the learner right after a right answer (tools/nbsrc.py encrypts each with its answer; see course_lib.quiz)
+EXPLANATIONS = {
+    1: "Each MTP depth has its own projection and Transformer block and reuses the main model's embedding and "
+       "output head: few extra parameters, and its predictions live in the same token space as the main head's.",
+    2: 'Each of the 58 MoE layers runs 8 of its 256 routed experts (plus the shared one) per token, so most '
+       'expert weights sit idle for any one token. Dense layers, attention and embeddings are a small share of '
+       'the total.',
+    3: "After the optimiser step each bias moves by plus or minus gamma towards balance, from the batch's loads."
+       ' It never receives a gradient: that is what makes the method auxiliary-loss-free.',
+    4: 'The absorbed path needs only c_KV (the normalised latent) and k^R (the rotated shared rope key) per '
+       'token: W^UK is folded into the query and W^UV applied after the weighted sum.',
+    5: "Depth 1 looks one token further than the main head: position i's main target is token i+1 (targets[:, "
+       'i]), its depth-1 target token i+2, which is targets[:, i + 1].',
+}
 
 
 def judge(k, t):

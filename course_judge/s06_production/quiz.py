@@ -11,6 +11,17 @@ ANSWERS = ("quiz_06_answers",)
 SUMMARY = "each answer is one letter; 1 point per correct answer"
 REFERENCE = ()
 KEY = {1: "b", 2: "c", 3: "c", 4: "a"}
+# shown to the learner right after a right answer (tools/nbsrc.py encrypts each with its answer; see course_lib.quiz)
+EXPLANATIONS = {
+    1: 'An all-to-all of variable-size chunks needs the split sizes on both ends: exchanging the per-rank counts'
+       ' first lets every rank allocate its receive buffer and set its output splits.',
+    2: "ZeRO stage 1 partitions the optimiser states (the FP32 master weights and Adam's two moments) over the "
+       'data-parallel ranks; every rank still holds the full BF16 weights and gradients.',
+    3: 'A token still uses the same number of experts. With experts placed by node, keeping a token within a few'
+       ' groups bounds the number of nodes it is sent to, so it crosses the slow inter-node links fewer times.',
+    4: "Only each block's input is kept; its inner activations are recomputed in the backward pass, about one "
+       'extra forward per step, for a large cut in activation memory.',
+}
 _WHY = {1: "reread 6.4.1: what must a rank know before all_to_all_single can allocate its output?",
         2: "reread the ZeRO-1 formula of 6.3: which states does it shard?",
         3: "reread 6.4.2: what does node-limited routing bound?",
