@@ -662,16 +662,19 @@ plt.show()
 # experts are pushed down and the idle ones pulled up, until the load evens out.
 
 # %% [code]
-with torch.no_grad():
-    _, info_eval = models["bias"](x_eval.reshape(-1, EXP.dim))
-order = torch.argsort(c_eval.flatten(), stable=True)[:: max(1, c_eval.numel() // 64)][:64]  # 64 tokens, sorted by cluster
-assign = torch.zeros(c_eval.numel(), EXP.n_routed_experts).scatter_(1, info_eval.indices, info_eval.weights)[order]
-fig = viz.create_expert_dashboard(
-    {"load": torch.stack(runs["bias"]["load"]), "assignments": assign, "maxvio": runs["bias"]["maxvio"],
-     "bias": torch.stack(runs["bias"]["bias"])},
-    title="Auxiliary-loss-free balancing: 16 experts, skewed clusters",
-)
-plt.show()
+if "bias" not in runs:  # the balancing runs above need 3.3 and 3.4
+    print("(finish 3.3 and 3.4 above to see the dashboard)")
+else:
+    with torch.no_grad():
+        _, info_eval = models["bias"](x_eval.reshape(-1, EXP.dim))
+    order = torch.argsort(c_eval.flatten(), stable=True)[:: max(1, c_eval.numel() // 64)][:64]  # 64 tokens, sorted by cluster
+    assign = torch.zeros(c_eval.numel(), EXP.n_routed_experts).scatter_(1, info_eval.indices, info_eval.weights)[order]
+    fig = viz.create_expert_dashboard(
+        {"load": torch.stack(runs["bias"]["load"]), "assignments": assign, "maxvio": runs["bias"]["maxvio"],
+         "bias": torch.stack(runs["bias"]["bias"])},
+        title="Auxiliary-loss-free balancing: 16 experts, skewed clusters",
+    )
+    plt.show()
 
 # %% [markdown]
 # ### Expert specialisation
@@ -693,16 +696,19 @@ def routing_matrix(model: MixtureOfExperts, x: torch.Tensor, clusters: torch.Ten
     return hits / hits.sum(1, keepdim=True).clamp_min(1)
 
 
-fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
-for ax, mode in zip(axes, ("none", "bias")):
-    im = ax.imshow(routing_matrix(models[mode], x_eval, c_eval).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(0, EXP.n_routed_experts, 2))
-    ax.set_xlabel("expert")
-    ax.set_ylabel("cluster (0 = most frequent)")
-    ax.set_title(f"{mode}: share of each cluster's slots per expert")
-    ax.grid(False)
-fig.colorbar(im, ax=axes, label="share of slots")
-plt.show()
+if not {"none", "bias"} <= set(runs):  # the balancing runs above need 3.3 and 3.4
+    print("(finish 3.3 and 3.4 above to see this figure)")
+else:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    for ax, mode in zip(axes, ("none", "bias")):
+        im = ax.imshow(routing_matrix(models[mode], x_eval, c_eval).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(0, EXP.n_routed_experts, 2))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("cluster (0 = most frequent)")
+        ax.set_title(f"{mode}: share of each cluster's slots per expert")
+        ax.grid(False)
+    fig.colorbar(im, ax=axes, label="share of slots")
+    plt.show()
 share = (torch.bincount(c_eval.flatten(), minlength=8).float() / c_eval.numel()).tolist()
 print("cluster frequencies (held-out):", [f"{p:.2f}" for p in share])
 

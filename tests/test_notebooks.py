@@ -207,3 +207,16 @@ def test_troubleshooting_names_symptoms_never_answer_code(section):
     spans = {" ".join(s.split()) for t in tables for s in re.findall(r"`([^`]+)`", t)}
     answers = sorted(s for s in spans if len(s) >= 6 and any(op in s for op in "([*/+-@") and s in code)
     assert not answers, f"release/{section}'s troubleshooting quotes answer code: {answers}"
+
+
+def test_notebooks_carry_the_course_kernels_language_info():
+    """JupyterLab marks a notebook modified on open when its language_info differs from the kernel's."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    assert nbsrc.LANGUAGE_INFO == IPythonKernel.language_info, (
+        "the course kernel reports another language_info (new Python?): update tools/nbsrc.py LANGUAGE_INFO and "
+        "regenerate the notebooks")
+    for folder in ("source", "release"):
+        for section in SECTIONS:
+            md = load_nb(ROOT / folder / section / f"{section}.ipynb")["metadata"]
+            assert md.get("language_info") == nbsrc.LANGUAGE_INFO, f"{folder}/{section}: stale language_info"

@@ -27,6 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = re.compile(r"^# %% \[(?P<kind>markdown|code|given|solution|test)(?P<args>[^\]]*)\]\s*$")
 KERNELSPEC = {"display_name": "Python 3 (DeepSeek-V3 course)", "language": "python", "name": "python3"}
+# What the course kernel (ipykernel on the venv's Python) reports: JupyterLab writes the kernel's language_info into
+# the notebook on open and marks it modified when it differs. tests/test_notebooks.py keeps the two equal.
+LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py", "mimetype": "text/x-python",
+                 "name": "python", "nbconvert_exporter": "python", "pygments_lexer": "ipython3", "version": "3.11.7"}
 
 
 def _parse_args(text: str) -> dict[str, str]:
@@ -124,7 +128,7 @@ def script_to_notebook(text: str, section: str = "") -> dict:
         "cells": cells,
         "metadata": {
             "kernelspec": KERNELSPEC,
-            "language_info": {"name": "python"},
+            "language_info": LANGUAGE_INFO,
         },
         "nbformat": 4,
         "nbformat_minor": 5,
