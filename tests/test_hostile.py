@@ -122,7 +122,16 @@ def test_no_line_of_the_judge_reaches_any_output_or_feedback(hostile):
     pages = list((root / "autograded").rglob("*.ipynb")) + list((root / "feedback").rglob("*.html"))
     assert len(list((root / "feedback").rglob("*.html"))) >= len(CASES) - 2, hostile["feedback"].stdout[-2000:]
     lines = _judge_lines()
-    hits = {page: {ln for ln in lines if ln in page.read_text(errors="replace")} for page in pages}
+    hits = {}
+    for page in pages:
+        found = {ln for ln in lines if ln in page.read_text(errors="replace")}
+        # a line of the learner's own submission is theirs, even where the judge happens to have the same line
+        # (``T, S = q.shape[-2], k.shape[-2]``); staging copies of submissions are checked the same way
+        case = next((p for p in page.relative_to(root).parts[1:] if (root / "submitted" / p).is_dir()), None)
+        if case is not None and found:
+            own = "".join(f.read_text(errors="replace") for f in (root / "submitted" / case).rglob("*.ipynb"))
+            found = {ln for ln in found if ln not in own}
+        hits[page] = found
     # a page that dumps what the kernel holds (linecache, frames) shows generic lines the judge shares with code the
     # kernel can read anyway; only the judge's own lines are a leak
     generic = _readable_by_the_kernel(set().union(*hits.values()))
