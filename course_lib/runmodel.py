@@ -59,8 +59,8 @@ def placeholder_text(p: Placeholder) -> str:
     if p.exercise:
         where = f" (exercise {p.exercise}" + (f", {p.heading}" if p.heading else "") + ")"
     if p.reason == "stub":
-        return f"⏸ Skipped: this cell needs `{p.needs}`, which is still a stub{where}. Finish it, run its cell, then run this cell again."
-    return (f"⏸ Skipped: this cell needs `{p.needs}`, which is not defined yet{where}. "
+        return f"Skipped: this cell needs `{p.needs}`, which is still a stub{where}. Finish it, run its cell, then run this cell again."
+    return (f"Skipped: this cell needs `{p.needs}`, which is not defined yet{where}. "
             "Finish that exercise (or run the cell that defines it), then run this cell again.")
 
 

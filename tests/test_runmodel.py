@@ -111,6 +111,7 @@ def test_demo_cells_show_a_placeholder_naming_the_exercise(ran):
     assert not any("image/png" in o.get("data", {}) for o in fig_cell.outputs), "the half-drawn figure is closed"
     assert "ANSWER_Q1" in _text(quiz_demo) and "quiz_answers" in _text(quiz_demo)
     assert len(_text(fig_cell).strip().splitlines()) == 1
+    assert text.strip().isascii(), f"a glyph that needs an emoji font (a box in a browser without one): {text!r}"
 
 
 def test_other_errors_and_own_cells_keep_tracebacks(ran):
