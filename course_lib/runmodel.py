@@ -257,14 +257,19 @@ def _close_figures() -> None:
         plt.close("all")
 
 
-def show_placeholder(exc: BaseException) -> bool:
-    """Show the placeholder for ``exc`` raised by an unfinished exercise outside a cell's own code (a widget
-    callback, say); False when ``exc`` is not such an error (the caller re-raises)."""
+def _shell():
+    """The running IPython shell, or None (plain Python, or IPython not installed)."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return False
-    ip = get_ipython()
+        return None
+    return get_ipython()
+
+
+def show_placeholder(exc: BaseException) -> bool:
+    """Show the placeholder for ``exc`` raised by an unfinished exercise outside a cell's own code (a widget
+    callback, say); False when ``exc`` is not such an error (the caller re-raises)."""
+    ip = _shell()
     if ip is None:
         return False
     reg = getattr(ip, "_course_run_model", None)
@@ -279,12 +284,7 @@ def show_placeholder(exc: BaseException) -> bool:
 
 def install(ip=None) -> bool:
     """Register the run model in the running IPython shell (idempotent); False when there is none."""
-    if ip is None:
-        try:
-            from IPython import get_ipython
-        except ImportError:
-            return False
-        ip = get_ipython()
+    ip = ip if ip is not None else _shell()
     if ip is None:
         return False
     if getattr(ip, "_course_run_model", None) is not None:
