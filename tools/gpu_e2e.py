@@ -168,12 +168,12 @@ def _linear_row(ctx: Ctx, fp8, M: int, K: int, N: int) -> dict:
 
 def training_config(vocab_size: int, dry: bool):
     """Width 2048 with every GEMM shape _scaled_mm's block-wise recipe accepts (N % 128, K % 512); dense FFNs,
-    since an MoE expert's ragged token count would send its GEMMs to the emulation."""
+    since an MoE expert's ragged token count would send its GEMMs to the emulation; no MTP block (its FFN would be an MoE)."""
     from course_lib.deepseek.model import ModelConfig
 
     if dry:
         return ModelConfig(vocab_size=vocab_size)
-    return ModelConfig(vocab_size=vocab_size, dim=2048, n_layers=4, n_dense_layers=4, n_heads=16, inter_dim=5632,
+    return ModelConfig(vocab_size=vocab_size, dim=2048, n_layers=4, n_dense_layers=4, mtp_depth=0, n_heads=16, inter_dim=5632,
                        q_lora_rank=512, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=128, v_head_dim=128,
                        max_seq_len=64)
 
