@@ -226,8 +226,6 @@ def check_training(ctx: Ctx, fp8) -> tuple[str, dict]:
 
 
 def check_moe_dispatch(ctx: Ctx) -> tuple[str, dict]:
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
     from course_lib.deepseek import moe as moe_mod
 
     if ctx.dry:
@@ -258,7 +256,9 @@ def check_moe_dispatch(ctx: Ctx) -> tuple[str, dict]:
 
         fns["grouped_mm"] = grouped
     for impl in ("eager", "grouped_mm"):
-        try:
+        try:  # transformers may be missing on a GPU machine that brings its own torch: the other rows still run
+            from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
             with torch.device(ctx.dev):
                 h = DeepseekV3MoE(moe_mod.hf_config(cfg, experts_implementation=impl)).eval().to(dtype)
             with torch.no_grad():
