@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _ROWS = 16  # rows of 1x128 tiles per program
+_ROWS_T = 64  # ... when the rows are contiguous in memory (x.t() of a row-major x): 64 consecutive elements per column
 
 
 def _triton_module():
@@ -109,8 +110,8 @@ def _launch(x, xs, R, C, x_strides, xs_strides, in_tiles, blocks: bool, precise:
     kernel = _kernel()
     if blocks:
         br, bc = TILE, TILE
-    else:
-        br, bc = _ROWS, TILE
+    else:  # a column-major input (a transposed view) is read along its rows: take more of them per program
+        br, bc = (_ROWS_T if x_strides[0] == 1 and R > 1 else _ROWS), TILE
     grid = (math.ceil(R / br), math.ceil(C / bc))
     if grid[0] == 0 or grid[1] == 0:
         return
