@@ -7,10 +7,15 @@ kernels compiled and measures how often a code differs. Codes are compared as by
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from course_lib.deepseek import fp8, fp8_fused
 
@@ -196,3 +201,39 @@ def test_fp8_linear_quantises_its_weight_once_per_optimiser_step():
     layer.invalidate_weight_cache()
     layer(x)
     assert layer.weight_quantisations == 4
+
+
+COMPILE_FOR_HOPPER = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from course_lib.deepseek import fp8_triton
+ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "q_ptr": "*u8", "s_ptr": "*fp32"}
+ints = {n: "i32" for n in ("R", "C", "sxr", "sxc", "sxsr", "sxsc", "sqr", "sqc", "ssr", "ssc")}
+out = {}
+for name, blocks, codes, precise in (("tiles", 0, 0, 1), ("blocks", 1, 0, 1), ("retile", 0, 1, 1), ("tiles_fast_div", 0, 0, 0)):
+    const = {"BLOCKS": bool(blocks), "IN_CODES": bool(codes), "IN_TR": 128 if codes else 1, "IN_TC": 1, "PRECISE": bool(precise),
+             "BR": 128 if blocks else 16, "BC": 128, "SUB": 32}
+    sig = {**ptrs, **ints, **{k: "constexpr" for k in const}}
+    if codes:
+        sig["x_ptr"] = "*u8"
+    src = ASTSource(fn=fp8_triton.quant_kernel, signature=sig, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    out[name] = {"div_rn": "div.rn.f32" in ptx, "div_full": "div.full.f32" in ptx or "div.approx.f32" in ptx}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not fp8_fused.available(), reason="Triton is not installed")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton's compiler runs on a CPU: the kernels must compile to sm_90 PTX (the interpreter checks no types),
+    with correctly rounded division where ``precise`` and Triton's approximate one otherwise."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("tiles", "blocks", "retile"):
+        assert ptx[name]["div_rn"] and not ptx[name]["div_full"], f"{name}: expected only div.rn.f32 in the PTX, got {ptx[name]}"
+    assert ptx["tiles_fast_div"]["div_full"], "precise=False should use Triton's default (approximate) division"

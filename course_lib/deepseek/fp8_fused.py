@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _ROWS = 16  # rows of 1x128 tiles per program
+_BLOCK_SLICE = 32  # rows of a 128x128 block read at a time
 _ROWS_T = 64  # ... when the rows are contiguous in memory (x.t() of a row-major x): 64 consecutive elements per column
 
 
@@ -118,7 +119,7 @@ def _launch(x, xs, R, C, x_strides, xs_strides, in_tiles, blocks: bool, precise:
     qu = q.view(torch.uint8)
     kernel[grid](x, xs if xs is not None else s, qu, s, R, C, *x_strides, *xs_strides, qu.stride(0), qu.stride(1),
                  s.stride(0), s.stride(1), BLOCKS=blocks, IN_CODES=xs is not None, IN_TR=in_tiles[0], IN_TC=in_tiles[1],
-                 PRECISE=precise, BR=br, BC=bc, **({"num_warps": 8} if blocks and x.is_cuda else {}))
+                 PRECISE=precise, BR=br, BC=bc, SUB=_BLOCK_SLICE)
 
 
 def quantize_tiles_fused(x: torch.Tensor, precise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,41 +47,56 @@ def _div(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _load(x_ptr, xs_ptr, r, c, inside, sxr, sxc, sxsr, sxsc, IN_CODES: tl.constexpr, IN_TR: tl.constexpr, IN_TC: tl.constexpr):
+    """The float32 values at logical (r, c); 0 outside. IN_CODES: E4M3 codes times their scale."""
+    if IN_CODES:
+        code = tl.load(x_ptr + r * sxr + c * sxc, mask=inside, other=0)
+        xsc = tl.load(xs_ptr + (r // IN_TR) * sxsr + (c // IN_TC) * sxsc, mask=inside, other=0.0)
+        return _decode_e4m3(code) * xsc
+    return tl.load(x_ptr + r * sxr + c * sxc, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scale(amax, nan, PRECISE: tl.constexpr):
+    """max(amax, 1e-4) / 448, NaN where the tile holds a NaN (as torch's amax propagates it)."""
+    s = _div(tl.maximum(amax, AMAX_FLOOR), 448.0, PRECISE)
+    return tl.where(nan > 0, float("nan"), s)
+
+
+@triton.jit
 def quant_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, R, C, sxr, sxc, sxsr, sxsc, sqr, sqc, ssr, ssc,
                  BLOCKS: tl.constexpr, IN_CODES: tl.constexpr, IN_TR: tl.constexpr, IN_TC: tl.constexpr,
-                 PRECISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Quantise (R, C) in 1xBC tiles (BLOCKS=False: BR rows of tiles per program) or one BRxBC block per program.
+                 PRECISE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SUB: tl.constexpr):
+    """Quantise (R, C) in 1xBC tiles (BLOCKS=False: BR rows of tiles per program) or one BRxBC block per program
+    (read in slices of SUB rows twice: amax, then the codes; a whole 128x128 block in registers compiles slowly).
 
     IN_CODES: ``x`` holds E4M3 codes dequantised with ``xs[(r // IN_TR) * sxsr + (c // IN_TC) * sxsc]``.
     Codes go to ``q[r * sqr + c * sqc]`` (uint8), scales to ``s[tile_r * ssr + tile_c * ssc]``.
     """
     pr = tl.program_id(0)
     pc = tl.program_id(1)
-    ri = pr * BR + tl.arange(0, BR)
     ci = pc * BC + tl.arange(0, BC)
-    r = ri[:, None]
     c = ci[None, :]
-    inside = (r < R) & (c < C)
-    if IN_CODES:
-        code = tl.load(x_ptr + r * sxr + c * sxc, mask=inside, other=0)
-        xsc = tl.load(xs_ptr + (r // IN_TR) * sxsr + (c // IN_TC) * sxsc, mask=inside, other=0.0)
-        x = _decode_e4m3(code) * xsc
-    else:
-        x = tl.load(x_ptr + r * sxr + c * sxc, mask=inside, other=0.0).to(tl.float32)
-    a = tl.abs(x)
-    isnan = (x != x).to(tl.int32)
     if BLOCKS:
-        amax = tl.max(tl.max(a, axis=1), axis=0)
-        nan = tl.max(tl.max(isnan, axis=1), axis=0)
-    else:
-        amax = tl.max(a, axis=1)
-        nan = tl.max(isnan, axis=1)
-    s = _div(tl.maximum(amax, AMAX_FLOOR), 448.0, PRECISE)
-    s = tl.where(nan > 0, float("nan"), s)  # a NaN stays inside its tile, as torch's amax propagates it
-    if BLOCKS:
-        y = _div(x, s, PRECISE)
+        amax = tl.full((), 0.0, tl.float32)
+        nan = tl.full((), 0, tl.int32)
+        for i in range(0, BR, SUB):
+            r = (pr * BR + i + tl.arange(0, SUB))[:, None]
+            x = _load(x_ptr, xs_ptr, r, c, (r < R) & (c < C), sxr, sxc, sxsr, sxsc, IN_CODES, IN_TR, IN_TC)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+            nan = tl.maximum(nan, tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0))
+        s = _scale(amax, nan, PRECISE)
         tl.store(s_ptr + pr * ssr + pc * ssc, s)
+        for i in range(0, BR, SUB):
+            r = (pr * BR + i + tl.arange(0, SUB))[:, None]
+            inside = (r < R) & (c < C)
+            x = _load(x_ptr, xs_ptr, r, c, inside, sxr, sxc, sxsr, sxsc, IN_CODES, IN_TR, IN_TC)
+            tl.store(q_ptr + r * sqr + c * sqc, _encode_e4m3(_div(x, s, PRECISE)).to(tl.uint8), mask=inside)
     else:
-        y = _div(x, s[:, None], PRECISE)
+        ri = pr * BR + tl.arange(0, BR)
+        r = ri[:, None]
+        inside = (r < R) & (c < C)
+        x = _load(x_ptr, xs_ptr, r, c, inside, sxr, sxc, sxsr, sxsc, IN_CODES, IN_TR, IN_TC)
+        s = _scale(tl.max(tl.abs(x), axis=1), tl.max((x != x).to(tl.int32), axis=1), PRECISE)  # (BR,)
         tl.store(s_ptr + ri * ssr + pc * ssc, s, mask=ri < R)
-    tl.store(q_ptr + r * sqr + c * sqc, _encode_e4m3(y).to(tl.uint8), mask=inside)
+        tl.store(q_ptr + r * sqr + c * sqc, _encode_e4m3(_div(x, s[:, None], PRECISE)).to(tl.uint8), mask=inside)
