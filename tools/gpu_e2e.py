@@ -134,8 +134,10 @@ def check_fp8_linear(ctx: Ctx, fp8) -> tuple[str, dict]:
 
 def _linear_row(ctx: Ctx, fp8, M: int, K: int, N: int) -> dict:
     g = ctx.gen(11)
-    lin = torch.nn.Linear(K, N, bias=False, device=ctx.dev)
-    f8 = fp8.FP8Linear.from_linear(lin, recipe="blockwise")
+    with torch.device(ctx.dev):  # from_linear builds a new module: on the device, not on the CPU
+        lin = torch.nn.Linear(K, N, bias=False)
+        f8 = fp8.FP8Linear.from_linear(lin, recipe="blockwise")
+    assert f8.weight.device.type == ctx.dev.type
     b16 = lin.to(torch.bfloat16)
     x = (torch.randn(M, K, device=ctx.dev, generator=g)).to(torch.bfloat16).requires_grad_()
     gy = torch.randn(M, N, device=ctx.dev, generator=g).to(torch.bfloat16)

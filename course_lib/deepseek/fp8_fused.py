@@ -117,6 +117,9 @@ def _launch(x, xs, R, C, x_strides, xs_strides, in_tiles, blocks: bool, precise:
     if grid[0] == 0 or grid[1] == 0:
         return
     qu = q.view(torch.uint8)
+    reach = max((R - 1) * abs(x_strides[0]) + (C - 1) * abs(x_strides[1]), q.numel())
+    if reach >= 2**31:
+        raise ValueError(f"fused quantisers index with 32-bit offsets: a ({R}, {C}) operand reaches element {reach}")
     kernel[grid](x, xs if xs is not None else s, qu, s, R, C, *x_strides, *xs_strides, qu.stride(0), qu.stride(1),
                  s.stride(0), s.stride(1), BLOCKS=blocks, IN_CODES=xs is not None, IN_TR=in_tiles[0], IN_TC=in_tiles[1],
                  PRECISE=precise, BR=br, BC=bc, SUB=_BLOCK_SLICE)
