@@ -30,10 +30,7 @@ def assert_same(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor
     assert gq.dtype == torch.float8_e4m3fn and gs.dtype == torch.float32, what
     assert gq.shape == wq.shape and gs.shape == ws.shape, f"{what}: shapes {gq.shape}/{gs.shape} vs {wq.shape}/{ws.shape}"
     torch.testing.assert_close(gs, ws, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: scales differ: {m}")
-    a, b = gq.view(torch.uint8), wq.view(torch.uint8)
-    # NaN is 0x7F with the sign of the float32 NaN it came from, and that sign follows the hardware's NaN
-    # propagation (x86's default NaN is negative, CUDA's positive): any NaN code matches any other.
-    diff = (a != b) & ~(((a & 0x7F) == 0x7F) & ((b & 0x7F) == 0x7F))
+    diff = fp8_fused.code_differences(gq, wq)  # NaN codes match whatever their sign
     assert not diff.any(), (f"{what}: {int(diff.sum())} codes differ, e.g. {gq.view(torch.uint8)[diff][:5].tolist()} "
                             f"vs {wq.view(torch.uint8)[diff][:5].tolist()}")
 
@@ -237,3 +234,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for name in ("tiles", "blocks", "retile"):
         assert ptx[name]["div_rn"] and not ptx[name]["div_full"], f"{name}: expected only div.rn.f32 in the PTX, got {ptx[name]}"
     assert ptx["tiles_fast_div"]["div_full"], "precise=False should use Triton's default (approximate) division"
+
+
+def test_code_differences_matches_nan_codes_of_either_sign_only():
+    a = torch.tensor([0x7F, 0xFF, 0x7E, 0x00, 0x80], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    b = torch.tensor([0xFF, 0x7F, 0x7F, 0x80, 0x80], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert fp8_fused.code_differences(a, b).tolist() == [False, False, True, True, False], "448 is not NaN, +0 is not -0"

@@ -35,7 +35,7 @@ import torch
 from course_lib.deepseek.fp8_formats import E4M3, TILE
 
 __all__ = [
-    "available", "enable_interpreter", "interpreted", "supports",
+    "available", "enable_interpreter", "interpreted", "supports", "code_differences",
     "quantize_tiles_fused", "quantize_blocks_fused", "requantize_tiles_t_fused",
 ]
 
@@ -94,6 +94,16 @@ def _kernel():
     from course_lib.deepseek import fp8_triton
 
     return fp8_triton.quant_kernel
+
+
+def code_differences(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Mask of the E4M3 codes of ``got`` that differ from ``want``, any NaN code matching any other.
+
+    NaN is 0x7F with the sign of the float32 NaN it came from, and that sign follows the hardware's NaN
+    propagation (x86's default NaN is negative, CUDA's positive), so it is not part of the recipe.
+    """
+    a, b = got.view(torch.uint8), want.view(torch.uint8)
+    return (a != b) & ~(((a & 0x7F) == 0x7F) & ((b & 0x7F) == 0x7F))
 
 
 def _check(x: torch.Tensor, name: str) -> None:
