@@ -457,3 +457,31 @@ def test_fp8_linear_gpu_matches_emulation():
     ye.backward(gy)
     for got, want, name in ((y, ye, "y"), (x.grad, xe.grad, "dx"), (w.grad, we.grad, "dW")):
         assert_close(got, want, atol=2**-7 * float(want.abs().max()), rtol=2**-7, name=f"GPU FP8 linear {name}")
+
+
+def _fused_on_gpu() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from course_lib.deepseek import fp8_fused
+
+    return fp8_fused.supports(torch.empty(1, device="cuda"))
+
+
+@pytest.mark.skipif(not _fused_on_gpu(), reason="needs CUDA and compiled Triton (tests/test_fp8_fused.py covers the CPU interpreter)")
+def test_fused_quantisers_bit_equal_to_emulation_on_gpu():
+    """The compiled kernels (correctly rounded division) give the emulation's codes and scales on the GPU too."""
+    from course_lib.deepseek import fp8_fused
+
+    g = torch.Generator(device="cuda").manual_seed(15)
+    x = torch.randn(300, 1000, device="cuda", generator=g) * torch.logspace(-3, 3, 1000, device="cuda")
+    x[0] = 0.0
+    x[1, :128] = 1e-9
+    x[2, 3] = float("inf")
+    xq, xs = quantize_tiles(x)
+    cases = {"tiles": (fp8_fused.quantize_tiles_fused(x), (xq, xs)),
+             "tiles bf16 x^T": (fp8_fused.quantize_tiles_fused(x.bfloat16().t()), quantize_tiles(x.bfloat16().t())),
+             "blocks": (fp8_fused.quantize_blocks_fused(x), quantize_blocks(x)),
+             "re-tiled x^T": (fp8_fused.requantize_tiles_t_fused(xq, xs), quantize_tiles(fp8.dequantize(xq, xs).t()))}
+    for name, ((gq, gs), (wq, ws)) in cases.items():
+        assert int(fp8_fused.code_differences(gq, wq).sum()) == 0, f"{name}: codes differ from the emulation"
+        torch.testing.assert_close(gs, ws, rtol=0, atol=0, equal_nan=True)

@@ -17,6 +17,7 @@ from course_lib.deepseek.moe import (
     MoE,
     MoEConfig,
     bias_update,
+    dispatch_grouped,
     dispatch_per_expert,
     dispatch_per_token,
     dispatch_sorted,
@@ -27,6 +28,7 @@ from course_lib.deepseek.moe import (
     param_counts,
     route,
     sequence_balance_loss,
+    stack_experts,
     to_hf_checkpoint,
 )
 from course_lib.testing import assert_close, gradcheck_fd
@@ -482,3 +484,17 @@ def test_given_parts_live_in_routing_and_are_re_exported():
     assert static.closure({"course_lib.deepseek.routing"}) == {"course_lib", "course_lib.deepseek", "course_lib.deepseek.routing",
                                                                "course_lib.deepseek.v3"}  # v3: the dimensions table, data only
     assert not hasattr(routing.MoEConfig, "param_counts") and not hasattr(routing.RoutingInfo, "max_vio")
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_dispatch_equals_sorted_dispatch():
+    torch.manual_seed(16)
+    cfg = MoEConfig(dim=64, moe_inter_dim=32, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+    moe = MoE(cfg).eval()
+    x = torch.randn(100, 64)
+    with torch.no_grad():
+        w, idx, _ = moe.gate(x)
+        idx[:, 0] = 3  # one expert serves every token, some serve none: empty groups in the offsets
+        got = dispatch_grouped(stack_experts(moe.experts), x, w, idx)
+        want, _ = dispatch_sorted(moe.experts, x, w, idx)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="grouped_mm dispatch")

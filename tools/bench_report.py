@@ -411,6 +411,13 @@ def md_gpu(r: dict | None) -> list[str]:
     return out
 
 
+def md_gpu_e2e(r: dict | None) -> list[str]:
+    import gpu_e2e
+
+    return ["FP8Linear with the fused quantisers, a training step, MoE dispatch and MLA decode (`tools/gpu_e2e.py`, run by "
+            "`make gpu-check`); median of CUDA-event timings with the candidates interleaved.", ""] + gpu_e2e.render_markdown(r)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[], dict], Callable[[dict], list[str]], str]] = {
     "course": ("Course: notebook execution and autograde time", bench_course, md_course, "python tools/bench_report.py --only course"),
     "mla": ("MLA: cache size, prefill and decode", bench_mla, md_mla, "python tools/bench_report.py --only mla"),
@@ -439,6 +446,7 @@ def render(results: dict, gpu: dict | None) -> str:
         lines += [f"*Machine: {mm['cpu']}, {mm['cores']} cores, torch {mm['torch']}, {mm['date']}. Rerun: `{cmd}`.*", ""]
         lines += md(r) + [""]
     lines += ["## GPU: FP8 GEMM throughput (`make gpu-check`)", ""] + md_gpu(gpu) + [""]
+    lines += ["## GPU: end to end (`make gpu-check`)", ""] + md_gpu_e2e(gpu)
     return "\n".join(lines)
 
 

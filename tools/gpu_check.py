@@ -1,6 +1,6 @@
 """Every CUDA check and timing of the course in one run (`make gpu-check`), under a global time budget.
 
-    python tools/gpu_check.py [--out gpu_check.json] [--budget 280] [--reps 20] [--no-pytest]
+    python tools/gpu_check.py [--out gpu_check.json] [--budget 480] [--reps 20] [--no-pytest]
 
 1. environment: torch/CUDA versions, GPU, compute capability;
 2. FP8 ``torch._scaled_mm`` recipes (tensor-wise, row-wise, DeepSeek block-wise 1x128 x 128x128 and the
@@ -9,8 +9,12 @@
 4. TFLOP/s of BF16 ``torch.mm`` vs FP8 tensor-wise, row-wise and block-wise ``_scaled_mm`` at several
    sizes up to 8192^3 (CUDA events, candidates interleaved, median of ``--reps`` after warm-up), and the
    course path's speed-up over BF16 (target >= 1.45x at 8192^3);
-5. smoke tests of ``course_lib.deepseek.mla`` / ``moe`` / ``model`` on CUDA (each only if it imports);
-6. the CUDA/GPU unit tests of the suite (``pytest -k "cuda or gpu"``) if pytest is installed.
+5. the end-to-end rows of ``tools/gpu_e2e.py``: the fused quantisers' bit differences from the emulation,
+   FP8Linear forward + backward with all quantisation vs BF16 (target >= 1.3x at 8192^3), a width-2048
+   DeepSeekV3Mini training step FP8 vs BF16 (loss within 0.5%), MoE dispatch at E=256 (target >= 3x the
+   per-expert loop) and MLA absorbed vs naive decode at 4k-32k context;
+6. smoke tests of ``course_lib.deepseek.mla`` / ``moe`` / ``model`` on CUDA (each only if it imports);
+7. the CUDA/GPU unit tests of the suite (``pytest -k "cuda or gpu"``) if pytest is installed.
 
 Every check runs in its own try/except, results are written to ``--out`` after each check (a crash or the
 hard time limit still leaves a JSON), and a check that would not fit the remaining budget is skipped.
@@ -33,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 
@@ -320,9 +325,13 @@ def check_course_path_end_to_end(fp8, reps: int) -> tuple[str, dict]:
     w = torch.randn(n, n, device=DEV, generator=g) * 0.01
     x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
     recipe = course_recipe(fp8)
-    with torch.no_grad():
-        ms = time_interleaved({"bf16_linear": lambda: torch.nn.functional.linear(x16, w16),
-                               "fp8_linear_with_quantisation": lambda: fp8.fp8_linear(x, w, recipe=recipe, backend="cuda")}, reps)
+    old = fp8.set_fused_quantisers("never")  # this row measures the plain-torch quantisers (gpu_e2e has the fused ones)
+    try:
+        with torch.no_grad():
+            ms = time_interleaved({"bf16_linear": lambda: torch.nn.functional.linear(x16, w16),
+                                   "fp8_linear_with_quantisation": lambda: fp8.fp8_linear(x, w, recipe=recipe, backend="cuda")}, reps)
+    finally:
+        fp8.set_fused_quantisers(old)
     ratio = ms["bf16_linear"] / ms["fp8_linear_with_quantisation"]
     return "ok", {"message": f"FP8Linear fwd incl. quantising x and W ({recipe}): {ratio:.2f}x BF16 (quantisers are plain torch)",
                   "ms": ms, "speedup": ratio}
@@ -410,6 +419,23 @@ def run_pytest(timeout: float) -> tuple[str, dict]:
     return status, {"message": tail[-1] if tail else "", "output_tail": tail, "returncode": proc.returncode}
 
 
+def run_e2e(report: Report, budget: Budget, fp8, reps: int) -> None:
+    """The end-to-end rows of tools/gpu_e2e.py (fused quantisers, FP8Linear, training step, MoE dispatch, MLA decode)."""
+    import gpu_e2e
+
+    from course_lib.deepseek import fp8_fused
+
+    ctx = gpu_e2e.Ctx(dev=DEV, timer=time_interleaved, reps=reps, dry=DEV.type != "cuda")
+    checks = {"quantiser_bits": (20, lambda: gpu_e2e.check_quantiser_bits(ctx, fp8, fp8_fused)),
+              "fp8_linear": (60, lambda: gpu_e2e.check_fp8_linear(ctx, fp8)),
+              "training": (60, lambda: gpu_e2e.check_training(ctx, fp8)),
+              "moe_dispatch": (45, lambda: gpu_e2e.check_moe_dispatch(ctx)),
+              "mla_decode": (45, lambda: gpu_e2e.check_mla_decode(ctx))}
+    for key, (need_s, fn) in checks.items():
+        run_check(report, budget, gpu_e2e.NAMES[key], need_s, fn)
+        ctx.free()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -433,7 +459,7 @@ def print_table(report: Report) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole run (hard stop 30 s later)")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (hard stop 30 s later)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-pytest", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)  # exercise this script without a GPU
@@ -445,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dry_run_cpu:
         DEV = torch.device("cpu")
         report.data["dry_run_cpu"] = True
+        from course_lib.deepseek import fp8_fused
+
+        report.data["triton_interpreter"] = fp8_fused.enable_interpreter()  # the fused kernels on CPU tensors
     elif not torch.cuda.is_available():
         print("gpu-check: no CUDA device visible to torch "
               f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); nothing to check. Wrote {ns.out}")
@@ -477,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             run_check(report, budget, "fp8: TFLOP/s bf16 vs fp8 recipes", 60, lambda: check_benchmarks(fp8, report, budget, ns.reps))
             run_check(report, budget, "fp8: FP8Linear incl. quantisation vs bf16 linear", 20,
                       lambda: check_course_path_end_to_end(fp8, ns.reps))
+            run_e2e(report, budget, fp8, ns.reps)
         run_check(report, budget, "mla: forward on CUDA vs CPU, absorbed vs naive", 15, smoke_mla)
         run_check(report, budget, "moe: forward on CUDA vs CPU", 15, smoke_moe)
         run_check(report, budget, "model: DeepSeekV3Mini loss + backward on CUDA", 20, lambda: smoke_model(False))

@@ -32,7 +32,8 @@ Interface::
     dequantize(x_q, scale)              any of the four scale layouts
     scaled_matmul(a_q, a_s, b_q, b_s)   a @ b^T from quantised operands: torch._scaled_mm on FP8 GPUs, else emulated
     accumulate_limited(a, b, mantissa_bits=14, promote_every=128)     the accumulation-precision experiment
-    FP8Linear(in_features, out_features)                              Fprop/Dgrad/Wgrad on FP8 inputs
+    FP8Linear(in_features, out_features)                              Fprop/Dgrad/Wgrad on FP8 inputs, weight quantised once per step
+    set_fused_quantisers("auto" | "always" | "never")                 the blockwise quantisers as Triton kernels (fp8_fused)
     DynamicLossScaler()                 the fp16 loss scaler, same trajectory as torch.amp.GradScaler
 
 GPU path: on CUDA devices with compute capability >= 8.9, ``scaled_matmul`` calls ``torch._scaled_mm``
@@ -100,6 +101,7 @@ __all__ = [
     "fp8_linear",
     "FP8LinearFunction",
     "FP8Linear",
+    "set_fused_quantisers",
     "DynamicLossScaler",
     "bytes_per_element",
 ]
@@ -563,6 +565,32 @@ def accumulate_limited(
 # ----------------------------------------------------------------------------- FP8 linear layer
 
 
+FUSED_MODES = ("auto", "always", "never")
+_fused_mode = "auto"
+
+
+def set_fused_quantisers(mode: str) -> str:
+    """Where the blockwise recipe's quantisers run as fused Triton kernels (:mod:`course_lib.deepseek.fp8_fused`).
+
+    "auto" (default): CUDA tensors with compiled Triton; "always": wherever the kernels run (CPU too, through
+    Triton's interpreter once ``fp8_fused.enable_interpreter()`` is on: slow, for tests); "never": plain torch.
+    The kernels give the same codes and scales as the plain-torch quantisers. Returns the previous mode.
+    """
+    global _fused_mode
+    if mode not in FUSED_MODES:
+        raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
+    old, _fused_mode = _fused_mode, mode
+    return old
+
+
+def _use_fused(x: torch.Tensor, fmt: FP8Format | str) -> bool:
+    if _fused_mode == "never" or get_format(fmt) is not E4M3 or (_fused_mode == "auto" and not x.is_cuda):
+        return False  # checked before importing anything: the CPU path never imports Triton
+    from course_lib.deepseek import fp8_fused
+
+    return fp8_fused.supports(x)
+
+
 def _quantize_operand(x: torch.Tensor, recipe: str, role: str, fmt: FP8Format | str = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a GEMM operand (rows, K) for ``recipe``: role "a" (activations, gradients) or "b" (weights)."""
     if recipe == "tensorwise":
@@ -570,8 +598,29 @@ def _quantize_operand(x: torch.Tensor, recipe: str, role: str, fmt: FP8Format | 
     if recipe == "rowwise":
         return quantize_rowwise(x, fmt)
     if recipe == "blockwise":
+        if _use_fused(x, fmt):
+            from course_lib.deepseek import fp8_fused
+
+            return fp8_fused.quantize_tiles_fused(x) if role == "a" else fp8_fused.quantize_blocks_fused(x)
         return quantize_tiles(x, fmt) if role == "a" else quantize_blocks(x, fmt)
     raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+
+
+def _requantize_activation_t(
+    xq: torch.Tensor, xs: torch.Tensor, recipe: str, fmt: FP8Format | str = E4M3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wgrad's x^T operand from the FP8 activation cached by Fprop: dequantise, transpose, re-tile along M."""
+    if recipe == "blockwise" and xq.dtype == E4M3.torch_dtype and _use_fused(xs, fmt):
+        from course_lib.deepseek import fp8_fused
+
+        return fp8_fused.requantize_tiles_t_fused(xq, xs)
+    return _quantize_operand(dequantize(xq, xs).t(), recipe, "a", fmt)  # (K, M), tiles along M
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A GEMM's output dtype for an activation of ``dtype``: 16-bit activations get 16-bit outputs directly
+    (the emulation rounds its FP32 result once either way), anything else FP32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -583,16 +632,18 @@ class FP8LinearFunction(torch.autograd.Function):
     Wgrad ``dW = dy^T x``: both re-quantised in 1x128 tiles along the token dimension M (DeepSeek turns
                            the cached 1x128 activation tiles into 128x1 tiles for this GEMM).
     The FP8 activation and weight are what is saved for backward; W and dW stay FP32 (master weights).
+    ``weight_q``: the weight already quantised for ``recipe`` as ``(w_q, w_s)`` (``FP8Linear`` quantises
+    it once per optimiser step), else it is quantised here.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, recipe="blockwise", fmt="e4m3", grad_fmt="e4m3", backend="auto"):
+    def forward(ctx, x, weight, recipe="blockwise", fmt="e4m3", grad_fmt="e4m3", backend="auto", weight_q=None):
         K = x.shape[-1]
         N = weight.shape[0]
         x2d = x.reshape(-1, K)  # (M, K)
         xq, xs = _quantize_operand(x2d, recipe, "a", fmt)  # (M, K), scale per tile
-        wq, ws = _quantize_operand(weight, recipe, "b", fmt)  # (N, K), scale per block
-        y = scaled_matmul(xq, xs, wq, ws, out_dtype=torch.float32, backend=backend)  # (M, N)
+        wq, ws = weight_q if weight_q is not None else _quantize_operand(weight, recipe, "b", fmt)  # (N, K), scale per block
+        y = scaled_matmul(xq, xs, wq, ws, out_dtype=_out_dtype(x.dtype), backend=backend)  # (M, N)
         ctx.save_for_backward(xq, xs, wq, ws, weight)
         ctx.recipe, ctx.grad_fmt, ctx.backend = recipe, grad_fmt, backend
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -603,7 +654,7 @@ class FP8LinearFunction(torch.autograd.Function):
         xq, xs, wq, ws, weight = ctx.saved_tensors
         recipe, gfmt, backend = ctx.recipe, ctx.grad_fmt, ctx.backend
         N, K = weight.shape
-        g = grad_out.reshape(-1, N).to(torch.float32)  # (M, N)
+        g = grad_out.reshape(-1, N)  # (M, N); the quantisers read it in FP32
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             gq, gs = _quantize_operand(g, recipe, "a", gfmt)  # (M, N), tiles along N
@@ -611,15 +662,14 @@ class FP8LinearFunction(torch.autograd.Function):
                 wtq, wts = wq.t(), ws.t()  # (K, N), (K/128, N/128): the same blocks, transposed
             else:
                 wtq, wts = _quantize_operand(weight.t(), recipe, "b")  # (K, N)
-            grad_x = scaled_matmul(gq, gs, wtq, wts, out_dtype=torch.float32, backend=backend)  # (M, K)
+            grad_x = scaled_matmul(gq, gs, wtq, wts, out_dtype=_out_dtype(ctx.x_dtype), backend=backend)  # (M, K)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x2d = dequantize(xq, xs)  # (M, K): the cached FP8 activation
             gtq, gts = _quantize_operand(g.t(), recipe, "a", gfmt)  # (N, M), tiles along M
-            xtq, xts = _quantize_operand(x2d.t(), recipe, "a")  # (K, M), tiles along M
+            xtq, xts = _requantize_activation_t(xq, xs, recipe)  # (K, M): the cached FP8 activation, tiles along M
             grad_w = scaled_matmul(gtq, gts, xtq, xts, out_dtype=torch.float32, backend=backend)  # (N, K)
             grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def fp8_linear(
@@ -639,7 +689,13 @@ def fp8_linear(
 
 
 class FP8Linear(nn.Module):
-    """A bias-free linear layer (as all of DeepSeek's) with FP32 master weight and FP8 GEMMs."""
+    """A bias-free linear layer (as all of DeepSeek's) with FP32 master weight and FP8 GEMMs.
+
+    The weight is quantised once per optimiser step, not once per call: the FP8 copy is cached and
+    reused while the weight is unchanged (same tensor, same ``_version``: ``optimizer.step()``,
+    ``load_state_dict`` and any in-place update bump the version counter and so invalidate it).
+    ``invalidate_weight_cache()`` drops it explicitly; ``weight_quantisations`` counts the re-quantisations.
+    """
 
     def __init__(self, in_features: int, out_features: int, recipe: str = "auto", fmt: str = "e4m3", grad_fmt: str = "e4m3") -> None:
         super().__init__()
@@ -647,6 +703,8 @@ class FP8Linear(nn.Module):
         self.recipe, self.fmt, self.grad_fmt = recipe, fmt, grad_fmt
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.weight_quantisations = 0
+        self._weight_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> FP8Linear:
@@ -657,8 +715,26 @@ class FP8Linear(nn.Module):
             m.weight.copy_(linear.weight)
         return m
 
+    def invalidate_weight_cache(self) -> None:
+        """Forget the cached FP8 weight (the next forward quantises it again)."""
+        self._weight_cache = None
+
+    def quantized_weight(self, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_q, w_s)`` for ``recipe``, from the cache while the weight is unchanged."""
+        w = self.weight
+        key = (recipe, self.fmt, w.device, w.dtype, w.data_ptr(), tuple(w.shape), w._version)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                wq = _quantize_operand(w.detach(), recipe, "b", self.fmt)
+            self._weight_cache = (key, wq)
+            self.weight_quantisations += 1
+        return self._weight_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.recipe, self.fmt, self.grad_fmt)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, weight expects (N, {self.in_features})")
+        recipe = auto_recipe(x.device) if self.recipe == "auto" else self.recipe
+        return FP8LinearFunction.apply(x, self.weight, recipe, self.fmt, self.grad_fmt, "auto", self.quantized_weight(recipe))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, fmt={self.fmt}"

@@ -71,6 +71,8 @@ from course_lib.deepseek.common import SwiGLU
 from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
 
 __all__ = [
+    "stack_experts",
+    "dispatch_grouped",
     "MoEConfig",
     "RoutingInfo",
     "param_counts",
@@ -284,6 +286,34 @@ def dispatch_per_expert(experts: Sequence[ExpertFn], x: torch.Tensor, weights: t
         token, slot = torch.where(indices == e)  # (n_e,) each
         y.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
     return y
+
+
+def stack_experts(experts: Sequence[SwiGLU]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed experts' weights stacked for ``dispatch_grouped``: ``(w1, w3, w2)`` as (E, dim, inter),
+    (E, dim, inter), (E, inter, dim) views of contiguous stacks (build once, not per call)."""
+    w1 = torch.stack([e.w1.weight.detach() for e in experts]).transpose(1, 2)
+    w3 = torch.stack([e.w3.weight.detach() for e in experts]).transpose(1, 2)
+    w2 = torch.stack([e.w2.weight.detach() for e in experts]).transpose(1, 2)
+    return w1, w3, w2
+
+
+def dispatch_grouped(stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor, weights: torch.Tensor,
+                     indices: torch.Tensor) -> torch.Tensor:
+    """``dispatch_sorted`` without its loop over experts: each of the three expert GEMMs is one
+    ``torch._grouped_mm`` over the assignments sorted by expert (``stacked`` from ``stack_experts``).
+
+    Needs a torch with ``_grouped_mm`` (CUDA: bf16 on Hopper and newer) and 16-byte aligned rows.
+    """
+    w1, w3, w2 = stacked
+    E = w1.shape[0]
+    flat = indices.reshape(-1)  # (N*K,)
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)  # (E,) end of each expert's group
+    token = order // indices.shape[1]  # (S,)
+    xs = x[token]  # (S, dim)
+    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (S, inter)
+    out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # (S, dim)
+    return torch.zeros_like(x).index_add_(0, token, out)
 
 
 # ---------------------------------------------------------------------------------------------------
