@@ -362,21 +362,20 @@ def student_fetches_feedback(pg, who: Account) -> Path:
 
 
 def test_a_class_on_jupyterhub(klass, release, hub, browser):
-    cls, inst = klass, klass.instructor
-    stu_a, stu_b = cls.students
-    venv_make = [f"VENV={VENV}", f"STAMP={VENV / '.shared-by-tests'}"]
-    import course
-
     # both students log in at once (their servers spawn side by side) while the instructor's release finishes
-    pages = {who.name: log_in(browser, who) for who in (stu_a, stu_b)}
+    pages = {who.name: log_in(browser, who) for who in klass.students}
     try:
-        _class_flow(cls, inst, stu_a, stu_b, pages, release, hub, venv_make, course)
+        _class_flow(klass, pages, release, hub)
     finally:
         for pg in pages.values():
             pg.context.close()
 
 
-def _class_flow(cls, inst, stu_a, stu_b, pages, release, hub, venv_make, course) -> None:
+def _class_flow(cls: Class, pages: dict, release, hub) -> None:
+    import course
+
+    inst, (stu_a, stu_b) = cls.instructor, cls.students
+    venv_make = [f"VENV={VENV}", f"STAMP={VENV / '.shared-by-tests'}"]
     step("make release")
     out = release()
     course_ex = cls.exchange / COURSE_ID
