@@ -170,14 +170,17 @@ def klass(request) -> Class:
     base = Path(tempfile.mkdtemp(prefix="hubtest-", dir="/tmp"))
     os.chmod(base, 0o755)
     made: list[Account] = []
-    acls: list[Path] = []
+    acls: list[tuple[Path, bool]] = []  # (folder, had an extended ACL before)
 
     def cleanup() -> None:
         for a in made:
             _kill_user_processes(a.name)
-        for d in acls:
-            for a in made:
-                _run(["setfacl", "-x", f"u:{a.name}", str(d)])
+        for d, had_acl in acls:
+            if had_acl:
+                for a in made:
+                    _run(["setfacl", "-x", f"u:{a.name}", str(d)])
+            else:
+                _run(["setfacl", "-b", str(d)])  # back to plain mode bits (no leftover mask entry)
         for a in made:
             _run(["userdel", "-r", "-f", a.name])
         shutil.rmtree(base, ignore_errors=True)
@@ -193,9 +196,10 @@ def klass(request) -> Class:
         pytest.skip(f"the test accounts cannot reach the venv ({blocking[0]} is closed to others) and setfacl is missing "
                     "(apt-get install acl; make install does it as root)")
     for d in blocking:
+        had_acl = bool(_run(["getfacl", "--skip-base", "--absolute-names", str(d)]).stdout.strip())
+        acls.append((d, had_acl))
         for a in accounts:
             _ok(_run(["setfacl", "-m", f"u:{a.name}:x", str(d)]), f"setfacl on {d}")
-        acls.append(d)
 
     instructor, students = accounts[0], accounts[1:]
     course, share, exchange = base / "course", base / "share", base / "exchange"
