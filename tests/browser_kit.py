@@ -5,6 +5,7 @@ Used by tests/test_browser.py (the `make lab` server) and tests/test_hub.py (a r
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,19 @@ def launch(p):
     """Headless Chromium (Playwright gives it a fresh --user-data-dir of its own)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     return p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+
+
+@contextlib.contextmanager
+def chromium():
+    """One headless Chromium (conftest.py's session fixture ``browser``: a second Playwright in one process fails)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch(p)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 def shot(pg, name: str) -> Path:

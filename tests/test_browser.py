@@ -24,14 +24,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_kit import launch, list_errors, playwright_or_skip, shot, wait_assignment_list, wait_submitted
+from browser_kit import (
+    list_errors,
+    playwright_or_skip,
+    shot,
+    wait_assignment_list,
+    wait_submitted,
+)
 from conftest import ROOT, _fresh_copy
 
 pytestmark = pytest.mark.browser
 
 TEST_MARKER = "# Checks you can run now."
 
-playwright_api = playwright_or_skip()
+playwright_or_skip()
 
 
 def sections() -> list[str]:
@@ -96,14 +102,6 @@ def lab(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = launch(p)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -35,8 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from browser_kit import launch, list_errors, playwright_or_skip, shot, wait_assignment_list, wait_submitted
-from conftest import ROOT, _fresh_copy, file_digest, load_nb
+from browser_kit import (
+    list_errors,
+    playwright_or_skip,
+    shot,
+    wait_assignment_list,
+    wait_submitted,
+)
+from conftest import ROOT, _fresh_copy, file_digest, graded_cells, load_nb
 
 pytestmark = pytest.mark.browser
 
@@ -50,7 +56,6 @@ if PROXY is None:
 
 SECTION = "01_foundations"
 COURSE_ID = "deepseek-v3-from-scratch"
-FULL_MARKS = 31.0
 PORT, HUB_PORT, PROXY_API_PORT, SPAWN_PORTS = 18000, 18001, 18002, "18010-18020"
 HUB = f"http://127.0.0.1:{PORT}"
 VENV = ROOT / ".venv"
@@ -262,36 +267,30 @@ def hub(klass, release):
         log.flush()
         return (state / "hub.log").read_text()[-5000:]
 
-    deadline = time.time() + 120
-    while True:
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{HUB}/hub/api", timeout=5) as r:
+                    assert "version" in json.loads(r.read())
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"JupyterHub did not start:\n{tail()}")
+                time.sleep(1)
+        step("hub up")
+        yield tail
+    finally:
+        proc.send_signal(signal.SIGINT)  # the hub stops its users' servers and its proxy (cleanup_servers)
         try:
-            with urllib.request.urlopen(f"{HUB}/hub/api", timeout=5) as r:
-                assert "version" in json.loads(r.read())
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"JupyterHub did not start:\n{tail()}")
-            time.sleep(1)
-    step("hub up")
-    yield tail
-    proc.send_signal(signal.SIGINT)  # the hub stops its users' servers and its proxy (cleanup_servers)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = launch(p)
-        yield b
-        b.close()
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the proxy, if the hub left it
+        except ProcessLookupError:
+            pass
+        log.close()
 
 
 SAVE = """async ([url, nb]) => {
@@ -431,8 +430,9 @@ def _class_flow(cls: Class, pages: dict, release, hub) -> None:
     with Gradebook(f"sqlite:///{cls.course / 'gradebook.db'}") as gb:
         score = {who.name: (gb.find_submission(SECTION, who.name).score, gb.find_submission(SECTION, who.name).max_score)
                  for who in (stu_a, stu_b)}
-    assert score[stu_a.name] == (FULL_MARKS, FULL_MARKS), f"the worked solution scored {score[stu_a.name]}\n{grade.stdout[-3000:]}"
-    assert 0 < score[stu_b.name][0] < FULL_MARKS, f"the half-answered notebook scored {score[stu_b.name]}"
+    full = float(sum(c["metadata"]["nbgrader"]["points"] for c in graded_cells(source_nb)))  # 31 for 01_foundations
+    assert score[stu_a.name] == (full, full), f"the worked solution scored {score[stu_a.name]} of {full}\n{grade.stdout[-3000:]}"
+    assert 0 < score[stu_b.name][0] < full, f"the half-answered notebook scored {score[stu_b.name]}"
 
     # each student fetches their own feedback, and only theirs
     step("feedback")
