@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes small ops 30x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install lab test-browser source release solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
+.PHONY: help install lab test-browser source release publish solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
 
 help:
 	@echo "make demo      build releases, autograde sample submissions, print the grade table"
@@ -24,6 +24,8 @@ help:
 	@echo "make lab       JupyterLab on the course, opened at release/ (students) [LAB_PORT= LAB_TOKEN= LAB_DIR= LAB_OPTS=]"
 	@echo "make check NB=path/to/notebook.ipynb [SECTION=02_mla]   grade one notebook (self-learners)"
 	@echo "make install source release solutions autograde feedback grades bench gpu-check lint clean"
+	@echo "make release EXCHANGE=/srv/nbgrader/exchange [SECTION=01_foundations]   also publish to nbgrader's exchange"
+	@echo "make publish [EXCHANGE=...] [SECTION=...]   release, then nbgrader release_assignment (COURSE_EXCHANGE or .exchange/)"
 	@echo "make autograde [FORCE=1] [SECTION=02_mla]   grade every submitted/STUDENT/SECTION (unchanged ones skipped)"
 	@echo "make collect SECTION=02_mla   LMS zip(s) in downloaded/SECTION/archive/ -> submitted/ (nbgrader zip_collect)"
 
@@ -36,6 +38,14 @@ install: $(STAMP)
 	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || true
 	@command -v bwrap >/dev/null 2>&1 || echo "note: bubblewrap is missing: grading runs UNSANDBOXED (install it: apt-get install bubblewrap)"
+	@# JupyterHub's proxy (tests/test_hub.py; docs/GRADING.md "Running a class on JupyterHub"), and setfacl, with which
+	@# the hub test lets its unix users reach this venv's interpreter (e.g. under /root) and nothing else.
+	@command -v configurable-http-proxy >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v npm >/dev/null 2>&1 || \
+	  npm install -g --silent configurable-http-proxy >/dev/null 2>&1 || true
+	@command -v configurable-http-proxy >/dev/null 2>&1 || echo "note: configurable-http-proxy is missing: the hub test is skipped (npm install -g configurable-http-proxy)"
+	@command -v setfacl >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -qq acl >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq acl >/dev/null 2>&1; } || true
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
@@ -69,8 +79,13 @@ lab: install
 source: install
 	$(PY) tools/nbsrc.py build
 
+# EXCHANGE=DIR (or `make publish`, which defaults to COURSE_EXCHANGE or the course-local .exchange/) also publishes
+# the releases to nbgrader's exchange with `nbgrader release_assignment`; SECTION= limits both to one section.
 release: source
-	$(COURSE) release
+	$(COURSE) release $(SECTION) $(if $(EXCHANGE),--exchange "$(EXCHANGE)")
+
+publish: source
+	$(COURSE) release $(SECTION) --exchange "$(or $(EXCHANGE),$(COURSE_EXCHANGE),$(CURDIR)/.exchange)"
 
 solutions: source
 	$(COURSE) solutions

@@ -28,6 +28,12 @@ c.Exchange.root = os.environ.get("COURSE_EXCHANGE", str(HERE / ".exchange"))
 c.Exchange.assignment_dir = os.environ.get("COURSE_ASSIGNMENT_DIR", str(HERE / "release"))
 if "COURSE_EXCHANGE" not in os.environ:
     c.Exchange.cache = str(HERE / ".exchange" / ".cache")  # the learner's submission records, kept with the course
+# The exchange's permissions are nbgrader's own (docs/GRADING.md, "Running a class on JupyterHub"): the root is
+# world-writable with the sticky bit (1777, made by the admin), COURSE/ and outbound/ 0755 (released notebooks are
+# public), inbound/ 2733 (anyone may drop a submission, nobody but the instructor may list it), feedback/ 0711
+# (a student reads only the file named by the hash of their own submission). Submissions themselves are made
+# readable by the instructors' group only (course_lib/exchange.py), not world-readable as nbgrader leaves them.
+c.ExchangeFactory.submit = "course_lib.exchange.PrivateSubmit"
 
 c.ClearSolutions.code_stub = {
     "python": (

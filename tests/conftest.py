@@ -53,6 +53,15 @@ def demo_run(tmp_path_factory) -> dict:
     return {"root": clone, "stdout": proc.stdout}
 
 
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium under Playwright, shared by the browser tests (tests/browser_kit.py)."""
+    from browser_kit import chromium
+
+    with chromium() as b:
+        yield b
+
+
 def load_nb(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

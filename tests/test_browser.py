@@ -24,19 +24,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_kit import (
+    list_errors,
+    playwright_or_skip,
+    shot,
+    wait_assignment_list,
+    wait_submitted,
+)
 from conftest import ROOT, _fresh_copy
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = ROOT / ".cache" / "screenshots"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 TEST_MARKER = "# Checks you can run now."
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed (make install installs it as root)", allow_module_level=True)
+playwright_or_skip()
 
 
 def sections() -> list[str]:
@@ -103,16 +104,6 @@ def lab(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="session")
-def browser():
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as p:
-        # Playwright starts Chromium with a fresh --user-data-dir of its own.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, lab):
     base, token, _ = lab
@@ -123,12 +114,6 @@ def page(browser, lab):
     pg.wait_for_function("window.jupyterapp && window.jupyterapp.shell && document.querySelector('.jp-DirListing')")
     yield pg
     ctx.close()
-
-
-def shot(pg, name: str) -> Path:
-    path = SHOTS / f"{name}.png"
-    pg.screenshot(path=str(path))
-    return path
 
 
 OPEN = """async (path) => {
@@ -302,14 +287,8 @@ def test_validate_lists_the_failing_cells(page, section):
 
 def test_assignment_list_lists_sections_and_submits(page):
     page.evaluate("() => window.jupyterapp.commands.execute('nbgrader:open-assignment-list')")
-    page.wait_for_function("""() => { const r = document.querySelector('#released_assignments_list');
-      const f = document.querySelector('#fetched_assignments_list');
-      const loading = [...document.querySelectorAll('[id$=_assignments_list_loading]')].some(e => e.offsetParent !== null);
-      return r && f && !loading && (r.innerText + f.innerText).includes('01_'); }""", timeout=120_000)
-    lists = page.evaluate("""() => Object.fromEntries(['released', 'fetched', 'submitted'].map(k => {
-      const e = document.querySelector('#' + k + '_assignments_list'); return [k, e ? e.innerText : null]; }))""")
-    errors = page.evaluate("""() => [...document.querySelectorAll('[id$=_assignments_list_error]')]
-                                    .filter(e => e.offsetParent !== null).map(e => e.innerText)""")
+    lists = wait_assignment_list(page, "01_")
+    errors = list_errors(page)
     shot(page, "assignment-list")
     body = page.locator("body").inner_text()
     assert not errors and "Error fetching courses" not in body and "exchange directory does not exist" not in body, errors
@@ -317,8 +296,7 @@ def test_assignment_list_lists_sections_and_submits(page):
     missing = [s for s in sections() if s not in listed]
     assert not missing, f"the Assignment List does not list {missing}: {lists}"
     page.locator("#fetched_assignments_list button", has_text="Submit").first.click()
-    page.wait_for_function("() => { const s = document.querySelector('#submitted_assignments_list');"
-                           " return s && /\\d{4}-\\d{2}-\\d{2}/.test(s.innerText); }", timeout=120_000)
+    wait_submitted(page)
     shot(page, "assignment-list-submitted")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -31,3 +32,15 @@ def test_lab_recipe_knobs_and_environment():
     assert "env -u MPLBACKEND" in out, "kernels must not inherit MPLBACKEND=Agg"
     assert "--port=9999" in out and "--IdentityProvider.token=tok" in out and "--no-browser" in out
     assert "tools/lab.py publish" in out and "JUPYTER_CONFIG_PATH=" in out
+
+
+def test_release_publishes_to_an_exchange_on_request():
+    def dry(*args: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "COURSE_EXCHANGE"}
+        return subprocess.run(["make", "-n", "-C", str(ROOT), *args, "STAMP=/dev/null"], capture_output=True, text=True,
+                              check=True, env=env).stdout
+
+    assert "--exchange" not in dry("release"), "a plain make release publishes nothing"
+    out = dry("release", "EXCHANGE=/srv/ex", "SECTION=01_foundations")
+    assert 'tools/course.py release 01_foundations --exchange "/srv/ex"' in out
+    assert f'--exchange "{ROOT}/.exchange"' in dry("publish"), "make publish defaults to the course-local exchange"

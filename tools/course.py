@@ -1,6 +1,8 @@
 """Course driver: releases, solutions, sample submissions, autograding, grade tables, self-check.
 
     python tools/course.py release [SECTION ...]     source/ -> release/ (nbgrader generate_assignment)
+    python tools/course.py release --exchange DIR [SECTION ...]   ... and publish them to nbgrader's exchange DIR
+    python tools/course.py publish [--exchange DIR] [SECTION ...]  release/ -> the exchange (release_assignment)
     python tools/course.py solutions [SECTION ...]   source/ -> solutions/ (executed, hidden tests stripped)
     python tools/course.py samples                   submitted/{reference,blank,partial}/
     python tools/course.py autograde [--student S] [--force] [--workers N] [SECTION ...]
@@ -91,6 +93,23 @@ def release(root: Path = ROOT, names: list[str] | None = None) -> None:
         if proc.returncode != 0:
             raise SystemExit(f"generate_assignment {a} failed")
         print(f"released {a} -> release/{a}/{a}.ipynb")
+
+
+def publish(root: Path = ROOT, names: list[str] | None = None, exchange: str | None = None) -> Path:
+    """release/A/ -> EXCHANGE/COURSE_ID/outbound/A/ with ``nbgrader release_assignment`` (students fetch it from
+    their Assignment List). ``exchange`` (else COURSE_EXCHANGE, else nbgrader_config.py's course-local one) is the
+    exchange root: created world-writable with the sticky bit when missing, as nbgrader requires."""
+    exchange = exchange or os.environ.get("COURSE_EXCHANGE") or str(root / ".exchange")
+    top = Path(exchange)
+    if not top.exists():
+        top.mkdir(parents=True)
+        os.chmod(top, 0o1777)
+    for a in names or sections(root):
+        proc = run_nbgrader(root, "release_assignment", a, "--force", env={"COURSE_EXCHANGE": str(top)})
+        if proc.returncode != 0:
+            raise SystemExit(f"release_assignment {a} failed")
+        print(f"published {a} -> {top / COURSE_ID / 'outbound' / a}")
+    return top / COURSE_ID
 
 
 def solutions(root: Path = ROOT, names: list[str] | None = None) -> None:
@@ -1482,9 +1501,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=ROOT, help="course directory (default: this checkout)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("release", "solutions", "samples"):
+    for name in ("release", "solutions", "samples", "publish"):
         p = sub.add_parser(name)
         p.add_argument("sections", nargs="*")
+        if name in ("release", "publish"):
+            p.add_argument("--exchange", help="also publish to this nbgrader exchange root (release); default for publish: "
+                                              "COURSE_EXCHANGE, else the course-local .exchange/")
     p = sub.add_parser("autograde")
     p.add_argument("--student", action="append")
     p.add_argument("--workers", type=int)
@@ -1505,6 +1527,10 @@ def main(argv: list[str] | None = None) -> int:
     root = ns.root.resolve()
     if ns.cmd == "release":
         release(root, ns.sections or None)
+        if ns.exchange:
+            publish(root, ns.sections or None, ns.exchange)
+    elif ns.cmd == "publish":
+        publish(root, ns.sections or None, ns.exchange)
     elif ns.cmd == "solutions":
         solutions(root, ns.sections or None)
     elif ns.cmd == "samples":
