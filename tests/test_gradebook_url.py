@@ -38,6 +38,18 @@ def test_course_db_url_names_the_gradebook_except_in_a_throw_away_course(courses
     assert course._gradebook_url(courses["shared"]).startswith("sqlite:///"), "an empty COURSE_DB_URL means the default"
 
 
+def test_a_batch_switched_to_another_database_grades_everything_again(courses, monkeypatch):
+    """The batch skips a submission whose record matches; a record made against another gradebook must not match."""
+    monkeypatch.delenv("COURSE_DB_URL", raising=False)
+    before = {k: course.grading_fingerprint(r, "01_foundations") for k, r in courses.items()}
+    monkeypatch.setenv("COURSE_DB_URL", PG)
+    assert course.grading_fingerprint(courses["shared"], "01_foundations") != before["shared"]
+    assert course.grading_fingerprint(courses["scratch"], "01_foundations") == before["scratch"]
+    pg = course.grading_fingerprint(courses["shared"], "01_foundations")
+    monkeypatch.setenv("COURSE_DB_URL", PG.replace("grader@", "grader:secret@"))
+    assert course.grading_fingerprint(courses["shared"], "01_foundations") == pg, "a password in the URL changes no grade"
+
+
 def test_the_judge_finds_the_course_without_a_sqlite_path(tmp_path, monkeypatch):
     monkeypatch.delenv("COURSE_ROOT", raising=False)
     res = {"nbgrader": {"db_url": PG}}

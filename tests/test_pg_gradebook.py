@@ -177,11 +177,13 @@ def test_the_course_reads_and_writes_the_database_course_db_url_names(graded):
 
 
 def test_db_upgrade_creates_the_schema_and_nbgrader_migrates_it(graded):
-    from nbgrader.api import get_alembic_version
+    from alembic.script import ScriptDirectory
+    from nbgrader.dbutil import ALEMBIC_DIR
 
+    head = ScriptDirectory(ALEMBIC_DIR).get_current_head()  # the newest of nbgrader's migrations
     assert graded["tables_before"] == []
     assert {"alembic_version", "assignment", "student", "submitted_assignment", "grade", "comment"} <= set(graded["tables_after"])
-    assert graded["alembic"] == [get_alembic_version()] == graded["alembic_again"]
+    assert graded["alembic"] == [head] == graded["alembic_again"]
 
 
 def test_every_score_in_postgresql_equals_sqlite(graded):

@@ -406,12 +406,18 @@ def _course_lib_files(text: str, here: Path | None = None) -> set[Path]:
 
 
 def grading_fingerprint(root: Path, a: str) -> str:
-    """What else decides a grade: the section's source notebook, the config, the course_lib files it uses."""
+    """What else decides a grade: the section's source notebook, the config, the course_lib files it uses; and a
+    gradebook other than the course's SQLite file (a batch switched to another database grades everything into it)."""
     h = hashlib.sha256()
     src = root / "source" / a / f"{a}.ipynb"
     text = src.read_text() if src.exists() else ""
     h.update(text.encode())
     h.update((root / "nbgrader_config.py").read_bytes() if (root / "nbgrader_config.py").exists() else b"")
+    url = _gradebook_url(root)
+    if not url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        h.update(b"gradebook\0" + make_url(url)._replace(password=None).render_as_string(hide_password=False).encode())
     files = {ROOT / "course_lib" / f"{m}.py" for m in GRADING_CORE} | _course_lib_files(text)
     todo = list(files)
     while todo:  # course_lib modules the used ones import
