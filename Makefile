@@ -16,14 +16,14 @@ export PYTHONHASHSEED := 0
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes small ops 30x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install lab test-browser source release publish solutions samples autograde collect feedback grades demo check verify test test-fast checkpoints bench gpu-check lint clean
+.PHONY: help install lab test-browser source release publish solutions samples autograde collect feedback grades db-upgrade demo check verify test test-fast checkpoints bench gpu-check lint clean
 
 help:
 	@echo "make demo      build releases, autograde sample submissions, print the grade table"
 	@echo "make test      the whole test suite"
 	@echo "make lab       JupyterLab on the course, opened at release/ (students) [LAB_PORT= LAB_TOKEN= LAB_DIR= LAB_OPTS=]"
 	@echo "make check NB=path/to/notebook.ipynb [SECTION=02_mla]   grade one notebook (self-learners)"
-	@echo "make install source release solutions autograde feedback grades bench gpu-check lint clean"
+	@echo "make install source release solutions autograde feedback grades db-upgrade bench gpu-check lint clean"
 	@echo "make release EXCHANGE=/srv/nbgrader/exchange [SECTION=01_foundations]   also publish to nbgrader's exchange"
 	@echo "make publish [EXCHANGE=...] [SECTION=...]   release, then nbgrader release_assignment (COURSE_EXCHANGE or .exchange/)"
 	@echo "make autograde [FORCE=1] [SECTION=02_mla]   grade every submitted/STUDENT/SECTION (unchanged ones skipped)"
@@ -46,6 +46,12 @@ install: $(STAMP)
 	@command -v setfacl >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 	  apt-get install -y -qq acl >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq acl >/dev/null 2>&1; } || true
+	@# PostgreSQL: only tests/test_pg_gradebook.py needs the server (its own, in a temporary folder); courses use SQLite by default.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1; } || true
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  echo "note: PostgreSQL is missing: the PostgreSQL gradebook test is skipped (install it: apt-get install postgresql)"
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
@@ -105,6 +111,10 @@ feedback: install
 
 grades: install
 	$(COURSE) grades
+
+# The gradebook (SQLite, or COURSE_DB_URL's database): tables created if missing, then nbgrader's migrations.
+db-upgrade: install
+	$(COURSE) db-upgrade
 
 demo: install
 	$(PY) tools/nbsrc.py check

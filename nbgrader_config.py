@@ -14,8 +14,14 @@ c = get_config()  # noqa: F821  (nbgrader injects get_config)
 c.CourseDirectory.course_id = "deepseek-v3-from-scratch"
 c.CourseDirectory.root = str(HERE)
 c.CourseDirectory.solution_directory = "solutions"
-# Parallel graders wait for each other's gradebook writes (SQLite busy timeout) instead of failing.
-c.CourseDirectory.db_url = f"sqlite:///{HERE / 'gradebook.db'}?timeout=120"
+# The gradebook: SQLite beside this file unless COURSE_DB_URL names another database, e.g.
+# postgresql+psycopg2://grader@dbhost/gradebook (docs/GRADING.md, "A PostgreSQL gradebook"). Parallel graders wait
+# for each other's SQLite writes (busy timeout) instead of failing. A throw-away course (make check, make verify, the
+# tests' temporary courses) holds a .sqlite-gradebook file: it keeps its own SQLite gradebook whatever COURSE_DB_URL says.
+_DB_URL = os.environ.get("COURSE_DB_URL", "").strip()
+if not _DB_URL or (HERE / ".sqlite-gradebook").exists():
+    _DB_URL = f"sqlite:///{HERE / 'gradebook.db'}?timeout=120"
+c.CourseDirectory.db_url = _DB_URL
 # Never copy a submitted course_lib/ (it would shadow the real package), caches or hidden files.
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "course_lib", "course_lib.py",
                             "__MACOSX"]

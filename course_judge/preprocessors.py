@@ -90,8 +90,10 @@ class StripSolutionMarkers(Preprocessor):
 # ---------------------------------------------------------------- autograde: sanitising
 
 
-def _course_root(resources) -> Path | None:
-    root = os.environ.get("COURSE_ROOT")
+def _course_root(resources, config=None) -> Path | None:
+    """The course directory: COURSE_ROOT (the batch sets it), else nbgrader's CourseDirectory.root from the config, else
+    the folder of a SQLite gradebook (a PostgreSQL gradebook says nothing about where the course is)."""
+    root = os.environ.get("COURSE_ROOT") or (config or {}).get("CourseDirectory", {}).get("root")
     if root:
         return Path(root)
     db = str(resources.get("nbgrader", {}).get("db_url", ""))
@@ -109,7 +111,7 @@ class RestoreSourceCells(Preprocessor):
         import nbformat
 
         info = resources.get("nbgrader", {})
-        root = _course_root(resources)
+        root = _course_root(resources, self.config)
         a, name = info.get("assignment"), info.get("notebook")
         src_path = root / "source" / a / f"{name}.ipynb" if root and a and name else None
         if not src_path or not src_path.exists():

@@ -653,7 +653,7 @@ def gradebook_scores(root: Path, course) -> dict:
     """{student: score} of SECTION in the gradebook, and the set of students it knows."""
     from nbgrader.api import Gradebook
 
-    with Gradebook(f"sqlite:///{root / 'gradebook.db'}", course.COURSE_ID) as gb:
+    with Gradebook(course._gradebook_url(root), course.COURSE_ID) as gb:
         students = {s.id for s in gb.students}
         scores = {}
         for sub in gb.assignment_submissions(SECTION):

@@ -51,9 +51,11 @@ def test_sandbox_status_modes(monkeypatch):
 def test_kernel_environment_keeps_no_grader_secrets():
     env = {"PATH": "/usr/bin", "HOME": "/root", "AWS_SECRET_ACCESS_KEY": "x", "GITHUB_TOKEN": "y", "COURSE_ROOT": "/course",
            "COURSE_DIAG_FILE": "/course/d", "COURSE_GRADER_LOCK": "/l", "COURSE_BENCH_LOCK": "/b", "COURSE_TIMING_FILE": "/t",
-           "NBGRADER_EXECUTION": "autograde", "PYTHONPATH": "/repo"}
+           "NBGRADER_EXECUTION": "autograde", "PYTHONPATH": "/repo", "COURSE_DB_URL": "postgresql+psycopg2://g:pw@db/gb",
+           "PGPASSWORD": "pw", "PGPASSFILE": "/root/.pgpass"}
     out = sandbox.clean_env(env)
-    for k in ("AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "COURSE_ROOT", "COURSE_DIAG_FILE", "COURSE_GRADER_LOCK", "COURSE_BENCH_LOCK"):
+    for k in ("AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "COURSE_ROOT", "COURSE_DIAG_FILE", "COURSE_GRADER_LOCK", "COURSE_BENCH_LOCK",
+              "COURSE_DB_URL", "PGPASSWORD", "PGPASSFILE"):
         assert k not in out, k
     assert "COURSE_TIMING_FILE" not in out, "the kernel writes no timing file: the grader keeps its own clock"
     assert out["HOME"] == "/tmp/home" and out["NBGRADER_EXECUTION"] == "autograde"

@@ -10,6 +10,7 @@
                                                      skipped; grades.csv and autograded/summary.md
     python tools/course.py collect SECTION [ZIP ...]  LMS download -> submitted/ (nbgrader zip_collect)
     python tools/course.py feedback | grades | table
+    python tools/course.py db-upgrade                the gradebook's tables created if missing, then migrated
     python tools/course.py demo                      release + samples + autograde + table
     python tools/course.py check NOTEBOOK [--section S]   self-check one notebook on a copy
     python tools/course.py verify SECTION            author's check: solution full marks, blank zero
@@ -191,8 +192,8 @@ def _mk(path: Path) -> Path:
 # name, a broken or missing one scores zero without running anything, a submitted course_lib/ and
 # caches are dropped. Results land in autograded/.batch/state/STUDENT__SECTION.json once a submission
 # is done, keyed by a hash of its files and of everything that grades it, so a re-run skips what is
-# unchanged and a crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout;
-# benchmark cells take the grader's lock exclusively (every other cell takes it shared).
+# unchanged and a crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout (or the
+# database COURSE_DB_URL names: _gradebook_url); benchmark cells take the grader's lock exclusively (every other cell takes it shared).
 
 BATCH = Path("autograded") / ".batch"
 STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")  # used with fullmatch (re's $ would accept "bob\n")
@@ -424,12 +425,18 @@ def _course_lib_files(text: str, here: Path | None = None) -> set[Path]:
 
 
 def grading_fingerprint(root: Path, a: str) -> str:
-    """What else decides a grade: the section's source notebook, the config, the course_lib files it uses."""
+    """What else decides a grade: the section's source notebook, the config, the course_lib files it uses; and a
+    gradebook other than the course's SQLite file (a batch switched to another database grades everything into it)."""
     h = hashlib.sha256()
     src = root / "source" / a / f"{a}.ipynb"
     text = src.read_text() if src.exists() else ""
     h.update(text.encode())
     h.update((root / "nbgrader_config.py").read_bytes() if (root / "nbgrader_config.py").exists() else b"")
+    url = _gradebook_url(root)
+    if not url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        h.update(b"gradebook\0" + make_url(url)._replace(password=None).render_as_string(hide_password=False).encode())
     files = {ROOT / "course_lib" / f"{m}.py" for m in GRADING_CORE} | _course_lib_files(text)
     todo = list(files)
     while todo:  # course_lib modules the used ones import
@@ -635,8 +642,46 @@ def stage(root: Path, student: str, a: str) -> tuple[Path | None, list[dict]]:
     return dest, diags
 
 
+SQLITE_MARK = ".sqlite-gradebook"  # in a throw-away course: its own SQLite gradebook, whatever COURSE_DB_URL says
+
+
 def _gradebook_url(root: Path) -> str:
+    """The gradebook nbgrader uses for this course: the ``db_url`` its nbgrader_config.py sets (SQLite beside it, or
+    COURSE_DB_URL: docs/GRADING.md), read from the file so the course and nbgrader never disagree."""
+    cfg = root / "nbgrader_config.py"
+    if cfg.is_file():
+        from traitlets.config.loader import PyFileConfigLoader
+
+        url = PyFileConfigLoader(cfg.name, path=str(root)).load_config().get("CourseDirectory", {}).get("db_url")
+        if url:
+            return str(url)
     return f"sqlite:///{root / 'gradebook.db'}?timeout=120"
+
+
+def upgrade_gradebook(root: Path = ROOT) -> None:
+    """Create the gradebook's tables in an empty database, then migrate it to this nbgrader's schema.
+
+    ``nbgrader db upgrade`` alone fails on an empty PostgreSQL database (its first migration alters tables that only
+    nbgrader's first connection creates) and on this course's SQLite URL (it backs the file up by the URL's path,
+    ``?timeout=`` included); this does both steps, for either kind of database.
+    """
+    from nbgrader.api import Gradebook
+    from sqlalchemy import create_engine, inspect
+
+    url = _gradebook_url(root)
+    engine = create_engine(url)
+    try:
+        empty = not inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    if empty:
+        with Gradebook(url, COURSE_ID):  # creates every table and records alembic's head revision
+            pass
+    extra = [f"--CourseDirectory.db_url={url.split('?', 1)[0]}"] if url.startswith("sqlite:") else []
+    proc = run_nbgrader(root, "db", "upgrade", *extra)
+    if proc.returncode != 0:
+        raise SystemExit("nbgrader db upgrade failed")
+    print("gradebook " + ("created and " if empty else "") + "at nbgrader's current schema")
 
 
 _GB_LOCK = threading.Lock()
@@ -1084,7 +1129,7 @@ def autograde(
 
 
 def scores(root: Path, student: str, a: str, messages: dict[str, str] | None = None) -> NotebookScore:
-    db = f"sqlite:///{root / 'gradebook.db'}"
+    db = _gradebook_url(root)
     if messages is None:
         rec = load_record(root, student, a)
         messages = {g: c[2] for g, c in rec.cells.items()} if rec else {}
@@ -1328,10 +1373,16 @@ def demo(root: Path = ROOT) -> None:
 # ---------------------------------------------------------------- temporary course copies
 
 
-def temp_course(names: list[str]) -> Path:
-    """A throw-away course directory holding the config and the given sections' source notebooks."""
+def temp_course(names: list[str], own_gradebook: bool = True) -> Path:
+    """A throw-away course directory holding the config and the given sections' source notebooks.
+
+    ``own_gradebook``: its gradebook is a SQLite file inside it even where COURSE_DB_URL names a shared database (a
+    self-check or a test never writes into the instructor's gradebook); False: the config's choice, as the course's.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="course-"))
     shutil.copy(ROOT / "nbgrader_config.py", tmp / "nbgrader_config.py")
+    if own_gradebook:
+        (tmp / SQLITE_MARK).write_text("this throw-away course keeps its own SQLite gradebook (see nbgrader_config.py)\n")
     for a in names:
         shutil.copytree(ROOT / "source" / a, tmp / "source" / a, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
     return tmp
@@ -1353,7 +1404,7 @@ def prepared_course(a: str) -> Path:
         h.update(f.read_bytes())
     h.update(nbgrader.__version__.encode())
     template = CHECK_CACHE / f"{a}-{h.hexdigest()[:16]}"
-    if not (template / "gradebook.db").exists():
+    if not (template / "release" / a / f"{a}.ipynb").exists():  # complete: the build is moved in whole
         build = temp_course([a])
         rc, out = nbgrader_step(build, ["generate_assignment", a, "--force", f"--CourseDirectory.root={build}", "--log-level=WARN"],
                                 {}, build / "generate_assignment.log", 600)
@@ -1514,6 +1565,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sections", nargs="*")
     for name in ("feedback", "grades", "table", "demo"):
         sub.add_parser(name)
+    sub.add_parser("db-upgrade", help="create the gradebook's tables if missing, migrate it (nbgrader db upgrade)")
     p = sub.add_parser("collect")
     p.add_argument("section")
     p.add_argument("zips", nargs="*", type=Path)
@@ -1545,6 +1597,8 @@ def main(argv: list[str] | None = None) -> int:
         grades(root)
     elif ns.cmd == "table":
         print(table(root))
+    elif ns.cmd == "db-upgrade":
+        upgrade_gradebook(root)
     elif ns.cmd == "demo":
         demo(root)
     elif ns.cmd == "collect":
