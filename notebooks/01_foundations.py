@@ -507,15 +507,16 @@ plt.show()
 # %% [markdown]
 # ### Why FP8 needs scaling
 # Gradients and activations rarely sit where E4M3 is precise: a tensor with values around $10^{-4}$ falls
-# below E4M3's subnormals and becomes zeros, and one outlier at $10^4$ saturates. Multiplying by a scale
-# $s = 448/\max|x|$ before the cast (and dividing after) moves the tensor's largest value to the top of the
-# range. Section 4 does this per $1\times128$ tile, as DeepSeek-V3 does, so one outlier cannot ruin its neighbours.
+# below E4M3's subnormals and becomes zeros, and one outlier at $10^4$ saturates. DeepSeek-V3 stores a
+# **scale** $s = \max|x|/448$ with the tensor, casts $x/s$ (whose largest magnitude is exactly 448, the top of the
+# range) and gets the value back as $x_q \cdot s$: the scale is the *dequantisation* factor. Section 4 uses the
+# same convention, one scale per $1\times128$ tile as DeepSeek-V3 does, so one outlier cannot ruin its neighbours.
 
 # %% [code]
 torch.manual_seed(0)
 g = torch.randn(4096, dtype=torch.float64) * 1e-4  # gradient-sized values
-for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.abs().max()))):
-    q = (g * scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) / scale
+for label, scale in (("no scaling", 1.0), ("scale = amax/448", float(g.abs().max()) / 448)):
+    q = (g / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) * scale  # quantise x/s, dequantise q*s
     zeros = float((q == 0).double().mean())
     rel = float((q - g).norm() / g.norm())
     print(f"{label:>20}: {100 * zeros:5.1f}% became zero, relative error {rel:.3f}")

@@ -96,7 +96,8 @@ for f in (E4M3, E5M2):
 #
 # **Scaled quantisation.** To use the few ticks well, divide a block of values by a scale so that its
 # largest magnitude lands on the format's maximum (DeepSeek-V3 section 3.3; `amax` floored at $10^{-4}$ so
-# an all-zero block stays finite):
+# an all-zero block stays finite). The stored scale is the *dequantisation* factor, as in Section 1.4: divide
+# to quantise, multiply to get the value back:
 #
 # $$ s = \frac{\max(\operatorname{amax}, 10^{-4})}{448}, \qquad x_q = \operatorname{E4M3}\bigl(\operatorname{clamp}(x / s, -448, 448)\bigr),
 # \qquad \hat x = x_q \cdot s. $$

@@ -457,3 +457,21 @@ def test_fp8_linear_gpu_matches_emulation():
     ye.backward(gy)
     for got, want, name in ((y, ye, "y"), (x.grad, xe.grad, "dx"), (w.grad, we.grad, "dW")):
         assert_close(got, want, atol=2**-7 * float(want.abs().max()), rtol=2**-7, name=f"GPU FP8 linear {name}")
+
+
+def test_one_scale_convention_in_every_notebook_and_module():
+    """DeepSeek's convention everywhere: scale = amax / 448 is stored, x / scale is cast, x_q * scale is the value back.
+
+    A scale written the other way round (448 / amax, fmt.max / amax) may appear only where a text names it as the
+    reciprocal mistake.
+    """
+    import re
+
+    from conftest import ROOT
+
+    inverse = re.compile(r"(448|f(mt)?\.max|\bmax)\s*/\s*(\\max|amax|float\(\w+\.abs\(\)\.max|\w+\.abs\(\)\.(a)?max)")
+    files = sorted((ROOT / "notebooks").glob("*.py")) + sorted((ROOT / "course_lib").rglob("*.py"))
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if inverse.search(line) and "reciprocal" not in line]
+    assert not found, "a scale written as its reciprocal (448/amax) where the course stores amax/448:\n" + "\n".join(found)
