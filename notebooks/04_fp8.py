@@ -9,8 +9,8 @@
 # to FP32 every 128 products. The paper reports a training loss within 0.25 % of the BF16 baseline.
 #
 # **You will**
-# - encode and decode E4M3/E5M2 at the bit level (round-to-nearest-even, subnormals, saturation, NaN) and
-#   match torch's `float8` dtypes on all 256 codes;
+# - encode E4M3/E5M2 at the bit level in four checked steps (binade, round-to-nearest-even, fields with
+#   subnormals, saturation and NaN) and match torch's `float8` dtypes on all 256 codes (decoding is given);
 # - quantise with per-tensor, per-1x128-tile and per-128x128-block scales and measure why tiles win when
 #   activations have outliers;
 # - emulate DeepSeek's fine-grained FP8 GEMM, and show the accumulation error growing with K until partial
@@ -42,7 +42,7 @@ from torch import nn
 
 from course_lib import viz
 from course_lib.deepseek.common import RMSNorm, SwiGLU
-from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits, sqnr_db
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, decode, round_to_bits, sqnr_db
 
 # This section's tensors are small (128-wide tiles): one thread runs them faster than two, and is not slowed
 # down by other processes competing for the cores.
@@ -114,9 +114,130 @@ for f in (E4M3, E5M2):
 #  ...  scales: (M, K/128)                        ...  scales: (N/128, K/128)
 # ```
 #
-# Implement `FP8Converter`: `decode` and `encode` at the **bit level** (integer and float arithmetic on
-# ordinary tensors; the tests compare you against torch's float8 dtypes, so don't use them here), then
-# `quantize` and `dequantize` with scales (there, cast with `.to(fmt.torch_dtype)` after clamping).
+# **Decoding is Section 1's.** Section 1.4 had you decode one code at a time (`decode_fp8`, graded there). This
+# section does not ask for it again: `decode(codes, fmt)` from `course_lib.deepseek.fp8_formats` is the same rule
+# vectorised over a tensor of codes, and `FP8Converter.decode` below calls it.
+#
+# **Encoding** — the other direction, a real number to the code of its nearest FP8 value — is new. You build it
+# in four steps, each checked on its own, all at the **bit level** (integer and float arithmetic on ordinary
+# tensors: the checks compare you against torch's float8 dtypes, so don't use them here). Each step works on
+# magnitudes $a = |x|$ in float64, where every FP8 value and every midpoint between two of them is exact:
+#
+# ```
+#  x = -1.3 in E4M3      sign bit 1, a = 1.3
+#  step 1  binade        e = floor(log2 a) = 0 (never below 1 - bias = -6)     tick spacing 2^(e - M) = 1/8
+#  step 2  round         a / spacing = 10.4 -> 10 (a tie would go to the even one)           q = 10/8 = 1.25
+#  step 3  fields        q = 2^0 x (1 + 2/8): exponent field 0 + bias = 7 (0111), mantissa 2 (010)
+#  step 4  code          1 | 0111 | 010 = 0xba;  plus saturation, overflow and NaN
+# ```
+#
+# **Step 1: the binade.** The ticks of a binade $[2^e, 2^{e+1})$ are $2^{e-M}$ apart. Below the smallest normal
+# $2^{1-\text{bias}}$ the subnormals keep that lowest binade's spacing: that is what "never below $1-\text{bias}$"
+# buys.
+
+# %% [solution id=ex_04_1_binade]
+#@save
+def fp8_binade(a: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of encoding: the binade of each magnitude and the tick spacing there.
+
+    a: float64 tensor of finite magnitudes >= 0, any shape. fmt: E4M3 or E5M2.
+    Returns (e, spacing), both of a's shape: e (int64) = floor(log2 a), never below the subnormals'
+    1 - fmt.bias (0 sits in that lowest binade too); spacing (float64) = 2^(e - fmt.man_bits).
+    """
+    ### BEGIN SOLUTION
+    _, exp = torch.frexp(a)  # a = frac * 2^exp with frac in [0.5, 1)
+    e = (exp.to(torch.int64) - 1).clamp(min=1 - fmt.bias)  # subnormals share the lowest binade
+    e = torch.where(a == 0, 1 - fmt.bias, e)  # frexp(0) = (0, 0): 0 belongs there too
+    return e, torch.exp2((e - fmt.man_bits).to(torch.float64))
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_binade points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): every binade of E4M3 and E5M2 with its powers of two and the values just below them, subnormals and 0 in the lowest binade, the spacing, shapes and dtypes.
+from course_lib.testing import assert_true
+
+e, spacing = fp8_binade(torch.tensor([1.0, 1.3, 448.0, 2.0**-9, 0.0], dtype=torch.float64), E4M3)
+assert_true(e.dtype == torch.int64, f"the binade should be int64, got {e.dtype}")
+assert_true(e.tolist() == [0, 0, 8, -6, -6], f"E4M3 binades of [1, 1.3, 448, 2^-9, 0] should be [0, 0, 8, -6, -6], got {e.tolist()}",
+            hint="floor(log2 a); the subnormals (and 0) share the lowest binade 1 - bias")
+assert_true(spacing.tolist() == [1 / 8, 1 / 8, 32.0, 2.0**-9, 2.0**-9],
+            f"E4M3 spacings should be [1/8, 1/8, 32, 2^-9, 2^-9], got {spacing.tolist()}", hint="2^(e - M), M mantissa bits")
+print("fp8_binade: visible checks passed")
+
+# %% [markdown]
+# **Step 2: round to the nearest tick.** Divide by the spacing (exact: a power of two), round to an integer,
+# multiply back. An exact tie goes to the even integer — the code whose mantissa ends in 0 — *round half to
+# even*, which `torch.round` implements. No range limit yet: 470 in E4M3 rounds to 480, above the maximum 448
+# (step 4 decides what happens to it).
+
+# %% [solution id=ex_04_1_round]
+#@save
+def fp8_round(a: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """Step 2 of encoding: each magnitude rounded to the nearest tick of its binade, ties to the even one.
+
+    a: float64 tensor of finite magnitudes >= 0. Returns float64 of the same shape, each value a multiple of
+    fp8_binade's spacing; no clamping (a magnitude above fmt.max may round above it).
+    """
+    ### BEGIN SOLUTION
+    _, spacing = fp8_binade(a, fmt)
+    return torch.round(a / spacing) * spacing  # half to even; exact in float64
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_round points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): every midpoint of E4M3 and E5M2 (half to even), float64 values a hair either side of each midpoint, dense random values, subnormals, values above max, the carry into the next binade.
+from course_lib.testing import assert_true
+
+q = fp8_round(torch.tensor([1.3, 1 + 1 / 16, 1 + 3 / 16, 1.97, 470.0, 3 * 2.0**-10], dtype=torch.float64), E4M3)
+assert_true(q.dtype == torch.float64, f"fp8_round should return float64, got {q.dtype}")
+assert_true(q.tolist() == [1.25, 1.0, 1.25, 2.0, 480.0, 2.0**-8],
+            f"E4M3 rounding of [1.3, 1+1/16, 1+3/16, 1.97, 470, 3x2^-10] should be [1.25, 1, 1.25, 2, 480, 2^-8], got {q.tolist()}",
+            hint="1 + 1/16 and 1 + 3/16 are ties: they go to the tick whose integer (a / spacing) is even")
+print("fp8_round: visible checks passed")
+
+# %% [markdown]
+# **Step 3: the fields of a representable value.** A rounded magnitude $q$ is now exactly an FP8 value; write it
+# as the fields the decoder reads back. Take its binade from $q$ itself, not from $a$: rounding can carry into
+# the next binade (1.97 rounds to 2.0, exponent 1, mantissa 0 — not exponent 0 with a mantissa of 8, which does
+# not fit in 3 bits). Subnormals (and 0) have exponent field 0 and count the smallest subnormal.
+
+# %% [solution id=ex_04_1_fields]
+#@save
+def fp8_fields(q: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of encoding: exponent and mantissa fields of magnitudes that fmt represents exactly.
+
+    q: float64 tensor, each entry 0 or a finite positive fmt value <= fmt.max (fp8_round's output, once in range).
+    Returns (exp_field, mantissa), int64, q's shape: a normal q (>= fmt.min_normal) has exponent field
+    binade + bias and as mantissa the M bits after its leading 1; a subnormal q (or 0) has exponent field 0
+    and as mantissa q counted in smallest subnormals.
+    """
+    ### BEGIN SOLUTION
+    e, _ = fp8_binade(q, fmt)  # the binade of q itself: a carry is already in it
+    normal = q >= fmt.min_normal
+    exp_field = torch.where(normal, e + fmt.bias, torch.zeros_like(e))
+    mant = torch.where(normal, (q / torch.exp2(e.to(torch.float64)) - 1.0) * 2**fmt.man_bits, q / fmt.min_subnormal)
+    return exp_field, mant.round().to(torch.int64)
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_fields points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): the fields of every finite positive value of E4M3 and E5M2 against its code, 0, subnormals, the top binade, shapes and int64.
+from course_lib.testing import assert_true
+
+ef, mf = fp8_fields(torch.tensor([1.25, 2.0, 448.0, 2.0**-9, 2.0**-6, 0.0], dtype=torch.float64), E4M3)
+assert_true(ef.dtype == torch.int64 and mf.dtype == torch.int64, f"both fields should be int64, got {ef.dtype}, {mf.dtype}")
+assert_true(ef.tolist() == [7, 8, 15, 0, 1, 0], f"E4M3 exponent fields of [1.25, 2, 448, 2^-9, 2^-6, 0] should be "
+            f"[7, 8, 15, 0, 1, 0], got {ef.tolist()}", hint="binade + bias (7) for normals; 0 for subnormals and 0")
+assert_true(mf.tolist() == [2, 0, 6, 1, 0, 0], f"E4M3 mantissas should be [2, 0, 6, 1, 0, 0], got {mf.tolist()}",
+            hint="normal: the bits after the leading 1, (q / 2^e - 1) x 2^M; subnormal: q / 2^-9")
+print("fp8_fields: visible checks passed")
+
+# %% [markdown]
+# **Step 4: the code, and the converter.** `FP8Converter.encode` puts the steps together: the sign bit (`-0.0`
+# has one too), saturation (`saturate=True` clamps to $\pm$max first, infinities included), then steps 1-3, then
+# what has no ordinary code — a magnitude that rounds above max without saturation is inf in E5M2 and NaN in E4M3,
+# and NaN stays NaN. The same class then quantises with scales: `quantize` and `dequantize` (there, cast with
+# `.to(fmt.torch_dtype)` after clamping; the codec is the part you write bit by bit).
 
 # %% [solution id=ex_04_1_converter]
 #@save
@@ -133,31 +254,14 @@ class FP8Converter:
 
         codes: integer tensor (uint8) of any shape, each entry one code 0..255.
         Returns float32, same shape: the normal/subnormal formulas above, -0.0 for code 0x80, NaN for the
-        format's NaN codes, +-inf for E5M2's infinity codes.
+        format's NaN codes, +-inf for E5M2's infinity codes. Given (Section 1.4 had you write it).
         """
-        ### BEGIN SOLUTION
-        f = self.fmt
-        c = codes.to(torch.int64) & 0xFF
-        sign = c >> 7
-        e = (c >> f.man_bits) & ((1 << f.exp_bits) - 1)  # exponent field
-        m = (c & ((1 << f.man_bits) - 1)).to(torch.float64)  # mantissa field
-        frac = m / 2**f.man_bits
-        normal = (1.0 + frac) * torch.exp2((e - f.bias).to(torch.float64))
-        subnormal = frac * 2.0 ** (1 - f.bias)
-        mag = torch.where(e > 0, normal, subnormal)
-        e_ones = (1 << f.exp_bits) - 1
-        if f.has_inf:  # E5M2: IEEE-style specials
-            mag = torch.where((e == e_ones) & (m == 0), math.inf, mag)
-            mag = torch.where((e == e_ones) & (m > 0), math.nan, mag)
-        else:  # E4M3: only S.1111.111 is special (NaN)
-            mag = torch.where((e == e_ones) & (m == 2**f.man_bits - 1), math.nan, mag)
-        return torch.where(sign == 1, -mag, mag).to(torch.float32)
-        ### END SOLUTION
+        return decode(codes, self.fmt)  # given: Section 1.4's decoder, vectorised
 
     def encode(self, x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
-        """Codes of ``x`` rounded to the nearest representable value, ties to the even mantissa.
+        """Step 4 of encoding: codes of ``x`` rounded to the nearest representable value, ties to the even mantissa.
 
-        x: float tensor of any shape (read exactly in float64). Returns uint8 codes, same shape.
+        x: float tensor of any shape (read exactly in float64); use fp8_round and fp8_fields. Returns uint8 codes, same shape.
         saturate=True: clamp to +-max first (infinities too). saturate=False: magnitudes that round above max
         become inf (E5M2, code S.11111.00) or NaN (E4M3, code S.1111.111). NaN maps to a NaN code.
         """
@@ -167,23 +271,14 @@ class FP8Converter:
         sign = torch.signbit(x).to(torch.int64)
         a = x.abs()
         if saturate:
-            a = a.clamp(max=f.max)
-        _, exp = torch.frexp(a)  # a = frac * 2^exp with frac in [0.5, 1)
-        e = (exp.to(torch.int64) - 1).clamp(min=1 - f.bias)  # binade; subnormals share the lowest one
-        step = torch.exp2((e - f.man_bits).to(torch.float64))  # tick spacing in that binade
-        q = torch.round(a / step) * step  # round half to even
-        ok = q <= f.max  # False for overflow, inf and NaN
-        q = torch.where(ok, q, torch.zeros_like(q))
-        _, exp_q = torch.frexp(q)  # rounding may carry into the next binade
-        e_q = exp_q.to(torch.int64) - 1
-        normal = q >= f.min_normal
-        exp_field = torch.where(normal, e_q + f.bias, torch.zeros_like(e_q))
-        mant = torch.where(normal, (q / torch.exp2(e_q.to(torch.float64)) - 1.0) * 2**f.man_bits, q / f.min_subnormal)
-        code = (sign << 7) | (exp_field << f.man_bits) | mant.round().to(torch.int64)
-        e_ones = (1 << f.exp_bits) - 1
-        overflow = (e_ones << f.man_bits) if f.has_inf else 0x7F  # inf for E5M2, NaN for E4M3
+            a = a.clamp(max=f.max)  # infinities too; NaN stays NaN
+        q = fp8_round(torch.where(torch.isfinite(a), a, torch.zeros_like(a)), f)  # steps 1-2 (finite magnitudes only)
+        ok = torch.isfinite(a) & (q <= f.max)  # False for overflow, inf and NaN
+        exp_field, mant = fp8_fields(torch.where(ok, q, torch.zeros_like(q)), f)  # step 3
+        code = (sign << 7) | (exp_field << f.man_bits) | mant
+        overflow = f.inf_code if f.has_inf else f.nan_code  # inf for E5M2, NaN for E4M3
         code = torch.where(ok, code, (sign << 7) | overflow)
-        code = torch.where(torch.isnan(x), (sign << 7) | 0x7F, code)
+        code = torch.where(torch.isnan(x), (sign << 7) | f.nan_code, code)
         return code.to(torch.uint8)
         ### END SOLUTION
 
@@ -244,24 +339,22 @@ class FP8Converter:
         ### END SOLUTION
 
 
-# %% [test id=test_04_1_codec points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): all 256 codes of E4M3 and E5M2 against torch, every tie (half to even), dense random values, -0.0, x read exactly in float64, overflow with and without saturation, NaN codes, no float8 casts.
+# %% [test id=test_04_1_encode points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): every tie (half to even), dense random values, -0.0 and every code's round trip against torch's clamped cast, x read exactly in float64, overflow with and without saturation (E5M2 inf, E4M3 NaN), infinities, NaN codes, shapes, no float8 casts.
 from course_lib.testing import assert_close, assert_true
 
 conv = FP8Converter("e4m3")
-codes = conv.encode(torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9]))
+codes = conv.encode(torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9, -1.3]))
 assert_true(codes.dtype == torch.uint8, f"encode should return uint8 codes, got {codes.dtype}")
-assert_true(codes.tolist() == [0x38, 0xC0, 0x7E, 0x00, 0x01],
-            f"E4M3 codes of [1, -2, 448, 0, 2^-9] should be [0x38, 0xc0, 0x7e, 0x0, 0x1], got {[hex(c) for c in codes.tolist()]}",
+assert_true(codes.tolist() == [0x38, 0xC0, 0x7E, 0x00, 0x01, 0xBA],
+            f"E4M3 codes of [1, -2, 448, 0, 2^-9, -1.3] should be [0x38, 0xc0, 0x7e, 0x0, 0x1, 0xba], got {[hex(c) for c in codes.tolist()]}",
             hint="sign in bit 7, exponent field (bias 7) in bits 6-3, mantissa in bits 2-0; 2^-9 is subnormal")
-vals = conv.decode(torch.tensor([0x38, 0x01, 0x08, 0x7E, 0xB8], dtype=torch.uint8))
-assert_close(vals, torch.tensor([1.0, 2.0**-9, 2.0**-6, 448.0, -1.0]), atol=0, rtol=0, name="decoded E4M3 values")
-assert_true(bool(torch.isnan(conv.decode(torch.tensor([0x7F], dtype=torch.uint8))).all()), "0x7f is E4M3's NaN")
-assert_true(conv.encode(torch.tensor([1 + 1 / 16])).item() == 0x38,
-            "1 + 1/16 lies halfway between 1.0 (mantissa 000) and 1.125 (001): ties go to the even mantissa",
-            hint="use torch.round (half to even) on x / spacing, not floor(x + 0.5)")
+assert_true(conv.encode(torch.tensor([-0.0])).item() == 0x80, "-0.0 keeps its sign bit: code 0x80", hint="torch.signbit sees the sign of -0.0")
 assert_true(conv.encode(torch.tensor([1000.0])).item() == 0x7E, "1000 must saturate to 448 (0x7e) when saturate=True")
-print("codec: visible checks passed")
+assert_true(conv.encode(torch.tensor([1000.0]), saturate=False).item() == 0x7F,
+            "without saturation, 1000 has no E4M3 code: NaN (0x7f), since E4M3 has no infinity")
+assert_true(bool(torch.isnan(conv.decode(conv.encode(torch.tensor([float("nan")])))).all()), "NaN must encode to a NaN code")
+print("encode: visible checks passed")
 
 # %% [test id=test_04_1_quantize points=4]
 # Checks you can run now. When graded, the judge runs these and more (4 points): tile scales = max(amax, 1e-4) / 448 per 1x128 tile (not amax/127, not reciprocal, not per tensor), codes = x / scale clamped and cast, 128x128 block scales, tensor-wise scales, dequantize of every layout, a given scale reused, NaN kept in its tile, SQNR with outliers.
@@ -313,7 +406,7 @@ def rounding_error_figure():
     plt.show()
 
 
-yours_or_placeholder(rounding_error_figure, "exercise 4.1 (FP8Converter.encode / decode)")
+yours_or_placeholder(rounding_error_figure, "exercise 4.1 (fp8_binade, fp8_round, fp8_fields, FP8Converter.encode)")
 
 # %% [markdown]
 # **Granularity and outliers.** The signal-to-quantisation-noise ratio
@@ -1147,7 +1240,8 @@ print("quiz: answers well-formed")
 #
 # | error / symptom | likely cause | fix |
 # |---|---|---|
-# | decode disagrees with torch on codes 0x01-0x07 | subnormals decoded with the implicit 1 | for exponent field 0 use $2^{1-\text{bias}}\, m/2^M$ |
+# | encode wrong only for tiny values | subnormals given their own binades, or counted with an implicit 1 | below the smallest normal the spacing stays that of binade $1-\text{bias}$; exponent field 0 |
+# | a code of 1.97 (or any value just under a power of two) is garbage | fields taken from the binade before rounding | rounding may carry: take the binade of the rounded value |
 # | encode off by one code at exact midpoints | `floor(x + 0.5)` rounds half up | `torch.round` (half to even) on $x$ / spacing |
 # | NaN in quantised output, no NaN in input | no clamping before the cast, or an all-zero tile divided by 0 | clamp to $\pm$max; floor amax at $10^{-4}$ |
 # | tile's max code is 127, not 448 | scale = amax/127 (the int8 range) | scale = amax / fmt.max |
@@ -1178,5 +1272,5 @@ import math
 import torch
 from torch import nn
 
-from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, decode, round_to_bits
 """)
