@@ -106,6 +106,12 @@ print("scaled_dot_product_attention: visible tests passed")
 # smaller in grouped-query attention). The cache grows linearly with context $T$ and batch $B$ — at long
 # context it, not the weights, decides how many requests fit on a GPU.
 
+# Writing that formula down is one line; knowing that a formula is right is the skill. So this exercise is a
+# **contract**: implement `kv_cache_bytes`, then write `test_kv_cache_bytes(fn)`, a check that accepts *any*
+# correct implementation (however it is written) and raises `AssertionError` for a wrong one. A good test picks
+# arguments that make each factor matter: a test that only calls `fn(1, 1, 1, 1)` cannot tell a forgotten
+# batch from a correct one. The judge runs your test on correct and wrong drafts it does not show you.
+
 # %% [solution id=ex_01_1_kv_cache]
 def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2):
     """Bytes needed to cache keys and values of standard (or grouped-query) attention.
@@ -119,10 +125,34 @@ def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_e
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_kv_cache points=3]
-# Checks you can run now. When graded, the judge runs these and more (3 points): the factor 2 for K and V, every argument, the defaults (batch 1, bf16).
+def test_kv_cache_bytes(fn):
+    """Check that ``fn`` keeps kv_cache_bytes' contract (the formula above, the defaults, an int result).
+
+    Returns None for a correct ``fn``; raises AssertionError, with a message saying what is wrong, otherwise.
+    """
+    ### BEGIN SOLUTION
+    for args in [(1, 1, 1, 1, 1, 1), (3, 5, 7, 11, 13, 4), (61, 128, 128, 4096, 2, 2)]:
+        got, want = fn(*args), 2 * math.prod(args)
+        assert isinstance(got, int), f"kv_cache_bytes{args} returned a {type(got).__name__}, not an int"
+        assert got == want, f"kv_cache_bytes{args} = {got}, expected {want}"
+    assert fn(3, 5, 7, 11) == 2 * 3 * 5 * 7 * 11 * 1 * 2, "the defaults are batch=1 and bytes_per_elem=2 (bf16)"
+    ### END SOLUTION
+
+
+# %% [test id=test_01_1_kv_cache points=4]
+# Checks you can run now. When graded, the judge runs these and more (4 points): kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for bytes, a float, an extra token, layers for heads).
+from course_lib.kv_drafts import make_kv_cache_bytes
+
 assert kv_cache_bytes(1, 1, 1, 1, 1, 1) == 2, "one layer, one head of size 1, one token: a key and a value"
 assert kv_cache_bytes(2, 4, 8, 10, 1, 2) == 2 * 2 * 4 * 8 * 10 * 2
+assert test_kv_cache_bytes(kv_cache_bytes) is None  # your test passes your function
+_draft = make_kv_cache_bytes(use_batch=False)  # a draft that forgets the batch
+try:
+    test_kv_cache_bytes(_draft)
+except AssertionError as _e:
+    print(f"your test caught a draft that forgets the batch: {_e}")
+else:
+    raise AssertionError("test_kv_cache_bytes passed a draft that ignores `batch`: call it with a batch other than 1")
 print("kv_cache_bytes: visible tests passed")
 
 # %% [markdown]
