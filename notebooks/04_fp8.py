@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Section 4 — FP8 mixed-precision training (30 min)
+# # Section 4 — FP8 mixed-precision training
 #
 # DeepSeek-V3 was the first model at its scale trained with **FP8 GEMMs**: every large matrix product of
 # the forward pass (Fprop) and of both backward GEMMs (Dgrad, Wgrad) reads 8-bit floats. That halves the
@@ -18,7 +18,7 @@
 # - write an FP8 linear layer whose Fprop, Dgrad and Wgrad all run on FP8 inputs, a mixed-precision trainer
 #   (BF16 autocast, FP16 with dynamic loss scaling) and a stability monitor.
 #
-# **Time:** core path about 280 min; no deep dives.
+# **Time:** core path about 260 min; deep dives 80 min.
 #
 # **Prerequisites:** floating-point representation
 # (Section 1.4), autograd (`torch.autograd.Function`), a training loop.
@@ -1088,7 +1088,7 @@ if overflow_delayed:
         print("-", line)
 
 # %% [markdown]
-# ## Interactive precision tuning
+# ## Deep dive: interactive precision tuning (about 1 min)
 #
 # Pick the format, the tile width (or one scale per tensor) and the outlier magnitude, and see the error
 # distribution and the SQNR of the ordinary values. In JupyterLab these are sliders; headless, the first
@@ -1118,7 +1118,7 @@ def precision_explorer(fmt: str = "e4m3", tile: object = 128, outlier_scale: flo
 viz.interactive(precision_explorer, fmt=["e4m3", "e5m2"], tile=[128, 32, 512, "tensor"], outlier_scale=[1e4, 1.0, 1e2, 1e6])
 
 # %% [markdown]
-# ## On a GPU
+# ## Deep dive: on a GPU (about 1 min)
 #
 # On CUDA devices with FP8 tensor cores (compute capability $\ge$ 8.9) `course_lib.deepseek.fp8.scaled_matmul`
 # runs `torch._scaled_mm`: DeepSeek's block-wise scaling where torch and the GPU support it (Hopper,
@@ -1180,6 +1180,114 @@ else:
 # 3. Emulate the Wgrad GEMM with *delayed* scaling (scales from the amax history) and find the learning rate
 #    at which the stability monitor starts reporting overflows.
 #
+# Each challenge has a cell below for your attempt (ungraded; the worked solutions show one way).
+
+# %% [solution id=ex_04_challenge_1_pow2_scale]
+def pow2_scale_sqnr(x: torch.Tensor) -> tuple[float, float]:
+    """Challenge 1: SQNR (dB) of 1x128-tile E4M3 quantisation of x with amax/448 scales and with power-of-two scales."""
+    ### BEGIN SOLUTION
+    e4m3 = FP8Converter("e4m3")
+    x_q, s = e4m3.quantize(x, "tile")
+    s2 = torch.exp2(torch.ceil(torch.log2(s)))  # the power of two at or above amax/448: nothing saturates
+    x_q2, _ = e4m3.quantize(x, "tile", scale=s2)
+    return sqnr_db(x, e4m3.dequantize(x_q, s)), sqnr_db(x, e4m3.dequantize(x_q2, s2))
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _exact, _pow2 = pow2_scale_sqnr(torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)))
+    print(f"Gaussian activations, 1x128 tiles: amax/448 scales {_exact:.1f} dB, power-of-two scales {_pow2:.1f} dB "
+          f"(only {_exact - _pow2:.1f} dB: a tile's amax now lands anywhere in (224, 448], and a float's relative precision "
+          "hardly depends on where, so the exact power-of-two scales are nearly free)")
+except NotImplementedError:
+    print("(challenge 1: write pow2_scale_sqnr to measure the cost)")
+
+# %% [solution id=ex_04_challenge_2_e5m2_grads]
+def gradient_format_study(grad_fmt: str, steps: int, lr: float = 3e-3) -> float:
+    """Challenge 2: mean loss of the last steps of the FP8 precision study with the gradients dy quantised to ``grad_fmt``."""
+    ### BEGIN SOLUTION
+    class _Fn(torch.autograd.Function):
+        forward = staticmethod(FP8LinearFunction.forward)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            x_q, x_s, w_q, w_s = ctx.saved_tensors
+            conv, conv_g = FP8Converter("e4m3"), FP8Converter(grad_fmt)
+            g = grad_y.reshape(-1, w_q.shape[0]).to(torch.float32)  # (M, N)
+            g_q, g_s = conv_g.quantize(g, "tile")
+            grad_x = fp8_gemm(g_q, g_s, w_q.T, w_s.T)  # (M, K)
+            gt_q, gt_s = conv_g.quantize(g.T.contiguous(), "tile")  # (N, M)
+            xt_q, xt_s = conv.quantize(conv.dequantize(x_q, x_s).T.contiguous(), "tile")  # (K, M)
+            return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), fp8_gemm(gt_q, gt_s, xt_q, xt_s)
+
+    class _Linear(FP8Linear):
+        def forward(self, x):
+            return _Fn.apply(x, self.weight)
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    def _as_fp8(lin: nn.Linear) -> _Linear:
+        layer = _Linear(lin.in_features, lin.out_features)
+        layer.weight = lin.weight  # the same master weight
+        return layer
+
+    for mlp in model.mlps:
+        mlp.w1, mlp.w2, mlp.w3 = _as_fp8(mlp.w1), _as_fp8(mlp.w2), _as_fp8(mlp.w3)
+    trainer = MixedPrecisionTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), lm_loss, "fp32")
+    batches = torch.Generator().manual_seed(1)  # the precision study's batches
+    losses = [trainer.train_step(sample(128, batches))["loss"] for _ in range(steps)]
+    last = losses[-max(5, steps // 10):]
+    return sum(last) / len(last)
+    ### END SOLUTION
+
+
+# %% [code]
+P, entropy, sample = bigram_task(seed=0)
+try:
+    _steps = sizes(8, 60)
+    _final = {fmt: gradient_format_study(fmt, _steps) for fmt in ("e4m3", "e5m2")}
+    print(f"after {_steps} steps: gradients in E4M3 {_final['e4m3']:.4f}, in E5M2 {_final['e5m2']:.4f} nats "
+          f"({100 * (_final['e5m2'] - _final['e4m3']) / _final['e4m3']:+.2f}%): with 1x128 scales the range is local, so "
+          "E5M2's extra exponent bit buys nothing here; at DeepSeek-V3's scale the extra mantissa bit of E4M3 won")
+except NotImplementedError:
+    print("(challenge 2: write gradient_format_study, after exercises 4.1 and 4.2)")
+
+# %% [solution id=ex_04_challenge_3_delayed_wgrad]
+def delayed_wgrad_overflows(lr: float, steps: int, history: int = 16) -> int:
+    """Challenge 3: overflows of dy (the Wgrad GEMM's input) under delayed scaling, training the TinyLM at ``lr``."""
+    ### BEGIN SOLUTION
+    torch.manual_seed(0)
+    model = TinyLM()
+    mon = StabilityMonitor("e4m3", history=history)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads: list[torch.Tensor] = []
+    hook = model.mlps[0].register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0].detach()))
+    batches = torch.Generator().manual_seed(1)
+    overflows = 0
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lm_loss(model, sample(128, batches))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        dy = grads.pop()
+        overflows += mon.observe("dy", dy, scale=mon.delayed_scale("dy"))["overflow"]  # the scale from past steps' amax
+        opt.step()
+    hook.remove()
+    return overflows
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _steps = sizes(6, 40)
+    for _lr in (0.1, 1.0, 10.0):
+        print(f"lr {_lr:>5}: {delayed_wgrad_overflows(_lr, _steps)} saturated gradient values in {_steps} steps with delayed scaling")
+except NotImplementedError:
+    print("(challenge 3: write delayed_wgrad_overflows, after exercise 4.3)")
+
+# %% [markdown]
 # ## Quiz
 #
 # **Q1.** DeepSeek-V3 uses E4M3 for the gradients too, where earlier FP8 recipes used E5M2 (more range). Why
