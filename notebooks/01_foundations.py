@@ -13,7 +13,7 @@
 # - route tokens to experts with softmax or sigmoid gating and measure the resulting load imbalance;
 # - decode any FP8 bit pattern by hand and explain why FP8 needs scaling.
 #
-# **Time:** core path about 95 min; no deep dives.
+# **Time:** core path about 105 min; deep dives 20 min.
 #
 # **Prerequisites:** PyTorch tensors and autograd, matrix multiplication,
 # softmax. **How to work:** fill in every cell marked `YOUR CODE HERE`, run the test cell under it, read
@@ -106,6 +106,16 @@ print("scaled_dot_product_attention: visible tests passed")
 # smaller in grouped-query attention). The cache grows linearly with context $T$ and batch $B$ — at long
 # context it, not the weights, decides how many requests fit on a GPU.
 
+# Writing that formula down is one line; knowing that a formula is right is the skill. So this exercise is a
+# **contract**: implement `kv_cache_bytes`, then write `test_kv_cache_bytes(fn)`, a check that accepts *any*
+# correct implementation (however it is written) and raises `AssertionError` for a wrong one. A good test picks
+# arguments that make each factor matter: a test that only calls `fn(1, 1, 1, 1)` cannot tell a forgotten
+# batch from a correct one. The judge runs your test on correct and wrong drafts it does not show you; the
+# visible check below shows you one wrong draft.
+
+# %% [given]
+from course_lib.kv_drafts import make_kv_cache_bytes  # drafts built from switches, to try your test on
+
 # %% [solution id=ex_01_1_kv_cache]
 def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2):
     """Bytes needed to cache keys and values of standard (or grouped-query) attention.
@@ -119,10 +129,32 @@ def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_e
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_kv_cache points=3]
-# Checks you can run now. When graded, the judge runs these and more (3 points): the factor 2 for K and V, every argument, the defaults (batch 1, bf16).
+def test_kv_cache_bytes(fn):
+    """Check that ``fn`` keeps kv_cache_bytes' contract (the formula above, the defaults, an int result).
+
+    Returns None for a correct ``fn``; raises AssertionError, with a message saying what is wrong, otherwise.
+    """
+    ### BEGIN SOLUTION
+    for args in [(1, 1, 1, 1, 1, 1), (3, 5, 7, 11, 13, 4), (61, 128, 128, 4096, 2, 2)]:
+        got, want = fn(*args), 2 * math.prod(args)
+        assert isinstance(got, int), f"kv_cache_bytes{args} returned a {type(got).__name__}, not an int"
+        assert got == want, f"kv_cache_bytes{args} = {got}, expected {want}"
+    assert fn(3, 5, 7, 11) == 2 * 3 * 5 * 7 * 11 * 1 * 2, "the defaults are batch=1 and bytes_per_elem=2 (bf16)"
+    ### END SOLUTION
+
+
+# %% [test id=test_01_1_kv_cache points=4]
+# Checks you can run now. When graded, the judge runs these and more (4 points): kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for bytes, a float, an extra token, layers for heads).
 assert kv_cache_bytes(1, 1, 1, 1, 1, 1) == 2, "one layer, one head of size 1, one token: a key and a value"
 assert kv_cache_bytes(2, 4, 8, 10, 1, 2) == 2 * 2 * 4 * 8 * 10 * 2
+assert test_kv_cache_bytes(kv_cache_bytes) is None  # your test passes your function
+_draft = make_kv_cache_bytes(use_batch=False)  # a draft that forgets the batch
+try:
+    test_kv_cache_bytes(_draft)
+except AssertionError as _e:
+    print(f"your test caught a draft that forgets the batch: {_e}")
+else:
+    raise AssertionError("test_kv_cache_bytes passed a draft that ignores `batch`: call it with a batch other than 1")
 print("kv_cache_bytes: visible tests passed")
 
 # %% [markdown]
@@ -245,7 +277,7 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# ### Interactive factorisation
+# ### Deep dive: interactive factorisation (about 1 min)
 # Drag the rank: the image is a smooth pattern plus noise; its low-rank reconstructions recover the pattern
 # long before they recover the noise. (In JupyterLab you get a slider; headless, one static figure.)
 
@@ -480,7 +512,7 @@ print("decode_fp8: visible tests passed")
 # %% [markdown]
 # **Checkpoint:** you decode all 256 codes of both formats exactly as PyTorch does.
 #
-# ### Relative rounding error vs magnitude
+# ### Deep dive: relative rounding error vs magnitude (about 1 min)
 # Between consecutive powers of two a format has $2^M$ evenly spaced values, so the *relative* rounding error
 # is flat (about $2^{-M-1}$) across the normal range — and explodes below the smallest normal, where
 # subnormals keep only absolute precision, and above the max, where values saturate (or overflow).
@@ -507,15 +539,16 @@ plt.show()
 # %% [markdown]
 # ### Why FP8 needs scaling
 # Gradients and activations rarely sit where E4M3 is precise: a tensor with values around $10^{-4}$ falls
-# below E4M3's subnormals and becomes zeros, and one outlier at $10^4$ saturates. Multiplying by a scale
-# $s = 448/\max|x|$ before the cast (and dividing after) moves the tensor's largest value to the top of the
-# range. Section 4 does this per $1\times128$ tile, as DeepSeek-V3 does, so one outlier cannot ruin its neighbours.
+# below E4M3's subnormals and becomes zeros, and one outlier at $10^4$ saturates. DeepSeek-V3 stores a
+# **scale** $s = \max|x|/448$ with the tensor, casts $x/s$ (whose largest magnitude is exactly 448, the top of the
+# range) and gets the value back as $x_q \cdot s$: the scale is the *dequantisation* factor. Section 4 uses the
+# same convention, one scale per $1\times128$ tile as DeepSeek-V3 does, so one outlier cannot ruin its neighbours.
 
 # %% [code]
 torch.manual_seed(0)
 g = torch.randn(4096, dtype=torch.float64) * 1e-4  # gradient-sized values
-for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.abs().max()))):
-    q = (g * scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) / scale
+for label, scale in (("no scaling", 1.0), ("scale = amax/448", float(g.abs().max()) / 448)):
+    q = (g / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64) * scale  # quantise x/s, dequantise q*s
     zeros = float((q == 0).double().mean())
     rel = float((q - g).norm() / g.norm())
     print(f"{label:>20}: {100 * zeros:5.1f}% became zero, relative error {rel:.3f}")
@@ -528,6 +561,72 @@ for label, scale in (("no scaling", 1.0), ("scaled by 448/amax", 448 / float(g.a
 # 3. Show that for $r$ below the rank, a *random* orthonormal $B$ with the optimal $A = WB^\top$ is always
 #    worse than the SVD — then prove it with Eckart–Young.
 #
+# Each challenge has a cell below for your attempt (ungraded; the worked solutions show one way).
+
+# %% [solution id=ex_01_challenge_1_mla_cache]
+def mla_cache_bytes(n_layers, kv_lora_rank, qk_rope_head_dim, seq_len, batch=1, bytes_per_elem=2):
+    """Challenge 1: bytes of an MLA cache, which keeps one latent c_KV and one shared RoPE key per token and layer."""
+    ### BEGIN SOLUTION
+    return n_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch * bytes_per_elem
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _mha, _mla = kv_cache_bytes(61, 128, 128, 1), mla_cache_bytes(61, 512, 64, 1)
+    print(f"per token: MHA {_mha / 2**20:.2f} MiB, MLA {_mla / 2**10:.1f} KiB ({_mha / _mla:.0f}x smaller); "
+          "2 H_kv d_h = 32768 numbers become d_c + d_r = 576")
+except NotImplementedError:
+    print("(challenge 1: write mla_cache_bytes to compare)")
+
+# %% [solution id=ex_01_challenge_2_encode]
+def encode_fp8(x, fmt="e4m3"):
+    """Challenge 2: the FP8 value nearest to the float ``x`` (ties to the even code), saturating at +-max."""
+    ### BEGIN SOLUTION
+    if math.isnan(x):
+        return float("nan")
+    table = [(v, c) for v, c in ((decode_fp8(c, fmt), c) for c in range(128)) if math.isfinite(v)]  # ascending
+    a = min(abs(x), table[-1][0])  # saturate at the largest finite value
+    value, _ = min(table, key=lambda vc: (abs(vc[0] - a), vc[1] % 2))  # nearest; a tie goes to the even code
+    return math.copysign(value, x)
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _g = torch.Generator().manual_seed(0)
+    _x = (torch.randn(200, generator=_g, dtype=torch.float64) * 10 ** torch.empty(200).uniform_(-3, 3, generator=_g)).tolist()
+    _grid = [v for v in (decode_fp8(c) for c in range(127)) if v >= 0]
+    _x += [(a + b) / 2 for a, b in zip(_grid, _grid[1:])]  # every tie
+    _want = torch.tensor(_x, dtype=torch.float64).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64)
+    _got = torch.tensor([encode_fp8(v) for v in _x], dtype=torch.float64)
+    print(f"encode_fp8 agrees with torch's clamped cast on {int((_got == _want).sum())} of {len(_x)} values (every tie included)")
+except NotImplementedError:
+    print("(challenge 2: write encode_fp8 to compare it with torch)")
+
+# %% [solution id=ex_01_challenge_3_random_basis]
+def random_basis_error(W, r, seed=0):
+    """Challenge 3: ||W - A B|| for a random orthonormal B (r, n) and its best A = W B^T, next to the SVD's error."""
+    ### BEGIN SOLUTION
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g, dtype=W.dtype))  # (n, r), orthonormal columns
+    B = Q.T  # (r, n): orthonormal rows
+    A = W @ B.T  # the least-squares A for this B (B B^T = I)
+    return float(torch.linalg.norm(W - A @ B)), float(torch.linalg.svdvals(W)[r:].norm())
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    torch.manual_seed(0)
+    _W = torch.randn(40, 30, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 30, dtype=torch.float64))
+    for _r in (2, 8, 16):
+        _rand, _svd = random_basis_error(_W, _r)
+        print(f"rank {_r:>2}: random orthonormal B {_rand:.3f} >= SVD {_svd:.3f} (Eckart-Young: no rank-{_r} matrix does better)")
+except NotImplementedError:
+    print("(challenge 3: write random_basis_error to compare)")
+
+# %% [markdown]
 # ## Quiz
 # Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`, and run the cells below it: the last one tells you at once
 # which answers are right and why (it holds only salted hashes of the key, so reading it gives nothing away);

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Section 4 — FP8 mixed-precision training (30 min)
+# # Section 4 — FP8 mixed-precision training
 #
 # DeepSeek-V3 was the first model at its scale trained with **FP8 GEMMs**: every large matrix product of
 # the forward pass (Fprop) and of both backward GEMMs (Dgrad, Wgrad) reads 8-bit floats. That halves the
@@ -9,8 +9,8 @@
 # to FP32 every 128 products. The paper reports a training loss within 0.25 % of the BF16 baseline.
 #
 # **You will**
-# - encode and decode E4M3/E5M2 at the bit level (round-to-nearest-even, subnormals, saturation, NaN) and
-#   match torch's `float8` dtypes on all 256 codes;
+# - encode E4M3/E5M2 at the bit level in four checked steps (binade, round-to-nearest-even, fields with
+#   subnormals, saturation and NaN) and match torch's `float8` dtypes on all 256 codes (decoding is given);
 # - quantise with per-tensor, per-1x128-tile and per-128x128-block scales and measure why tiles win when
 #   activations have outliers;
 # - emulate DeepSeek's fine-grained FP8 GEMM, and show the accumulation error growing with K until partial
@@ -18,7 +18,7 @@
 # - write an FP8 linear layer whose Fprop, Dgrad and Wgrad all run on FP8 inputs, a mixed-precision trainer
 #   (BF16 autocast, FP16 with dynamic loss scaling) and a stability monitor.
 #
-# **Time:** core path about 280 min; no deep dives.
+# **Time:** core path about 260 min; deep dives 80 min.
 #
 # **Prerequisites:** floating-point representation
 # (Section 1.4), autograd (`torch.autograd.Function`), a training loop.
@@ -42,7 +42,7 @@ from torch import nn
 
 from course_lib import viz
 from course_lib.deepseek.common import RMSNorm, SwiGLU
-from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits, sqnr_db
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, decode, round_to_bits, sqnr_db
 
 # This section's tensors are small (128-wide tiles): one thread runs them faster than two, and is not slowed
 # down by other processes competing for the cores.
@@ -96,7 +96,8 @@ for f in (E4M3, E5M2):
 #
 # **Scaled quantisation.** To use the few ticks well, divide a block of values by a scale so that its
 # largest magnitude lands on the format's maximum (DeepSeek-V3 section 3.3; `amax` floored at $10^{-4}$ so
-# an all-zero block stays finite):
+# an all-zero block stays finite). The stored scale is the *dequantisation* factor, as in Section 1.4: divide
+# to quantise, multiply to get the value back:
 #
 # $$ s = \frac{\max(\operatorname{amax}, 10^{-4})}{448}, \qquad x_q = \operatorname{E4M3}\bigl(\operatorname{clamp}(x / s, -448, 448)\bigr),
 # \qquad \hat x = x_q \cdot s. $$
@@ -113,9 +114,130 @@ for f in (E4M3, E5M2):
 #  ...  scales: (M, K/128)                        ...  scales: (N/128, K/128)
 # ```
 #
-# Implement `FP8Converter`: `decode` and `encode` at the **bit level** (integer and float arithmetic on
-# ordinary tensors; the tests compare you against torch's float8 dtypes, so don't use them here), then
-# `quantize` and `dequantize` with scales (there, cast with `.to(fmt.torch_dtype)` after clamping).
+# **Decoding is Section 1's.** Section 1.4 had you decode one code at a time (`decode_fp8`, graded there). This
+# section does not ask for it again: `decode(codes, fmt)` from `course_lib.deepseek.fp8_formats` is the same rule
+# vectorised over a tensor of codes, and `FP8Converter.decode` below calls it.
+#
+# **Encoding** — the other direction, a real number to the code of its nearest FP8 value — is new. You build it
+# in four steps, each checked on its own, all at the **bit level** (integer and float arithmetic on ordinary
+# tensors: the checks compare you against torch's float8 dtypes, so don't use them here). Each step works on
+# magnitudes $a = |x|$ in float64, where every FP8 value and every midpoint between two of them is exact:
+#
+# ```
+#  x = -1.3 in E4M3      sign bit 1, a = 1.3
+#  step 1  binade        e = floor(log2 a) = 0 (never below 1 - bias = -6)     tick spacing 2^(e - M) = 1/8
+#  step 2  round         a / spacing = 10.4 -> 10 (a tie would go to the even one)           q = 10/8 = 1.25
+#  step 3  fields        q = 2^0 x (1 + 2/8): exponent field 0 + bias = 7 (0111), mantissa 2 (010)
+#  step 4  code          1 | 0111 | 010 = 0xba;  plus saturation, overflow and NaN
+# ```
+#
+# **Step 1: the binade.** The ticks of a binade $[2^e, 2^{e+1})$ are $2^{e-M}$ apart. Below the smallest normal
+# $2^{1-\text{bias}}$ the subnormals keep that lowest binade's spacing: that is what "never below $1-\text{bias}$"
+# buys.
+
+# %% [solution id=ex_04_1_binade]
+#@save
+def fp8_binade(a: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of encoding: the binade of each magnitude and the tick spacing there.
+
+    a: float64 tensor of finite magnitudes >= 0, any shape. fmt: E4M3 or E5M2.
+    Returns (e, spacing), both of a's shape: e (int64) = floor(log2 a), never below the subnormals'
+    1 - fmt.bias (0 sits in that lowest binade too); spacing (float64) = 2^(e - fmt.man_bits).
+    """
+    ### BEGIN SOLUTION
+    _, exp = torch.frexp(a)  # a = frac * 2^exp with frac in [0.5, 1)
+    e = (exp.to(torch.int64) - 1).clamp(min=1 - fmt.bias)  # subnormals share the lowest binade
+    e = torch.where(a == 0, 1 - fmt.bias, e)  # frexp(0) = (0, 0): 0 belongs there too
+    return e, torch.exp2((e - fmt.man_bits).to(torch.float64))
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_binade points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): every binade of E4M3 and E5M2 with its powers of two and the values just below them, subnormals and 0 in the lowest binade, the spacing, shapes and dtypes.
+from course_lib.testing import assert_true
+
+e, spacing = fp8_binade(torch.tensor([1.0, 1.3, 448.0, 2.0**-9, 0.0], dtype=torch.float64), E4M3)
+assert_true(e.dtype == torch.int64, f"the binade should be int64, got {e.dtype}")
+assert_true(e.tolist() == [0, 0, 8, -6, -6], f"E4M3 binades of [1, 1.3, 448, 2^-9, 0] should be [0, 0, 8, -6, -6], got {e.tolist()}",
+            hint="floor(log2 a); the subnormals (and 0) share the lowest binade 1 - bias")
+assert_true(spacing.tolist() == [1 / 8, 1 / 8, 32.0, 2.0**-9, 2.0**-9],
+            f"E4M3 spacings should be [1/8, 1/8, 32, 2^-9, 2^-9], got {spacing.tolist()}", hint="2^(e - M), M mantissa bits")
+print("fp8_binade: visible checks passed")
+
+# %% [markdown]
+# **Step 2: round to the nearest tick.** Divide by the spacing (exact: a power of two), round to an integer,
+# multiply back. An exact tie goes to the even integer — the code whose mantissa ends in 0 — *round half to
+# even*, which `torch.round` implements. No range limit yet: 470 in E4M3 rounds to 480, above the maximum 448
+# (step 4 decides what happens to it).
+
+# %% [solution id=ex_04_1_round]
+#@save
+def fp8_round(a: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """Step 2 of encoding: each magnitude rounded to the nearest tick of its binade, ties to the even one.
+
+    a: float64 tensor of finite magnitudes >= 0. Returns float64 of the same shape, each value a multiple of
+    fp8_binade's spacing; no clamping (a magnitude above fmt.max may round above it).
+    """
+    ### BEGIN SOLUTION
+    _, spacing = fp8_binade(a, fmt)
+    return torch.round(a / spacing) * spacing  # half to even; exact in float64
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_round points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): every midpoint of E4M3 and E5M2 (half to even), float64 values a hair either side of each midpoint, dense random values, subnormals, values above max, the carry into the next binade.
+from course_lib.testing import assert_true
+
+q = fp8_round(torch.tensor([1.3, 1 + 1 / 16, 1 + 3 / 16, 1.97, 470.0, 3 * 2.0**-10], dtype=torch.float64), E4M3)
+assert_true(q.dtype == torch.float64, f"fp8_round should return float64, got {q.dtype}")
+assert_true(q.tolist() == [1.25, 1.0, 1.25, 2.0, 480.0, 2.0**-8],
+            f"E4M3 rounding of [1.3, 1+1/16, 1+3/16, 1.97, 470, 3x2^-10] should be [1.25, 1, 1.25, 2, 480, 2^-8], got {q.tolist()}",
+            hint="1 + 1/16 and 1 + 3/16 are ties: they go to the tick whose integer (a / spacing) is even")
+print("fp8_round: visible checks passed")
+
+# %% [markdown]
+# **Step 3: the fields of a representable value.** A rounded magnitude $q$ is now exactly an FP8 value; write it
+# as the fields the decoder reads back. Take its binade from $q$ itself, not from $a$: rounding can carry into
+# the next binade (1.97 rounds to 2.0, exponent 1, mantissa 0 — not exponent 0 with a mantissa of 8, which does
+# not fit in 3 bits). Subnormals (and 0) have exponent field 0 and count the smallest subnormal.
+
+# %% [solution id=ex_04_1_fields]
+#@save
+def fp8_fields(q: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of encoding: exponent and mantissa fields of magnitudes that fmt represents exactly.
+
+    q: float64 tensor, each entry 0 or a finite positive fmt value <= fmt.max (fp8_round's output, once in range).
+    Returns (exp_field, mantissa), int64, q's shape: a normal q (>= fmt.min_normal) has exponent field
+    binade + bias and as mantissa the M bits after its leading 1; a subnormal q (or 0) has exponent field 0
+    and as mantissa q counted in smallest subnormals.
+    """
+    ### BEGIN SOLUTION
+    e, _ = fp8_binade(q, fmt)  # the binade of q itself: a carry is already in it
+    normal = q >= fmt.min_normal
+    exp_field = torch.where(normal, e + fmt.bias, torch.zeros_like(e))
+    mant = torch.where(normal, (q / torch.exp2(e.to(torch.float64)) - 1.0) * 2**fmt.man_bits, q / fmt.min_subnormal)
+    return exp_field, mant.round().to(torch.int64)
+    ### END SOLUTION
+
+
+# %% [test id=test_04_1_fields points=1]
+# Checks you can run now. When graded, the judge runs these and more (1 points): the fields of every finite positive value of E4M3 and E5M2 against its code, 0, subnormals, the top binade, shapes and int64.
+from course_lib.testing import assert_true
+
+ef, mf = fp8_fields(torch.tensor([1.25, 2.0, 448.0, 2.0**-9, 2.0**-6, 0.0], dtype=torch.float64), E4M3)
+assert_true(ef.dtype == torch.int64 and mf.dtype == torch.int64, f"both fields should be int64, got {ef.dtype}, {mf.dtype}")
+assert_true(ef.tolist() == [7, 8, 15, 0, 1, 0], f"E4M3 exponent fields of [1.25, 2, 448, 2^-9, 2^-6, 0] should be "
+            f"[7, 8, 15, 0, 1, 0], got {ef.tolist()}", hint="binade + bias (7) for normals; 0 for subnormals and 0")
+assert_true(mf.tolist() == [2, 0, 6, 1, 0, 0], f"E4M3 mantissas should be [2, 0, 6, 1, 0, 0], got {mf.tolist()}",
+            hint="normal: the bits after the leading 1, (q / 2^e - 1) x 2^M; subnormal: q / 2^-9")
+print("fp8_fields: visible checks passed")
+
+# %% [markdown]
+# **Step 4: the code, and the converter.** `FP8Converter.encode` puts the steps together: the sign bit (`-0.0`
+# has one too), saturation (`saturate=True` clamps to $\pm$max first, infinities included), then steps 1-3, then
+# what has no ordinary code — a magnitude that rounds above max without saturation is inf in E5M2 and NaN in E4M3,
+# and NaN stays NaN. The same class then quantises with scales: `quantize` and `dequantize` (there, cast with
+# `.to(fmt.torch_dtype)` after clamping; the codec is the part you write bit by bit).
 
 # %% [solution id=ex_04_1_converter]
 #@save
@@ -132,31 +254,14 @@ class FP8Converter:
 
         codes: integer tensor (uint8) of any shape, each entry one code 0..255.
         Returns float32, same shape: the normal/subnormal formulas above, -0.0 for code 0x80, NaN for the
-        format's NaN codes, +-inf for E5M2's infinity codes.
+        format's NaN codes, +-inf for E5M2's infinity codes. Given (Section 1.4 had you write it).
         """
-        ### BEGIN SOLUTION
-        f = self.fmt
-        c = codes.to(torch.int64) & 0xFF
-        sign = c >> 7
-        e = (c >> f.man_bits) & ((1 << f.exp_bits) - 1)  # exponent field
-        m = (c & ((1 << f.man_bits) - 1)).to(torch.float64)  # mantissa field
-        frac = m / 2**f.man_bits
-        normal = (1.0 + frac) * torch.exp2((e - f.bias).to(torch.float64))
-        subnormal = frac * 2.0 ** (1 - f.bias)
-        mag = torch.where(e > 0, normal, subnormal)
-        e_ones = (1 << f.exp_bits) - 1
-        if f.has_inf:  # E5M2: IEEE-style specials
-            mag = torch.where((e == e_ones) & (m == 0), math.inf, mag)
-            mag = torch.where((e == e_ones) & (m > 0), math.nan, mag)
-        else:  # E4M3: only S.1111.111 is special (NaN)
-            mag = torch.where((e == e_ones) & (m == 2**f.man_bits - 1), math.nan, mag)
-        return torch.where(sign == 1, -mag, mag).to(torch.float32)
-        ### END SOLUTION
+        return decode(codes, self.fmt)  # given: Section 1.4's decoder, vectorised
 
     def encode(self, x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
-        """Codes of ``x`` rounded to the nearest representable value, ties to the even mantissa.
+        """Step 4 of encoding: codes of ``x`` rounded to the nearest representable value, ties to the even mantissa.
 
-        x: float tensor of any shape (read exactly in float64). Returns uint8 codes, same shape.
+        x: float tensor of any shape (read exactly in float64); use fp8_round and fp8_fields. Returns uint8 codes, same shape.
         saturate=True: clamp to +-max first (infinities too). saturate=False: magnitudes that round above max
         become inf (E5M2, code S.11111.00) or NaN (E4M3, code S.1111.111). NaN maps to a NaN code.
         """
@@ -166,23 +271,14 @@ class FP8Converter:
         sign = torch.signbit(x).to(torch.int64)
         a = x.abs()
         if saturate:
-            a = a.clamp(max=f.max)
-        _, exp = torch.frexp(a)  # a = frac * 2^exp with frac in [0.5, 1)
-        e = (exp.to(torch.int64) - 1).clamp(min=1 - f.bias)  # binade; subnormals share the lowest one
-        step = torch.exp2((e - f.man_bits).to(torch.float64))  # tick spacing in that binade
-        q = torch.round(a / step) * step  # round half to even
-        ok = q <= f.max  # False for overflow, inf and NaN
-        q = torch.where(ok, q, torch.zeros_like(q))
-        _, exp_q = torch.frexp(q)  # rounding may carry into the next binade
-        e_q = exp_q.to(torch.int64) - 1
-        normal = q >= f.min_normal
-        exp_field = torch.where(normal, e_q + f.bias, torch.zeros_like(e_q))
-        mant = torch.where(normal, (q / torch.exp2(e_q.to(torch.float64)) - 1.0) * 2**f.man_bits, q / f.min_subnormal)
-        code = (sign << 7) | (exp_field << f.man_bits) | mant.round().to(torch.int64)
-        e_ones = (1 << f.exp_bits) - 1
-        overflow = (e_ones << f.man_bits) if f.has_inf else 0x7F  # inf for E5M2, NaN for E4M3
+            a = a.clamp(max=f.max)  # infinities too; NaN stays NaN
+        q = fp8_round(torch.where(torch.isfinite(a), a, torch.zeros_like(a)), f)  # steps 1-2 (finite magnitudes only)
+        ok = torch.isfinite(a) & (q <= f.max)  # False for overflow, inf and NaN
+        exp_field, mant = fp8_fields(torch.where(ok, q, torch.zeros_like(q)), f)  # step 3
+        code = (sign << 7) | (exp_field << f.man_bits) | mant
+        overflow = f.inf_code if f.has_inf else f.nan_code  # inf for E5M2, NaN for E4M3
         code = torch.where(ok, code, (sign << 7) | overflow)
-        code = torch.where(torch.isnan(x), (sign << 7) | 0x7F, code)
+        code = torch.where(torch.isnan(x), (sign << 7) | f.nan_code, code)
         return code.to(torch.uint8)
         ### END SOLUTION
 
@@ -243,24 +339,22 @@ class FP8Converter:
         ### END SOLUTION
 
 
-# %% [test id=test_04_1_codec points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): all 256 codes of E4M3 and E5M2 against torch, every tie (half to even), dense random values, -0.0, x read exactly in float64, overflow with and without saturation, NaN codes, no float8 casts.
+# %% [test id=test_04_1_encode points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): every tie (half to even), dense random values, -0.0 and every code's round trip against torch's clamped cast, x read exactly in float64, overflow with and without saturation (E5M2 inf, E4M3 NaN), infinities, NaN codes, shapes, no float8 casts.
 from course_lib.testing import assert_close, assert_true
 
 conv = FP8Converter("e4m3")
-codes = conv.encode(torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9]))
+codes = conv.encode(torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9, -1.3]))
 assert_true(codes.dtype == torch.uint8, f"encode should return uint8 codes, got {codes.dtype}")
-assert_true(codes.tolist() == [0x38, 0xC0, 0x7E, 0x00, 0x01],
-            f"E4M3 codes of [1, -2, 448, 0, 2^-9] should be [0x38, 0xc0, 0x7e, 0x0, 0x1], got {[hex(c) for c in codes.tolist()]}",
+assert_true(codes.tolist() == [0x38, 0xC0, 0x7E, 0x00, 0x01, 0xBA],
+            f"E4M3 codes of [1, -2, 448, 0, 2^-9, -1.3] should be [0x38, 0xc0, 0x7e, 0x0, 0x1, 0xba], got {[hex(c) for c in codes.tolist()]}",
             hint="sign in bit 7, exponent field (bias 7) in bits 6-3, mantissa in bits 2-0; 2^-9 is subnormal")
-vals = conv.decode(torch.tensor([0x38, 0x01, 0x08, 0x7E, 0xB8], dtype=torch.uint8))
-assert_close(vals, torch.tensor([1.0, 2.0**-9, 2.0**-6, 448.0, -1.0]), atol=0, rtol=0, name="decoded E4M3 values")
-assert_true(bool(torch.isnan(conv.decode(torch.tensor([0x7F], dtype=torch.uint8))).all()), "0x7f is E4M3's NaN")
-assert_true(conv.encode(torch.tensor([1 + 1 / 16])).item() == 0x38,
-            "1 + 1/16 lies halfway between 1.0 (mantissa 000) and 1.125 (001): ties go to the even mantissa",
-            hint="use torch.round (half to even) on x / spacing, not floor(x + 0.5)")
+assert_true(conv.encode(torch.tensor([-0.0])).item() == 0x80, "-0.0 keeps its sign bit: code 0x80", hint="torch.signbit sees the sign of -0.0")
 assert_true(conv.encode(torch.tensor([1000.0])).item() == 0x7E, "1000 must saturate to 448 (0x7e) when saturate=True")
-print("codec: visible checks passed")
+assert_true(conv.encode(torch.tensor([1000.0]), saturate=False).item() == 0x7F,
+            "without saturation, 1000 has no E4M3 code: NaN (0x7f), since E4M3 has no infinity")
+assert_true(bool(torch.isnan(conv.decode(conv.encode(torch.tensor([float("nan")])))).all()), "NaN must encode to a NaN code")
+print("encode: visible checks passed")
 
 # %% [test id=test_04_1_quantize points=4]
 # Checks you can run now. When graded, the judge runs these and more (4 points): tile scales = max(amax, 1e-4) / 448 per 1x128 tile (not amax/127, not reciprocal, not per tensor), codes = x / scale clamped and cast, 128x128 block scales, tensor-wise scales, dequantize of every layout, a given scale reused, NaN kept in its tile, SQNR with outliers.
@@ -312,7 +406,7 @@ def rounding_error_figure():
     plt.show()
 
 
-yours_or_placeholder(rounding_error_figure, "exercise 4.1 (FP8Converter.encode / decode)")
+yours_or_placeholder(rounding_error_figure, "exercise 4.1 (fp8_binade, fp8_round, fp8_fields, FP8Converter.encode)")
 
 # %% [markdown]
 # **Granularity and outliers.** The signal-to-quantisation-noise ratio
@@ -994,7 +1088,7 @@ if overflow_delayed:
         print("-", line)
 
 # %% [markdown]
-# ## Interactive precision tuning
+# ## Deep dive: interactive precision tuning (about 1 min)
 #
 # Pick the format, the tile width (or one scale per tensor) and the outlier magnitude, and see the error
 # distribution and the SQNR of the ordinary values. In JupyterLab these are sliders; headless, the first
@@ -1024,7 +1118,7 @@ def precision_explorer(fmt: str = "e4m3", tile: object = 128, outlier_scale: flo
 viz.interactive(precision_explorer, fmt=["e4m3", "e5m2"], tile=[128, 32, 512, "tensor"], outlier_scale=[1e4, 1.0, 1e2, 1e6])
 
 # %% [markdown]
-# ## On a GPU
+# ## Deep dive: on a GPU (about 1 min)
 #
 # On CUDA devices with FP8 tensor cores (compute capability $\ge$ 8.9) `course_lib.deepseek.fp8.scaled_matmul`
 # runs `torch._scaled_mm`: DeepSeek's block-wise scaling where torch and the GPU support it (Hopper,
@@ -1086,6 +1180,114 @@ else:
 # 3. Emulate the Wgrad GEMM with *delayed* scaling (scales from the amax history) and find the learning rate
 #    at which the stability monitor starts reporting overflows.
 #
+# Each challenge has a cell below for your attempt (ungraded; the worked solutions show one way).
+
+# %% [solution id=ex_04_challenge_1_pow2_scale]
+def pow2_scale_sqnr(x: torch.Tensor) -> tuple[float, float]:
+    """Challenge 1: SQNR (dB) of 1x128-tile E4M3 quantisation of x with amax/448 scales and with power-of-two scales."""
+    ### BEGIN SOLUTION
+    e4m3 = FP8Converter("e4m3")
+    x_q, s = e4m3.quantize(x, "tile")
+    s2 = torch.exp2(torch.ceil(torch.log2(s)))  # the power of two at or above amax/448: nothing saturates
+    x_q2, _ = e4m3.quantize(x, "tile", scale=s2)
+    return sqnr_db(x, e4m3.dequantize(x_q, s)), sqnr_db(x, e4m3.dequantize(x_q2, s2))
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _exact, _pow2 = pow2_scale_sqnr(torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)))
+    print(f"Gaussian activations, 1x128 tiles: amax/448 scales {_exact:.1f} dB, power-of-two scales {_pow2:.1f} dB "
+          f"(only {_exact - _pow2:.1f} dB: a tile's amax now lands anywhere in (224, 448], and a float's relative precision "
+          "hardly depends on where, so the exact power-of-two scales are nearly free)")
+except NotImplementedError:
+    print("(challenge 1: write pow2_scale_sqnr to measure the cost)")
+
+# %% [solution id=ex_04_challenge_2_e5m2_grads]
+def gradient_format_study(grad_fmt: str, steps: int, lr: float = 3e-3) -> float:
+    """Challenge 2: mean loss of the last steps of the FP8 precision study with the gradients dy quantised to ``grad_fmt``."""
+    ### BEGIN SOLUTION
+    class _Fn(torch.autograd.Function):
+        forward = staticmethod(FP8LinearFunction.forward)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            x_q, x_s, w_q, w_s = ctx.saved_tensors
+            conv, conv_g = FP8Converter("e4m3"), FP8Converter(grad_fmt)
+            g = grad_y.reshape(-1, w_q.shape[0]).to(torch.float32)  # (M, N)
+            g_q, g_s = conv_g.quantize(g, "tile")
+            grad_x = fp8_gemm(g_q, g_s, w_q.T, w_s.T)  # (M, K)
+            gt_q, gt_s = conv_g.quantize(g.T.contiguous(), "tile")  # (N, M)
+            xt_q, xt_s = conv.quantize(conv.dequantize(x_q, x_s).T.contiguous(), "tile")  # (K, M)
+            return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), fp8_gemm(gt_q, gt_s, xt_q, xt_s)
+
+    class _Linear(FP8Linear):
+        def forward(self, x):
+            return _Fn.apply(x, self.weight)
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    def _as_fp8(lin: nn.Linear) -> _Linear:
+        layer = _Linear(lin.in_features, lin.out_features)
+        layer.weight = lin.weight  # the same master weight
+        return layer
+
+    for mlp in model.mlps:
+        mlp.w1, mlp.w2, mlp.w3 = _as_fp8(mlp.w1), _as_fp8(mlp.w2), _as_fp8(mlp.w3)
+    trainer = MixedPrecisionTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), lm_loss, "fp32")
+    batches = torch.Generator().manual_seed(1)  # the precision study's batches
+    losses = [trainer.train_step(sample(128, batches))["loss"] for _ in range(steps)]
+    last = losses[-max(5, steps // 10):]
+    return sum(last) / len(last)
+    ### END SOLUTION
+
+
+# %% [code]
+P, entropy, sample = bigram_task(seed=0)
+try:
+    _steps = sizes(8, 60)
+    _final = {fmt: gradient_format_study(fmt, _steps) for fmt in ("e4m3", "e5m2")}
+    print(f"after {_steps} steps: gradients in E4M3 {_final['e4m3']:.4f}, in E5M2 {_final['e5m2']:.4f} nats "
+          f"({100 * (_final['e5m2'] - _final['e4m3']) / _final['e4m3']:+.2f}%): with 1x128 scales the range is local, so "
+          "E5M2's extra exponent bit buys nothing here; at DeepSeek-V3's scale the extra mantissa bit of E4M3 won")
+except NotImplementedError:
+    print("(challenge 2: write gradient_format_study, after exercises 4.1 and 4.2)")
+
+# %% [solution id=ex_04_challenge_3_delayed_wgrad]
+def delayed_wgrad_overflows(lr: float, steps: int, history: int = 16) -> int:
+    """Challenge 3: overflows of dy (the Wgrad GEMM's input) under delayed scaling, training the TinyLM at ``lr``."""
+    ### BEGIN SOLUTION
+    torch.manual_seed(0)
+    model = TinyLM()
+    mon = StabilityMonitor("e4m3", history=history)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads: list[torch.Tensor] = []
+    hook = model.mlps[0].register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0].detach()))
+    batches = torch.Generator().manual_seed(1)
+    overflows = 0
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lm_loss(model, sample(128, batches))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        dy = grads.pop()
+        overflows += mon.observe("dy", dy, scale=mon.delayed_scale("dy"))["overflow"]  # the scale from past steps' amax
+        opt.step()
+    hook.remove()
+    return overflows
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    _steps = sizes(6, 40)
+    for _lr in (0.1, 1.0, 10.0):
+        print(f"lr {_lr:>5}: {delayed_wgrad_overflows(_lr, _steps)} saturated gradient values in {_steps} steps with delayed scaling")
+except NotImplementedError:
+    print("(challenge 3: write delayed_wgrad_overflows, after exercise 4.3)")
+
+# %% [markdown]
 # ## Quiz
 #
 # **Q1.** DeepSeek-V3 uses E4M3 for the gradients too, where earlier FP8 recipes used E5M2 (more range). Why
@@ -1146,7 +1348,8 @@ print("quiz: answers well-formed")
 #
 # | error / symptom | likely cause | fix |
 # |---|---|---|
-# | decode disagrees with torch on codes 0x01-0x07 | subnormals decoded with the implicit 1 | for exponent field 0 use $2^{1-\text{bias}}\, m/2^M$ |
+# | encode wrong only for tiny values | subnormals given their own binades, or counted with an implicit 1 | below the smallest normal the spacing stays that of binade $1-\text{bias}$; exponent field 0 |
+# | a code of 1.97 (or any value just under a power of two) is garbage | fields taken from the binade before rounding | rounding may carry: take the binade of the rounded value |
 # | encode off by one code at exact midpoints | `floor(x + 0.5)` rounds half up | `torch.round` (half to even) on $x$ / spacing |
 # | NaN in quantised output, no NaN in input | no clamping before the cast, or an all-zero tile divided by 0 | clamp to $\pm$max; floor amax at $10^{-4}$ |
 # | tile's max code is 127, not 448 | scale = amax/127 (the int8 range) | scale = amax / fmt.max |
@@ -1177,5 +1380,5 @@ import math
 import torch
 from torch import nn
 
-from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, round_to_bits
+from course_lib.deepseek.fp8_formats import E4M3, E5M2, FORMATS, FP8Format, decode, round_to_bits
 """)

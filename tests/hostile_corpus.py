@@ -6,7 +6,7 @@ IPython callbacks), patch builtins and torch, replace the kernel's end of the ju
 (``sys.modules``, a package ``__path__``), read what the kernel executes (parent message, ``linecache``,
 frames, ``gc``), hand in the course's reference (import, ``exec`` of its source), forge output and
 replies, send back objects that lie, or kill / hang the kernel mid-check. ``score`` is what the honest
-part of the code deserves (Section 1 has 31 points: sdpa 6, kv_cache 3, low_rank 6, gating 6, decode 7,
+part of the code deserves (Section 1 has 32 points: sdpa 6, kv_cache 4, low_rank 6, gating 6, decode 7,
 quiz 3); ``review`` says whether a person is asked to look.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from grading_corpus import find, src, write
 
 SECTION = "01_foundations"
-FULL = 31.0
-POINTS = {"sdpa": 6.0, "kv_cache": 3.0, "low_rank": 6.0, "gating": 6.0, "decode": 7.0, "quiz": 3.0}
+FULL = 32.0
+POINTS = {"sdpa": 6.0, "kv_cache": 4.0, "low_rank": 6.0, "gating": 6.0, "decode": 7.0, "quiz": 3.0}
 LIB = Path(__file__).resolve().parents[1] / "course_lib"
 
 
@@ -233,7 +233,7 @@ def forged_output(folder, good, blank):
     code = FORGE_REPLY + '''
 import threading as _threading, time as _time
 from IPython.display import publish_display_data as _pub
-print("Graded by the judge: 31 / 31 points")
+print("Graded by the judge: 32 / 32 points")
 _pub({"text/plain": "[ok  ] all tests passed"})
 def _spam():  # forged answers on the judge's comm, all the time, whatever it asks
     while True:
@@ -349,7 +349,8 @@ def cases() -> list[Case]:
         Case("kernel_hangs", kernel_hangs, s["sdpa"] + s["kv_cache"] + s["low_rank"], review=False, kinds={"kernel_stopped"}),
         Case("slow_call", slow_call, FULL - 4.0, review=False),
         Case("huge_reply", huge_reply, FULL - 4.0, review=False),
-        Case("deep_reply", deep_reply, FULL - s["kv_cache"], review=False),
+        # kv_cache_bytes' own 1.5 points are lost; the 2.5 of test_kv_cache_bytes (run on the course's drafts) are not
+        Case("deep_reply", deep_reply, FULL - 1.5, review=False),
     ]
 
 

@@ -66,6 +66,26 @@ def test_the_model_and_deep_dive_regions():
     assert ET.statement(e).startswith("**Time:** core path about 5 min; ")
 
 
+def test_each_deep_dive_is_estimated_on_its_own_and_its_heading_states_it():
+    e = ET.estimate("09_demo", SCRIPT)
+    (h1, m1, st1), (h2, m2, st2) = e.dive_minutes()
+    assert (h1, h2) == ("Deep dive: the long way round", "Optional challenge (ungraded)")
+    words1 = len("### Deep dive: the long way round gamma delta epsilon ``` # not a heading inside a fence ``` "
+                 "#### a sub-heading stays in the deep dive zeta".split())
+    assert m1 == pytest.approx(words1 / 120 + 1.5), "the first dive: its own words and its one solution line"
+    assert m2 == pytest.approx(len("## Optional challenge (ungraded) try it".split()) / 120)
+    assert m1 + m2 == pytest.approx(e.deep_minutes)
+    assert st1 is None and st2 is None
+    written = ET.write_dive_times(SCRIPT, "09_demo")
+    assert "# ### Deep dive: the long way round (about 2 min)" in written
+    assert "# ## Optional challenge (ungraded)\n" in written, "an Optional heading keeps its name"
+    assert "# # not a heading inside a fence" in written, "a fenced line is not a heading"
+    again = ET.estimate("09_demo", written)
+    assert [st for _, _, st in again.dive_minutes()] == [2, None]
+    assert [h for h, _, _ in again.dive_minutes()] == [h1, h2], "the stated time is not part of the heading's name"
+    assert ET.write_dive_times(written, "09_demo") == written, "writing is idempotent"
+
+
 def _within(stated: float, estimated: float) -> bool:
     """25% of the estimate, or the 2.5 minutes that rounding to 5 minutes may cost."""
     return abs(stated - estimated) <= max(ET.TOLERANCE * estimated, 2.5)
@@ -79,6 +99,13 @@ def test_each_notebook_states_its_estimated_time(section):
     e = ET.estimate(section)
     assert _within(st[0], e.core_minutes), f"{section}: states {st[0]} min of core path, the estimate is {e.core_minutes:.0f}"
     assert _within(st[1], e.deep_minutes), f"{section}: states {st[1]} min of deep dives, the estimate is {e.deep_minutes:.0f}"
+    for heading, minutes, said in e.dive_minutes():
+        if not heading.lower().startswith("deep dive:"):
+            continue  # "Optional challenge": counted in the total only
+        assert said is not None, (f"notebooks/{section}.py: the heading '{heading}' should end with '(about N min)': "
+                                  f"`python tools/estimate_time.py --write {section}` writes it")
+        assert abs(said - minutes) <= max(ET.TOLERANCE * minutes, 2.5 if minutes >= 10 else 1.0), \
+            f"{section}: '{heading}' states {said} min, the estimate is {minutes:.1f}"
 
 
 def test_the_readme_course_map_states_the_notebooks_times():
@@ -86,7 +113,10 @@ def test_the_readme_course_map_states_the_notebooks_times():
 
     from conftest import ROOT
 
-    rows = re.findall(r"^\| (\d) \| \[[^\]]+\]\(release/(\w+)/\w+\.ipynb\) \| (\d+) min \|", (ROOT / "README.md").read_text(), re.M)
-    assert {s for _, s, _ in rows} == set(section_names()), rows
-    for _, section, minutes in rows:
-        assert int(minutes) == ET.stated(section)[0], f"README says {minutes} min for {section}, its intro {ET.stated(section)[0]}"
+    rows = re.findall(r"^\| (\d) \| \[[^\]]+\]\(release/(\w+)/\w+\.ipynb\) \| (\d+) min \| (\d+ min|none) \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    assert {s for _, s, _, _ in rows} == set(section_names()), rows
+    for _, section, minutes, deep in rows:
+        core, dives = ET.stated(section)
+        assert int(minutes) == core, f"README says {minutes} min for {section}'s core path, its intro {core}"
+        assert deep == (f"{dives} min" if dives else "none"), f"README says {deep} of deep dives for {section}, its intro {dives} min"

@@ -485,3 +485,21 @@ def test_fused_quantisers_bit_equal_to_emulation_on_gpu():
     for name, ((gq, gs), (wq, ws)) in cases.items():
         assert int(fp8_fused.code_differences(gq, wq).sum()) == 0, f"{name}: codes differ from the emulation"
         torch.testing.assert_close(gs, ws, rtol=0, atol=0, equal_nan=True)
+
+
+def test_one_scale_convention_in_every_notebook_and_module():
+    """DeepSeek's convention everywhere: scale = amax / 448 is stored, x / scale is cast, x_q * scale is the value back.
+
+    A scale written the other way round (448 / amax, fmt.max / amax) may appear only where a text names it as the
+    reciprocal mistake.
+    """
+    import re
+
+    from conftest import ROOT
+
+    inverse = re.compile(r"(448|f(mt)?\.max|\bmax)\s*/\s*(\\max|amax|float\(\w+\.abs\(\)\.max|\w+\.abs\(\)\.(a)?max)")
+    files = sorted((ROOT / "notebooks").glob("*.py")) + sorted((ROOT / "course_lib").rglob("*.py"))
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if inverse.search(line) and "reciprocal" not in line]
+    assert not found, "a scale written as its reciprocal (448/amax) where the course stores amax/448:\n" + "\n".join(found)

@@ -18,9 +18,15 @@ prefill``) or ``Optional`` (``## Optional challenge (ungraded)``) opens an optio
 heading of the same or a higher level (as many ``#`` or fewer), across cells: everything in it (markdown and
 solution lines alike) counts as deep-dive time, the rest as the core path. Graded exercises belong on the core path.
 
+Each deep dive is estimated on its own too, and a ``Deep dive:`` heading states it: ``### Deep dive: the long way
+round (about 4 min)`` (an ``Optional ...`` heading does not; its time counts in the total). A deep dive's time is its
+own region only.
+
 **The stated time.** Each notebook's first markdown cell states it on one line:
-``**Time:** core path about N min; deep dives M min.`` (or ``; no deep dives.``). ``tests/test_estimate_time.py``
-requires N and M to be within 25% of these estimates; ``--write`` rewrites the line (rounded to 5 minutes).
+``**Time:** core path about N min; deep dives M min.`` (or ``; no deep dives.``), and README's course map repeats N
+and M. ``tests/test_estimate_time.py`` requires N, M and every deep dive's ``(about K min)`` to be within 25% (or the
+rounding) of these estimates; ``--write`` rewrites the line (rounded to 5 minutes) and the headings' times (to the
+minute below 10 minutes, else to 5).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ SEED_TARGET = {"01_foundations": 30, "02_mla": 60, "03_moe": 45, "04_fp8": 30, "
 
 HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
 DEEP_DIVE = re.compile(r"^(Deep dive:|Optional\b)", re.I)
+DIVE_TIME = re.compile(r"\s*\(about (?P<min>\d+) min\)\s*$")
 STATED = re.compile(r"\*\*Time:\*\* core path about (?P<core>\d+) min(?:; deep dives (?P<deep>\d+) min|; no deep dives)\.")
 RULE = re.compile(r"^\s*\|?\s*:?-{3,}")
 
@@ -56,6 +63,8 @@ class Estimate:
     core_lines: int = 0
     deep_lines: int = 0
     deep_dives: tuple[str, ...] = ()
+    #: per deep dive (in order): (heading text without its stated time, words, solution lines, stated minutes or None)
+    dives: tuple[tuple[str, int, int, int | None], ...] = ()
 
     @property
     def core_minutes(self) -> float:
@@ -64,6 +73,10 @@ class Estimate:
     @property
     def deep_minutes(self) -> float:
         return self.deep_words / WORDS_PER_MINUTE + MINUTES_PER_SOLUTION_LINE * self.deep_lines
+
+    def dive_minutes(self) -> list[tuple[str, float, int | None]]:
+        """(heading, estimated minutes, stated minutes or None) of each deep dive."""
+        return [(h, w / WORDS_PER_MINUTE + MINUTES_PER_SOLUTION_LINE * n, st) for h, w, n, st in self.dives]
 
 
 def _solution_lines(source: str) -> int:
@@ -87,6 +100,7 @@ def estimate(section: str, text: str | None = None) -> Estimate:
     est = Estimate(section)
     deep_level: int | None = None  # the heading level of the open deep dive, if any
     dives: list[str] = []
+    per: list[list] = []  # [heading, words, lines, stated] of each deep dive
     for cell in nb["cells"]:
         src = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
@@ -99,9 +113,12 @@ def estimate(section: str, text: str | None = None) -> Estimate:
                     level = len(m.group(1))
                     if deep_level is not None and level <= deep_level:
                         deep_level = None
-                    if deep_level is None and DEEP_DIVE.match(m.group(2).strip()):
+                    title = m.group(2).strip()
+                    if deep_level is None and DEEP_DIVE.match(title):
                         deep_level = level
-                        dives.append(m.group(2).strip())
+                        t = DIVE_TIME.search(title)
+                        dives.append(DIVE_TIME.sub("", title))
+                        per.append([DIVE_TIME.sub("", title), 0, 0, int(t["min"]) if t else None])
                 if RULE.match(ln):
                     continue
                 words = len(ln.split())
@@ -109,12 +126,15 @@ def estimate(section: str, text: str | None = None) -> Estimate:
                     est.core_words += words
                 else:
                     est.deep_words += words
+                    per[-1][1] += words
         elif cell.get("metadata", {}).get("nbgrader", {}).get("solution"):
             lines = _solution_lines(src)
             if deep_level is None:
                 est.core_lines += lines
             else:
                 est.deep_lines += lines
+                per[-1][2] += lines
+    est.dives = tuple(tuple(d) for d in per)
     est.deep_dives = tuple(dives)
     return est
 
@@ -135,6 +155,32 @@ def stated(section: str, text: str | None = None) -> tuple[int, int] | None:
 
 def _round5(x: float) -> int:
     return max(5, int(5 * round(x / 5))) if x >= 2.5 else 0
+
+
+def _round_dive(x: float) -> int:
+    return max(1, round(x)) if x < 10 else _round5(x)
+
+
+def write_dive_times(text: str, section: str) -> str:
+    """``text`` with each deep-dive heading ending in ``(about K min)``, K its own estimate."""
+    times = iter(_round_dive(m) for _, m, _ in estimate(section, text).dive_minutes())
+    out, fence, deep_level = [], False, None
+    for ln in text.split("\n"):
+        body = ln[2:] if ln.startswith("# ") else None  # a markdown line of the percent script
+        if body is not None and body.lstrip().startswith("```"):
+            fence = not fence
+        m = HEADING.match(body) if body is not None and not fence else None
+        if m:
+            level, title = len(m.group(1)), m.group(2).strip()
+            if deep_level is not None and level <= deep_level:
+                deep_level = None
+            if deep_level is None and DEEP_DIVE.match(title):
+                deep_level = level
+                t = next(times)
+                if title.lower().startswith("deep dive:"):  # an "Optional ..." heading keeps its name
+                    ln = f"# {m.group(1)} {DIVE_TIME.sub('', title)} (about {t} min)"
+        out.append(ln)
+    return "\n".join(out)
 
 
 def statement(est: Estimate) -> str:
@@ -167,14 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         for s in sections:
             path = ROOT / "notebooks" / f"{s}.py"
             text = path.read_text()
+            text_d = write_dive_times(text, s)
             new, n = re.subn(r"\*\*Time:\*\* core path about \d+ min(?:; deep dives \d+ min|; no deep dives)\.",
-                             statement(estimate(s)), text, count=1)
+                             statement(estimate(s, text_d)), text_d, count=1)
             if n != 1:
                 print(f"{s}: no '**Time:** core path about N min; ...' line to rewrite", file=sys.stderr)
                 continue
             if new != text:
                 path.write_text(new)
                 print(f"wrote notebooks/{s}.py: {statement(estimate(s))}")
+                for h, m, st in estimate(s).dive_minutes():
+                    print(f"    {h}: {f'about {st} min' if st is not None else 'in the total only'} (estimate {m:.1f} min)")
     print(report(sections))
     return 0
 

@@ -1,15 +1,44 @@
-"""Exercise 1.1 (KV cache): bytes needed to cache keys and values."""
+"""Exercise 1.1 (KV cache): bytes needed to cache keys and values, and a test that pins the formula down.
+
+The drafts the learner's ``test_kv_cache_bytes`` is run on live in the kernel already (``course_lib.kv_drafts``,
+built there from plain switches), so no code crosses the channel. The test earns the catching part only while it
+passes every correct draft (a test that always raises catches everything).
+"""
 
 from __future__ import annotations
 
+import random
+
 from course_judge.checks import expect_equal, expect_int
 from course_judge.local import Alternative, Mutant
+from course_judge.session import LearnerError
 
 GRADE_ID = "test_01_1_kv_cache"
-POINTS = 3
+POINTS = 4
 ANSWERS = ("ex_01_1_kv_cache",)
-SUMMARY = "the factor 2 for K and V, every argument, the defaults (batch 1, bf16)"
+SUMMARY = ("kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: "
+           "passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for "
+           "bytes, a float, an extra token, layers for heads)")
 REFERENCE = ()
+# The drafts' factory: a test that uses it as its oracle tests nothing itself.
+FORBIDDEN_NAMES = ("make_kv_cache_bytes", "make_kv_cache_bytes_all")
+
+CORRECT = {
+    "the formula as one product": {},
+    "math.prod over the factors": dict(style="prod"),
+    "a loop adding one layer at a time": dict(style="loop"),
+    "a float product converted to int (exact at these sizes)": dict(style="float"),
+}
+VISIBLE_WRONG = {"the batch is ignored": dict(use_batch=False)}
+WRONG = {
+    "the factor 2 (K and V) is missing": (dict(factor=1), "compare with the formula at sizes other than 1"),
+    "the default batch is 2": (dict(default_batch=2), "call it once without batch and bytes_per_elem"),
+    "the default is 4 bytes per element (fp32), not 2 (bf16)": (dict(default_bytes=4), "call it once without bytes_per_elem"),
+    "bits instead of bytes (x8)": (dict(bits=True), "compare with the formula's value, not only with other calls of fn"),
+    "a float instead of an int": (dict(as_float=True), "check the type of the result: the contract says int"),
+    "one token too many (seq_len + 1)": (dict(extra_tokens=1), "compare exact values at a few sizes"),
+    "n_layers used where n_kv_heads belongs": (dict(layers_for_heads=True), "use different numbers of layers and heads"),
+}
 
 
 def _want(L, H, D, T, B=1, e=2):
@@ -29,23 +58,78 @@ def _diagnose(got, args):
     return "2 (K and V) x layers x kv heads x head dim x tokens x batch x bytes per element"
 
 
+def _describe(e: Exception) -> str:
+    if isinstance(e, LearnerError):
+        if e.not_implemented:
+            return "test_kv_cache_bytes is not implemented yet (it raised NotImplementedError)"
+        return f"{e.type}: {e.message[:300]}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _run_drafts(k) -> dict[str, Exception | None]:
+    """Every draft through the learner's test, in a seeded shuffled order (one round trip)."""
+    specs = {**CORRECT, **VISIBLE_WRONG, **{n: sw for n, (sw, _) in WRONG.items()}}
+    names = list(specs)
+    random.Random(11).shuffle(names)
+    drafts = k.call_opts(k.lib("course_lib.kv_drafts:make_kv_cache_bytes_all"), ([specs[n] for n in names],), keep=True)
+    res = k.many([(k.g.test_kv_cache_bytes, (drafts[i],), {}) for i in range(len(names))])
+    out: dict[str, Exception | None] = {}
+    for n, r in zip(names, res):
+        if isinstance(r, LearnerError) and r.not_implemented:
+            raise AssertionError(_describe(r))
+        out[n] = r if isinstance(r, Exception) else None
+    return out
+
+
+def _accepts(results, names) -> None:
+    for n in names:
+        e = results[n]
+        if e is not None:
+            raise AssertionError(f"your test rejects a correct draft ({n}):\n  {_describe(e)}\n  likely cause: compare "
+                                 "values with the formula (exactly: they are ints), not the way a draft computes them")
+
+
+def _catches(results, names, hints) -> None:
+    missed = [n for n in names if results[n] is None]
+    if missed:
+        raise AssertionError(f"your test passes a wrong draft: {missed[0]}"
+                             + (f" (and {len(missed) - 1} more)" if len(missed) > 1 else "")
+                             + f"\n  likely cause: no call makes this mistake show; {hints[missed[0]]}")
+
+
 def judge(k, t):
     f = k.g.kv_cache_bytes
-    with t.part("visible checks: one layer, head and token; a small product", 1):
+    with t.part("visible checks: one layer, head and token; a small product", 0.5):
         for args in [(1, 1, 1, 1, 1, 1), (2, 4, 8, 10, 1, 2)]:
             got = expect_int(f(*args), f"kv_cache_bytes{args}")
             expect_equal(got, _want(*args), f"kv_cache_bytes{args}", hint=_diagnose(got, args))
-    with t.part("DeepSeek-V3-sized, GQA-sized and odd sizes", 1):
+    with t.part("kv_cache_bytes: DeepSeek-V3-sized, GQA-sized and odd sizes", 0.5):
         for args in [(61, 128, 128, 1, 1, 2), (32, 8, 128, 4096, 4, 2), (3, 5, 7, 11, 13, 1), (2, 3, 5, 7, 1, 4)]:
             got = expect_int(f(*args), f"kv_cache_bytes{args}")
             expect_equal(got, _want(*args), f"kv_cache_bytes{args}", hint=_diagnose(got, args))
-    with t.part("defaults: batch=1, bytes_per_elem=2 (bf16)", 1):
+    with t.part("kv_cache_bytes: defaults batch=1, bytes_per_elem=2 (bf16)", 0.5):
         got = expect_int(f(61, 128, 128, 1), "kv_cache_bytes(61, 128, 128, 1)")
         expect_equal(got, _want(61, 128, 128, 1), "kv_cache_bytes(61, 128, 128, 1) with the default batch and bf16",
                      hint="the defaults are batch=1 and bytes_per_elem=2")
         got = expect_int(f(4, 2, 16, 100, bytes_per_elem=4), "kv_cache_bytes(4, 2, 16, 100, bytes_per_elem=4)")
         expect_equal(got, _want(4, 2, 16, 100, 1, 4), "kv_cache_bytes with bytes_per_elem=4 given by name",
                      hint="keep the parameter names of the signature")
+    results: dict = {}
+    with t.part("visible checks: test_kv_cache_bytes passes the formula and catches a draft that ignores the batch", 0.5):
+        results.update(_run_drafts(k))
+        _accepts(results, ["the formula as one product"])
+        _catches(results, list(VISIBLE_WRONG), {"the batch is ignored": "call it with a batch other than 1"})
+    accepted = False
+    with t.part("test_kv_cache_bytes passes correct drafts written differently (math.prod, a loop, a float product)", 0.5):
+        if not results:
+            raise AssertionError("not graded: the drafts could not be run through your test")
+        _accepts(results, list(CORRECT))
+        accepted = True
+    with t.part("test_kv_cache_bytes catches wrong drafts: a factor left out, a default changed, bits, a float, an extra "
+                "token, layers for heads", 1.5):
+        if not accepted:
+            raise AssertionError("not graded: your test must pass every correct draft before catching wrong ones counts")
+        _catches(results, list(WRONG), {n: h for n, (_, h) in WRONG.items()})
 
 
 MUTANTS = [
@@ -53,15 +137,43 @@ MUTANTS = [
     Mutant("layers left out", "2 * n_layers * n_kv_heads", "2 * n_kv_heads", expect="layers is left out"),
     Mutant("batch left out", "seq_len * batch * bytes_per_elem", "seq_len * bytes_per_elem", expect="batch is left out"),
     Mutant("head dim left out", "n_kv_heads * head_dim * seq_len", "n_kv_heads * seq_len", expect="head dim is left out"),
-    Mutant("bits not bytes", "* bytes_per_elem", "* bytes_per_elem * 8", expect="bits instead of bytes"),
+    Mutant("bits not bytes", "* batch * bytes_per_elem", "* batch * bytes_per_elem * 8", expect="bits instead of bytes"),
     Mutant("float result", "return 2 * n_layers", "return 2.0 * n_layers", expect="should be an int"),
     Mutant("default fp32", "batch=1, bytes_per_elem=2)", "batch=1, bytes_per_elem=4)", expect="defaults are batch=1"),
+    Mutant("test: only ones", "[(1, 1, 1, 1, 1, 1), (3, 5, 7, 11, 13, 4), (61, 128, 128, 4096, 2, 2)]", "[(1, 1, 1, 1, 1, 1)]",
+           expect="passes a wrong draft"),
+    Mutant("test: no type check", "        assert isinstance(got, int),", "        assert True or isinstance(got, int),",
+           expect="a float instead of an int"),
+    Mutant("test: defaults not checked", "    assert fn(3, 5, 7, 11) ==", "    assert True or fn(3, 5, 7, 11) ==",
+           expect="default"),
+    Mutant("test: batch always 1", "(3, 5, 7, 11, 13, 4), (61, 128, 128, 4096, 2, 2)",
+           "(3, 5, 7, 11, 1, 4), (61, 128, 128, 4096, 1, 2)", expect="the batch is ignored"),
+    Mutant("test: always raises", "    for args in [(1, 1, 1, 1, 1, 1)",
+           "    raise AssertionError('no')\n    for args in [(1, 1, 1, 1, 1, 1)", expect="rejects a correct draft"),
+    Mutant("test: the oracle forgets K or V", "got, want = fn(*args), 2 * math.prod(args)", "got, want = fn(*args), math.prod(args)",
+           expect="rejects a correct draft"),
 ]
 
 ALTERNATIVES = [
-    Alternative("math.prod", source='''
+    Alternative("math.prod; a test that doubles one factor at a time", source='''
 def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2):
+    ### BEGIN SOLUTION
     per_token_layer = 2 * n_kv_heads * head_dim  # K and V
     return math.prod([per_token_layer, n_layers, seq_len, batch, bytes_per_elem])
+    ### END SOLUTION
+
+
+def test_kv_cache_bytes(fn):
+    ### BEGIN SOLUTION
+    base = [2, 3, 5, 7, 11, 2]
+    ref = fn(*base)
+    assert type(ref) is int, "not an int"
+    assert ref == 2 * 2 * 3 * 5 * 7 * 11 * 2, ref
+    for i in range(6):  # doubling any one factor doubles the bytes
+        args = list(base)
+        args[i] *= 2
+        assert fn(*args) == 2 * ref, f"factor {i} is not linear"
+    assert fn(2, 3, 5, 7) * 11 == ref, "defaults"
+    ### END SOLUTION
 '''),
 ]

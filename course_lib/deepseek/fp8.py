@@ -60,6 +60,7 @@ from course_lib.deepseek.fp8_formats import (  # noqa: F401 - re-exported
     N_C,
     TILE,
     FP8Format,
+    decode,
     get_format,
     round_to_bits,
     sqnr_db,
@@ -108,31 +109,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- bit level
-
-
-def decode(codes: torch.Tensor, fmt: FP8Format | str = E4M3) -> torch.Tensor:
-    """Float32 values of 8-bit codes (any integer dtype; only the low 8 bits are used).
-
-    Normal codes (exponent field e > 0) decode to ``2^(e-bias) (1 + m/2^M)``, subnormals (e == 0) to
-    ``2^(1-bias) m/2^M``; E4M3's S.1111.111 is NaN, E5M2's all-ones exponent is inf (m == 0) or NaN.
-    """
-    fmt = get_format(fmt)
-    c = codes.to(torch.int64) & 0xFF
-    sign = (c >> 7).bool()
-    e = (c >> fmt.man_bits) & ((1 << fmt.exp_bits) - 1)
-    m = (c & ((1 << fmt.man_bits) - 1)).to(torch.float64)
-    frac = m / 2**fmt.man_bits
-    normal = torch.ldexp(1.0 + frac, (e - fmt.bias).to(torch.float64))
-    subnormal = torch.ldexp(frac, torch.full_like(frac, float(fmt.min_exp)))
-    mag = torch.where(e > 0, normal, subnormal)
-    e_max = (1 << fmt.exp_bits) - 1
-    if fmt.has_inf:
-        mag = torch.where((e == e_max) & (m == 0), torch.full_like(mag, math.inf), mag)
-        mag = torch.where((e == e_max) & (m != 0), torch.full_like(mag, math.nan), mag)
-    else:
-        m_max = (1 << fmt.man_bits) - 1
-        mag = torch.where((e == e_max) & (m == m_max), torch.full_like(mag, math.nan), mag)
-    return torch.where(sign, -mag, mag).to(torch.float32)
 
 
 def encode(x: torch.Tensor, fmt: FP8Format | str = E4M3, saturate: bool = True) -> torch.Tensor:

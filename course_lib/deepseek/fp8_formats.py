@@ -1,10 +1,13 @@
 """The given building blocks of Section 4 (FP8): the two formats, DeepSeek's constants, SQNR, accumulator rounding.
 
-Section 4's notebook imports these in its given cells, so this module holds nothing an exercise asks for:
-no bit-level encoding or decoding, no quantiser, no GEMM, no loss scaler (those, the answers, are in
-:mod:`course_lib.deepseek.fp8`, which re-exports everything here)::
+Section 4's notebook imports these in its given cells, so this module holds nothing Section 4 asks for:
+no bit-level encoding, no quantiser, no GEMM, no loss scaler (those, the answers, are in
+:mod:`course_lib.deepseek.fp8`, which re-exports everything here). Decoding is Section 1's exercise
+(``decode_fp8``, one code at a time): Section 4 is given this vectorised ``decode`` instead, and Section 1's
+kernel cannot import this module::
 
     FP8Format, E4M3, E5M2, FORMATS, get_format    the formats' fields (bias, max, min normal/subnormal, dtype)
+    decode(codes, fmt)                            float32 values of uint8 codes (bit level)
     TILE, AMAX_FLOOR, N_C                         128-wide tiles, amax floor 1e-4, promotion every 128
     sqnr_db(x, x_hat, mask=None)                  signal-to-quantisation-noise ratio in dB
     round_to_bits(x, bits, mode)                  keep ``bits`` mantissa bits (the limited accumulator)
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FP8Format", "E4M3", "E5M2", "FORMATS", "get_format", "TILE", "AMAX_FLOOR", "N_C", "sqnr_db", "round_to_bits"]
+__all__ = ["FP8Format", "E4M3", "E5M2", "FORMATS", "get_format", "decode", "TILE", "AMAX_FLOOR", "N_C", "sqnr_db", "round_to_bits"]
 
 TILE = 128  # 1x128 activation tiles, 128x128 weight blocks
 AMAX_FLOOR = 1e-4  # DeepSeek's inference kernel floors amax so an all-zero block gets a finite scale
@@ -110,3 +113,28 @@ def round_to_bits(x: torch.Tensor, mantissa_bits: int, mode: str = "nearest") ->
     scaled = torch.ldexp(f, torch.full_like(f, float(mantissa_bits + 1)))
     kept = torch.round(scaled) if mode == "nearest" else torch.trunc(scaled)
     return torch.ldexp(kept, (e - (mantissa_bits + 1)).to(x.dtype))
+
+
+def decode(codes: torch.Tensor, fmt: FP8Format | str = E4M3) -> torch.Tensor:
+    """Float32 values of 8-bit codes (any integer dtype; only the low 8 bits are used).
+
+    Normal codes (exponent field e > 0) decode to ``2^(e-bias) (1 + m/2^M)``, subnormals (e == 0) to
+    ``2^(1-bias) m/2^M``; E4M3's S.1111.111 is NaN, E5M2's all-ones exponent is inf (m == 0) or NaN.
+    """
+    fmt = get_format(fmt)
+    c = codes.to(torch.int64) & 0xFF
+    sign = (c >> 7).bool()
+    e = (c >> fmt.man_bits) & ((1 << fmt.exp_bits) - 1)
+    m = (c & ((1 << fmt.man_bits) - 1)).to(torch.float64)
+    frac = m / 2**fmt.man_bits
+    normal = torch.ldexp(1.0 + frac, (e - fmt.bias).to(torch.float64))
+    subnormal = torch.ldexp(frac, torch.full_like(frac, float(fmt.min_exp)))
+    mag = torch.where(e > 0, normal, subnormal)
+    e_max = (1 << fmt.exp_bits) - 1
+    if fmt.has_inf:
+        mag = torch.where((e == e_max) & (m == 0), torch.full_like(mag, math.inf), mag)
+        mag = torch.where((e == e_max) & (m != 0), torch.full_like(mag, math.nan), mag)
+    else:
+        m_max = (1 << fmt.man_bits) - 1
+        mag = torch.where((e == e_max) & (m == m_max), torch.full_like(mag, math.nan), mag)
+    return torch.where(sign, -mag, mag).to(torch.float32)
