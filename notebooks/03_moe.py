@@ -19,7 +19,7 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** core path about 150 min; no deep dives.
+# **Time:** core path about 150 min; deep dives 10 min.
 #
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
@@ -878,7 +878,42 @@ print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; your grouped dispa
 #    devices its experts sit on, with and without the group limit. How does the group limit change the traffic?
 # 3. **γ schedule.** V3 sets γ to 0 for the last 500B tokens. Train with γ = 0.01 and then γ = 0: does the load
 #    stay balanced once the bias stops moving?
-#
+
+# %% [markdown]
+# ### Worked challenge 2: device-limited routing
+# Count, per token, how many groups ("devices") its chosen experts sit on, with the group limit and without it
+# (the same router weights, `n_limited_groups` = 4 of 4). Your answer goes in the cell below; the worked solutions
+# hold one.
+
+# %% [solution id=ex_03_c2_devices]
+def devices_per_token(router: ExpertRouter, x: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: how many of the router's groups the experts chosen for each token x (N, dim) belong to."""
+    ### BEGIN SOLUTION
+    with torch.no_grad():
+        _, idx, _ = router(x)  # (N, K)
+    per_group = router.cfg.n_routed_experts // router.cfg.n_expert_groups
+    on = torch.zeros(idx.shape[0], router.cfg.n_expert_groups, dtype=torch.bool)  # (N, G)
+    return on.scatter_(1, idx // per_group, True).sum(dim=-1)  # (N,)
+    ### END SOLUTION
+
+
+# %% [code]
+cfg_dev = MoEConfig(dim=32, moe_inter_dim=8, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+torch.manual_seed(0)
+x_dev = torch.randn(2048, cfg_dev.dim)
+try:
+    r_lim = ExpertRouter(cfg_dev)
+    r_free = ExpertRouter(dataclasses.replace(cfg_dev, n_limited_groups=cfg_dev.n_expert_groups))
+    r_free.load_state_dict(r_lim.state_dict())  # the same centroids: only the group limit differs
+    lim, free = devices_per_token(r_lim, x_dev), devices_per_token(r_free, x_dev)
+    for name, d in (("group limit, 2 of 4 groups", lim), ("no group limit", free)):
+        shares = torch.bincount(d, minlength=cfg_dev.n_expert_groups + 1)[1:].float() / len(d)
+        print(f"{name:26s}: {d.float().mean():.2f} devices per token on average; share with 1..4 devices "
+              f"{[round(v, 2) for v in shares.tolist()]}")
+except NotImplementedError:
+    print("(optional: finish 3.2 and write devices_per_token above to compare the traffic)")
+
+# %% [markdown]
 # ## Quiz
 # Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
 #
