@@ -28,11 +28,13 @@ from course_lib.deepseek.attention import MLAConfig
 from course_lib.deepseek.mla import MLA as CourseMLA
 from course_lib.deepseek.moe import MoE as CourseMoE
 from course_lib.deepseek.moe import bias_update as course_bias_update
+from course_lib.deepseek.moe import param_counts as course_moe_param_counts
 from course_lib.deepseek.moe import sequence_balance_loss
 from course_lib.deepseek.routing import MoEConfig
 from course_lib.learner import my_part, saved_part
 
-__all__ = ["MLA_NAMES", "Parts", "with_course_names", "your_moe", "check_mla", "check_moe", "section5_parts", "bound"]
+__all__ = ["MLA_NAMES", "Parts", "with_course_names", "your_moe", "check_mla", "check_moe", "check_moe_counter",
+           "section5_parts", "moe_counter", "bound"]
 
 # Section 2's parameter names -> the model's (DeepSeek's inference/model.py) names
 MLA_NAMES = {"compress.wq_a.weight": "wq_a.weight", "compress.q_norm.weight": "q_norm.weight",
@@ -164,6 +166,28 @@ def section5_parts() -> Parts:
     moe = my_part("03_moe", "MixtureOfExperts", fallback=None, check=lambda c: check_moe(your_moe(c, *hooks)))
     return Parts(MLA=with_course_names(mla) if mla is not None else CourseMLA,
                  MoE=your_moe(moe, *hooks) if moe is not None else CourseMoE)
+
+
+_COUNTER_CONFIGS = (MoEConfig.deepseek_v3(), MoEConfig(dim=24, moe_inter_dim=10, n_routed_experts=8, n_shared_experts=2,
+                                                      n_activated_experts=3, n_expert_groups=2, n_limited_groups=1),
+                    MoEConfig(dim=16, moe_inter_dim=12, n_routed_experts=4, n_shared_experts=0, n_activated_experts=1,
+                              n_expert_groups=1, n_limited_groups=1))
+
+
+def check_moe_counter(fn: Callable[[MoEConfig], dict]) -> bool:
+    """The learner's ``moe_param_counts`` against the course's on V3's layer, two shared experts and none."""
+    for cfg in _COUNTER_CONFIGS:
+        got, want = fn(cfg), course_moe_param_counts(cfg)
+        if not isinstance(got, dict) or {k: got.get(k) for k in want} != want:
+            raise AssertionError(f"moe_param_counts({cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, "
+                                 f"{cfg.n_shared_experts} shared) = {got!r:.120}, expected {want}")
+    return True
+
+
+def moe_counter() -> Callable[[MoEConfig], dict]:
+    """The learner's Section 3.1 ``moe_param_counts`` where saved and right (one printed line), the course's otherwise;
+    Section 5's model counter (Exercise 5.2.3) builds on it."""
+    return my_part("03_moe", "moe_param_counts", fallback=course_moe_param_counts, check=check_moe_counter)
 
 
 @contextmanager

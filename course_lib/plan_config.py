@@ -3,9 +3,9 @@
 What Section 6's memory planner (Exercise 6.3) counts *from*: :class:`ModelConfig` (defaults: the 671B
 model, ``inference/configs/config_671B.json``; ``v2()`` and ``v2_lite()`` for DeepSeek-V2), the bytes
 per parameter of each model state (:class:`Precision`, ``BF16_MIXED``, ``DEEPSEEK_V3``), parallel
-layouts (:class:`Parallelism`, ``V3_TRAINING``) and the attention FLOPs of a training step. The counts
-themselves (parameters, active parameters, KV cache, per-GPU memory) are the exercise; the course's
-reference version is ``course_lib.planner``.
+layouts (:class:`Parallelism`, ``V3_TRAINING``) and the attention FLOPs of a training step. The parameter
+counts come from :mod:`course_lib.param_count` (Section 5's counter, given in Section 6); the KV cache and
+per-GPU memory are the exercise, whose reference version is ``course_lib.planner``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class ModelConfig:
     n_activated_experts: int = V3["n_activated_experts"]
     n_expert_groups: int = V3["n_expert_groups"]
     n_limited_groups: int = V3["n_limited_groups"]
-    router_bias: bool = True  # V3's selection bias (auxiliary-loss-free balancing); V2 has none
 
     @property
     def n_moe_layers(self) -> int:
@@ -66,15 +65,14 @@ class ModelConfig:
     def v2(cls) -> ModelConfig:
         """DeepSeek-V2 (236B total, 21B active)."""
         return cls(vocab_size=102400, dim=5120, n_layers=60, n_dense_layers=1, inter_dim=12288, moe_inter_dim=1536,
-                   n_routed_experts=160, n_shared_experts=2, n_activated_experts=6, n_expert_groups=8, n_limited_groups=3,
-                   router_bias=False)
+                   n_routed_experts=160, n_shared_experts=2, n_activated_experts=6, n_expert_groups=8, n_limited_groups=3)
 
     @classmethod
     def v2_lite(cls) -> ModelConfig:
         """DeepSeek-V2-Lite (15.7B total, 2.4B active): no query compression, 16 heads."""
         return cls(vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1, n_heads=16, q_lora_rank=0, inter_dim=10944,
                    moe_inter_dim=1408, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
-                   n_limited_groups=1, router_bias=False)
+                   n_limited_groups=1)
 
     def scaled(self, **changes) -> ModelConfig:
         return replace(self, **changes)

@@ -11,17 +11,10 @@ published totals come out instead of going in:
 - model states per GPU (weights, gradients, FP32 master weights, Adam moments) under a
   parallel layout of EP/TP/PP/DP degrees, with ZeRO-1 sharding of the optimiser state.
 
-Counting conventions (the course's, stated in :mod:`course_lib.deepseek.v3`):
-
-- ``active_params`` counts the weights one token multiplies with: everything except the routed
-  experts it did not pick and except the embedding table (a token reads one of its rows). This
-  convention reproduces all three published pairs: V3 671.0B/36.6B ("671B/37B"), V2 235.7B/20.9B
-  ("236B/21B"), V2-Lite 15.7B/2.45B ("15.7B/2.4B"). ``count_active(cfg, embedding=...)`` is the one
-  counter with the choice explicit (``embedding=True``: 37.6B for V3, Section 5's
-  ``course_lib.deepseek.model.param_counts``); it also counts ``course_lib.deepseek.model_config.ModelConfig``.
-- The router's per-expert bias (256 numbers per layer, no gradient) is counted with the router.
-- The multi-token-prediction module (one extra block, ~11.6B, plus copies of embedding and head in
-  the released checkpoint: 685B in all) is excluded unless ``include_mtp=True``.
+Counting (:mod:`course_lib.param_count`, re-exported here): active parameters are all but the routed experts a
+token did not pick and the embedding table (V3 671.0B / 36.6B, "671B total, 37B activated"; V2 235.7B / 20.9B,
+V2-Lite 15.7B / 2.45B); the router's balancing bias is a buffer, not a parameter; the MTP module (~11.6B, plus
+copies of embedding and head in the released checkpoint: 685B in all) is excluded unless ``include_mtp=True``.
 
 This module is the course's reference for Exercise 6.3 (the answer key: graded notebooks cannot import
 it). The shapes, precisions and layouts it counts from live in :mod:`course_lib.plan_config` and are
@@ -32,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+from course_lib.param_count import active_params, count_params, expert_params, mla_params_per_layer, total_params
 from course_lib.plan_config import (
     BF16_MIXED,
     COMPONENTS,
@@ -52,7 +46,6 @@ __all__ = [
     "count_params",
     "total_params",
     "active_params",
-    "count_active",
     "kv_cache_elements_per_token",
     "kv_cache_bytes_per_token",
     "kv_cache_bytes",
@@ -67,77 +60,6 @@ __all__ = [
     "GiB",
     "attention_training_flops_per_token",
 ]
-
-
-def mla_params_per_layer(cfg: ModelConfig) -> int:
-    """Weights of one MLA block: W_DQ, q_norm, W_UQ(+W_QR), W_DKV(+W_KR), kv_norm, W_UK/W_UV, W_O."""
-    H, qk = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if cfg.q_lora_rank:
-        q = cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk  # wq_a, q_norm, wq_b
-    else:
-        q = cfg.dim * H * qk  # wq
-    kv_a = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # wkv_a, kv_norm
-    kv_b = cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # wkv_b
-    o = H * cfg.v_head_dim * cfg.dim  # wo
-    return q + kv_a + kv_b + o
-
-
-def expert_params(cfg: ModelConfig) -> int:
-    """One SwiGLU expert: w1, w3 (dim -> moe_inter_dim) and w2 (back)."""
-    return 3 * cfg.dim * cfg.moe_inter_dim
-
-
-def _router_bias(cfg) -> bool:
-    """The selection bias counts with the router where the config says it exists (``plan_config.ModelConfig``);
-    the course model's ``ModelConfig`` has no such field: its gate bias is a buffer, not a parameter."""
-    return bool(getattr(cfg, "router_bias", False))
-
-
-def count_params(cfg: ModelConfig, *, include_mtp: bool = False) -> dict[str, int]:
-    """Parameters per component (keys ``COMPONENTS``, plus ``"mtp"`` when ``include_mtp``).
-
-    Any config with DeepSeek's field names works (``plan_config.ModelConfig`` or the model's ``ModelConfig``).
-    """
-    n_moe = cfg.n_layers - cfg.n_dense_layers
-    bias = _router_bias(cfg)
-    out = {
-        "embedding": cfg.vocab_size * cfg.dim,
-        "attention": cfg.n_layers * mla_params_per_layer(cfg),
-        "dense_mlp": cfg.n_dense_layers * 3 * cfg.dim * cfg.inter_dim,
-        "shared_experts": n_moe * cfg.n_shared_experts * expert_params(cfg),
-        "routed_experts": n_moe * cfg.n_routed_experts * expert_params(cfg),
-        "router": n_moe * cfg.n_routed_experts * (cfg.dim + bias),  # gate weight (+ balancing bias)
-        "norms": cfg.n_layers * 2 * cfg.dim + cfg.dim,  # attn_norm, ffn_norm per layer; final norm
-        "head": cfg.vocab_size * cfg.dim,
-    }
-    if include_mtp:
-        block = (mla_params_per_layer(cfg) + (cfg.n_routed_experts + cfg.n_shared_experts) * expert_params(cfg)
-                 + cfg.n_routed_experts * (cfg.dim + bias) + 2 * cfg.dim)
-        # enorm, hnorm, eh_proj (2d -> d), the block, its final norm; the checkpoint repeats embedding and head
-        out["mtp"] = 2 * cfg.dim + 2 * cfg.dim * cfg.dim + block + cfg.dim + 2 * cfg.vocab_size * cfg.dim
-    return out
-
-
-def total_params(cfg: ModelConfig) -> int:
-    return sum(count_params(cfg).values())
-
-
-def count_active(cfg: ModelConfig, *, embedding: bool) -> int:
-    """Parameters one token uses: all but the routed experts it did not pick, with or without the embedding table.
-
-    The one active-parameter counter of the course; the choice is explicit. ``embedding=False`` is the course's
-    convention (``course_lib.deepseek.v3.ACTIVE_INCLUDES_EMBEDDING``; 36.6B for V3, DeepSeek's "37B activated");
-    ``embedding=True`` adds the table a token reads one row of (37.6B for V3).
-    """
-    c = count_params(cfg)
-    routed_active = (cfg.n_layers - cfg.n_dense_layers) * cfg.n_activated_experts * expert_params(cfg)
-    return sum(c.values()) - c["routed_experts"] + routed_active - (0 if embedding else c["embedding"])
-
-
-def active_params(cfg: ModelConfig) -> int:
-    """Weights one token multiplies with: all but the unchosen routed experts and the embedding table
-    (``count_active(cfg, embedding=False)``)."""
-    return count_active(cfg, embedding=False)
 
 
 def kv_cache_elements_per_token(cfg: ModelConfig, kind: str = "mla") -> int:

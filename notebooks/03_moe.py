@@ -19,7 +19,7 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** core path about 150 min; no deep dives.
+# **Time:** core path about 150 min; deep dives 10 min.
 #
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
@@ -42,7 +42,8 @@ from torch import nn
 from course_lib import viz
 from course_lib.bench import compare, ratio, threads
 from course_lib.data import make_cluster_regression
-from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
+from course_lib.deepseek.routing import (MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load,
+                                        max_violation)
 from course_lib.utils import env_report, setup, sizes
 
 ENV = setup(seed=0)
@@ -63,6 +64,8 @@ print(TINY)
 #   `weights` (N, K) combine weights, `indices` (N, K) chosen experts, `scores` (N, E) affinities, `load` (E,)
 #   assignments per expert, `kept` (N, K) the capacity mask or None.
 # - `expert_load(indices, n_experts)`: assignments per expert as a float32 (E,) tensor (a `bincount`).
+# - `max_violation(load)`: MaxVio, $\max_i \text{load}_i / \overline{\text{load}} - 1$, as a Python float. You wrote it
+#   in Section 1.3 (with `expert_load`); from here on the course's version is given, and 3.4 uses it to measure balance.
 # - `expert_capacity(n_tokens, top_k, n_experts, capacity_factor)`: $\lceil c \cdot N K / E \rceil$ slots per expert.
 # - `dispatch_per_token(experts, x, weights, indices)`: the obviously right, slow routed output, one token and
 #   one slot at a time. The graded benchmark compares your dispatch with it.
@@ -81,7 +84,10 @@ print(TINY)
 # every token. DeepSeek fuses them into one SwiGLU of width $N_s I$.
 #
 # Parameters of one MoE layer: the gate ($N_r d$), the shared experts ($3 d N_s I$) and the routed experts
-# ($3 d I$ each). A token *uses* the gate, the shared experts and $K_r$ routed experts.
+# ($3 d I$ each). A token *uses* the gate, the shared experts and $K_r$ routed experts. The router's balancing bias
+# (3.2, 3.4) is a buffer, not a parameter: it gets no gradient, and the course never counts it. This is the first
+# piece of the course's one parameter counter: Section 5 counts the whole model on top of your `moe_param_counts`,
+# and Section 6 plans memory with that count.
 #
 # **Intuition.** A dense FFN is one large committee that reviews every token. A MoE is a pool of small
 # specialist committees plus a dispatcher that sends each token to a few of them. One generalist committee
@@ -109,7 +115,8 @@ def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
     """Parameters of one MoE layer: {"total": all of them, "active": those one token uses}.
 
     total  = gate (N_r * dim) + shared experts (3 * dim * N_s * moe_inter_dim) + N_r routed experts (3 * dim * moe_inter_dim each)
-    active = gate + shared experts + K_r routed experts.
+    active = gate + shared experts + K_r routed experts (what one token multiplies with).
+    The gate's bias is a buffer, not a parameter: not counted.
     """
     ### BEGIN SOLUTION
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim
@@ -120,8 +127,8 @@ def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
     ### END SOLUTION
 
 
-# %% [test id=test_03_1_expert points=3]
-# Checks you can run now. When graded, the judge runs these and more (3 points): SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert.
+# %% [test id=test_03_1_expert points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert.
 import torch
 import torch.nn.functional as F
 from course_lib.testing import assert_close, assert_shape, assert_true
@@ -251,8 +258,8 @@ class ExpertRouter(nn.Module):
         ### END SOLUTION
 
 
-# %% [test id=test_03_2_router points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): sigmoid affinities in float32/float64, group scores (top-2 sums, -inf masks), unbiased renormalised weights times route_scale, the bias selecting only and getting no gradient, every token against an oracle on four configurations (V2-style softmax included); each routing pitfall named.
+# %% [test id=test_03_2_router points=7]
+# Checks you can run now. When graded, the judge runs these and more (7 points): sigmoid affinities in float32/float64, group scores (top-2 sums, -inf masks), unbiased renormalised weights times route_scale, the bias selecting only and getting no gradient, every token against an oracle on four configurations (V2-style softmax included); each routing pitfall named.
 import torch
 from course_lib.testing import assert_close, assert_shape, assert_true
 
@@ -412,8 +419,8 @@ class MixtureOfExperts(nn.Module):
         ### END SOLUTION
 
 
-# %% [test id=test_03_3_moe points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations and both input shapes with every dispatch mistake named, info.load, no loop over tokens and no dense compute (profiled), experts without tokens, gradients to the gate and the used experts only, the kept mask.
+# %% [test id=test_03_3_moe points=7]
+# Checks you can run now. When graded, the judge runs these and more (7 points): the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations and both input shapes with every dispatch mistake named, info.load, no loop over tokens and no dense compute (profiled), experts without tokens, gradients to the gate and the used experts only, the kept mask.
 import torch
 from course_lib.testing import assert_close, assert_shape, assert_true
 
@@ -442,6 +449,7 @@ print("MixtureOfExperts: visible tests passed")
 # experts waste parameters, and with experts spread over GPUs the busiest one sets everyone's pace. We measure
 # imbalance with **MaxVio** (Wang et al., 2024) over a batch's loads $\text{load}_i$ (assignments per expert):
 # $$\text{MaxVio} = \frac{\max_i \text{load}_i}{\overline{\text{load}}} - 1 \qquad (0 = \text{perfect balance}).$$
+# This is Section 1.3's `max_violation`, given here (see "Tools you are given"): the experiments below measure with it.
 #
 # **Auxiliary-loss-free balancing (V3).** Earlier MoEs added a balance loss to the task loss. The loss
 # balances, but its gradient competes with the task's. DeepSeek-V3 instead nudges the selection bias after
@@ -469,14 +477,6 @@ print("MixtureOfExperts: visible tests passed")
 
 # %% [solution id=ex_03_4_balance]
 #@save
-def max_violation(load: torch.Tensor) -> float:
-    """MaxVio = max_i load_i / mean(load) - 1, as a Python float (load: (E,) counts, any numeric dtype)."""
-    ### BEGIN SOLUTION
-    load = load.to(torch.float64)
-    return float(load.max() / load.mean() - 1.0)
-    ### END SOLUTION
-
-
 def bias_update(load: torch.Tensor, gamma: float) -> torch.Tensor:
     """The auxiliary-loss-free step: returns delta (E,) float32 with delta_i = gamma * sign(mean(load) - load_i).
 
@@ -518,13 +518,11 @@ def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch
     ### END SOLUTION
 
 
-# %% [test id=test_03_4_balance points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): MaxVio on integer and float loads, the bias update's sign, size, ties and dtype, the sequence-wise loss per sequence with normalised scores and its gradient, first-come-first-served capacity masks, and the layer with a capacity factor (kept mask, dropped tokens, info.load counted before dropping).
+# %% [test id=test_03_4_balance points=5]
+# Checks you can run now. When graded, the judge runs these and more (5 points): the bias update's sign, size, ties and dtype, the sequence-wise loss per sequence with normalised scores and its gradient, first-come-first-served capacity masks, and the layer with a capacity factor (kept mask, dropped tokens, info.load counted before dropping).
 import torch
 from course_lib.testing import assert_close, assert_true
 
-assert_true(abs(max_violation(torch.tensor([10.0, 0.0, 5.0, 5.0])) - 1.0) < 1e-12, "MaxVio of loads [10, 0, 5, 5] is 10/5 - 1 = 1")
-assert_true(isinstance(max_violation(torch.tensor([3, 3])), float), "max_violation must return a Python float")
 assert_close(bias_update(torch.tensor([10.0, 0.0, 5.0, 5.0]), 0.001), torch.tensor([-0.001, 0.001, 0.0, 0.0]), atol=1e-9,
              name="bias_update([10, 0, 5, 5], 0.001)")
 _s = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]])
@@ -880,7 +878,42 @@ print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; your grouped dispa
 #    devices its experts sit on, with and without the group limit. How does the group limit change the traffic?
 # 3. **γ schedule.** V3 sets γ to 0 for the last 500B tokens. Train with γ = 0.01 and then γ = 0: does the load
 #    stay balanced once the bias stops moving?
-#
+
+# %% [markdown]
+# ### Worked challenge 2: device-limited routing
+# Count, per token, how many groups ("devices") its chosen experts sit on, with the group limit and without it
+# (the same router weights, `n_limited_groups` = 4 of 4). Your answer goes in the cell below; the worked solutions
+# hold one.
+
+# %% [solution id=ex_03_c2_devices]
+def devices_per_token(router: ExpertRouter, x: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: how many of the router's groups the experts chosen for each token x (N, dim) belong to."""
+    ### BEGIN SOLUTION
+    with torch.no_grad():
+        _, idx, _ = router(x)  # (N, K)
+    per_group = router.cfg.n_routed_experts // router.cfg.n_expert_groups
+    on = torch.zeros(idx.shape[0], router.cfg.n_expert_groups, dtype=torch.bool)  # (N, G)
+    return on.scatter_(1, idx // per_group, True).sum(dim=-1)  # (N,)
+    ### END SOLUTION
+
+
+# %% [code]
+cfg_dev = MoEConfig(dim=32, moe_inter_dim=8, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+torch.manual_seed(0)
+x_dev = torch.randn(2048, cfg_dev.dim)
+try:
+    r_lim = ExpertRouter(cfg_dev)
+    r_free = ExpertRouter(dataclasses.replace(cfg_dev, n_limited_groups=cfg_dev.n_expert_groups))
+    r_free.load_state_dict(r_lim.state_dict())  # the same centroids: only the group limit differs
+    lim, free = devices_per_token(r_lim, x_dev), devices_per_token(r_free, x_dev)
+    for name, d in (("group limit, 2 of 4 groups", lim), ("no group limit", free)):
+        shares = torch.bincount(d, minlength=cfg_dev.n_expert_groups + 1)[1:].float() / len(d)
+        print(f"{name:26s}: {d.float().mean():.2f} devices per token on average; share with 1..4 devices "
+              f"{[round(v, 2) for v in shares.tolist()]}")
+except NotImplementedError:
+    print("(optional: finish 3.2 and write devices_per_token above to compare the traffic)")
+
+# %% [markdown]
 # ## Quiz
 # Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
 #
@@ -946,7 +979,7 @@ print("quiz: answers well-formed")
 
 # %% [markdown]
 # ## Keep your parts
-# The answer cells that start with `#@save` (your expert, router, MoE layer and balancing functions) are yours to keep. Run the cell below after your last
+# The answer cells that start with `#@save` (your expert and layer counter, router, MoE layer and balancing functions) are yours to keep. Run the cell below after your last
 # change: it writes the latest version of each into `my_deepseek/s03_moe.py` beside your notebooks, and Section 5
 # builds on them. Where a part is missing or fails a quick check, Section 5 says so in one line and uses the
 # course's version (it always does while grading, so each section is graded on its own).

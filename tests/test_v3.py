@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from course_lib import plan_config, planner
+from course_lib import param_count, plan_config, planner
 from course_lib.deepseek.attention import MLAConfig
 from course_lib.deepseek.model import param_counts
 from course_lib.deepseek.model_config import ModelConfig
@@ -52,21 +52,21 @@ def test_the_presets_derive_their_layers_consistently():
     assert ModelConfig.v3(SERVING_SEQ_LEN).mla() == MLAConfig.v3(SERVING_SEQ_LEN)
 
 
-def test_one_active_counter_with_the_embedding_choice_explicit():
+def test_one_counter_one_convention():
+    """Section 5's reference (the model's param_counts) and Section 6's given counter agree on every config: active
+    leaves out the embedding table (36.6B, "37B activated") and the router bias is a buffer, never counted."""
     assert ACTIVE_INCLUDES_EMBEDDING is False
     pv3, mv3 = plan_config.ModelConfig(), ModelConfig.v3()
-    without, with_emb = planner.count_active(pv3, embedding=False), planner.count_active(pv3, embedding=True)
-    assert round(without / 1e9, 1) == 36.6 and round(with_emb / 1e9, 1) == 37.6  # "37B activated" is without
-    assert with_emb - without == 129280 * 7168
-    assert planner.active_params(pv3) == without
-    # Section 5's reference counts the embedding (and has no router-bias parameters: the bias is a buffer there)
+    assert round(param_count.active_params(pv3) / 1e9, 1) == 36.6 and round(param_count.total_params(pv3) / 1e9, 1) == 671.0
     c = param_counts(mv3)
-    assert c["active"] == planner.count_active(mv3, embedding=True)
-    assert c["total"] == planner.total_params(mv3)
-    assert planner.total_params(pv3) - planner.total_params(mv3) == 58 * 256  # the planner counts the bias with the router
-    for kw in (dict(), dict(q_lora_rank=0), dict(n_dense_layers=2)):
+    assert (c["total"], c["active"]) == (param_count.total_params(pv3), param_count.active_params(pv3))
+    assert c["total"] - c["active"] == 58 * 248 * 3 * 7168 * 2048 + 129280 * 7168  # skipped experts + the embedding
+    assert planner.active_params is param_count.active_params and planner.count_params is param_count.count_params
+    assert not hasattr(pv3, "router_bias")
+    for kw in (dict(), dict(q_lora_rank=0), dict(n_dense_layers=2), dict(n_shared_experts=2, n_activated_experts=3)):
         small = ModelConfig(**kw)
-        assert param_counts(small)["active"] == planner.count_active(small, embedding=True), kw
+        assert param_counts(small)["active"] == param_count.active_params(small), kw
+        assert param_counts(small)["total"] == param_count.total_params(small), kw
 
 
 # ----------------------------------------------------------------------------- the notebooks' DeepSeek-V3 tables

@@ -11,7 +11,7 @@ from course_lib.deepseek.moe import param_counts
 from course_lib.deepseek.routing import MoEConfig
 
 GRADE_ID = "test_03_1_expert"
-POINTS = 3
+POINTS = 2
 ANSWERS = ("ex_03_1_expert",)
 SUMMARY = (
     "SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, "
@@ -59,6 +59,8 @@ def _count_hint(got: int, cfg: MoEConfig, which: str) -> str:
         * cfg.moe_inter_dim: "an expert has THREE matrices (w1, w2, w3) of dim x moe_inter_dim, not two",
         gate + (cfg.n_shared_experts + n) * cfg.dim * cfg.moe_inter_dim: "an expert has THREE matrices (w1, w2, w3) of dim x moe_inter_dim",
     }
+    named[gate + cfg.n_routed_experts + shared + n * per] = (
+        "the gate's bias is a buffer (moved by the balancing rule, no gradient), not a parameter: the course never counts it")
     if which == "active":
         named[gate + shared + cfg.n_routed_experts * per] = "active counts only the K_r routed experts a token uses, not all of them"
         named[shared + n * per] = "the gate is missing from the active parameters: every token runs the gate"
@@ -87,7 +89,7 @@ def judge(k, t):
             hint=_count_hint(c["total"], MoEConfig(**TINY), "total"),
         )
 
-    with t.part("SwiGLU in float64 at three sizes (inter_dim 1 included), every activation mistake named", 1):
+    with t.part("SwiGLU in float64 at three sizes (inter_dim 1 included), every activation mistake named", 0.5):
         for dim, inter in ((8, 5), (24, 40), (16, 1)):
             e, w1, w2, w3 = _expert(k, dim, inter, g)
             x = torch.randn(7, dim, generator=g, dtype=torch.float64)
@@ -108,7 +110,7 @@ def judge(k, t):
                 hint="apply the projections to the last dimension only (nn.Linear does)",
             )
 
-    with t.part("parameter counts: DeepSeek-V3 exactly, two / no shared experts, 12 experts in 3 groups", 1):
+    with t.part("parameter counts: DeepSeek-V3 exactly, two / no shared experts, 12 experts in 3 groups", 0.5):
         v3 = MoEConfig.deepseek_v3()
         c = _counts(
             k.g.moe_param_counts,
@@ -171,6 +173,8 @@ MUTANTS = [
         expect="SiLU is applied to the product",
     ),
     Mutant("biases", "self.w1 = nn.Linear(dim, inter_dim, bias=False)", "self.w1 = nn.Linear(dim, inter_dim)", expect="no biases"),
+    Mutant("gate bias counted", "gate = cfg.n_routed_experts * cfg.dim", "gate = cfg.n_routed_experts * (cfg.dim + 1)",
+           expect="buffer"),
     Mutant("gate forgotten", 'return {"total": gate + shared +', 'return {"total": shared +', expect="the gate"),
     Mutant("shared not in active", '"active": gate + shared +', '"active": gate +', expect="shared experts are missing"),
     Mutant("two matrices per expert", "per_expert = 3 * cfg.dim", "per_expert = 2 * cfg.dim", expect="THREE matrices"),

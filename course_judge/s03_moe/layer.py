@@ -30,7 +30,7 @@ from course_lib import wire
 from course_lib.deepseek.routing import MoEConfig
 
 GRADE_ID = "test_03_3_moe"
-POINTS = 6
+POINTS = 7
 ANSWERS = ("ex_03_3_moe",)
 SUMMARY = (
     "the experts' SwiGLU and the fused shared expert, the output against the course's layer on three configurations "
@@ -208,7 +208,7 @@ def judge(k, t):
             hint="add the shared expert's output for every token",
         )
 
-    with t.part("output against the course's layer: three configurations (no shared expert, one group), (B, T, dim) and (N, dim)", 1):
+    with t.part("output against the course's layer: three configurations (no shared expert, one group), (B, T, dim) and (N, dim)", 2):
         for c_i, (kw, seed) in enumerate(((TINY, 0), (CFG_A, 1), (CFG_C, 22))):
             m, cfg, ref, state = get(kw, seed)
             if kw is CFG_A:

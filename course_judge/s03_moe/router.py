@@ -13,7 +13,7 @@ from course_judge.session import LearnerError
 from course_lib.deepseek.routing import MoEConfig
 
 GRADE_ID = "test_03_2_router"
-POINTS = 6
+POINTS = 7
 ANSWERS = ("ex_03_2_router",)
 SUMMARY = (
     "sigmoid affinities in float32/float64, group scores (top-2 sums, -inf masks), unbiased renormalised weights "
@@ -379,7 +379,7 @@ def judge(k, t):
             score_func="softmax",
         ),
     ]
-    with t.part("every token against an oracle: 3 groups keep 1, one group (route_scale 1), V2-style softmax (max, no renorm)", 1):
+    with t.part("every token against an oracle: 3 groups keep 1, one group (route_scale 1), V2-style softmax (max, no renorm)", 2):
         for c_i, kw in enumerate(oracle_cfgs):
             r, cfg, W, b = _router(k, cfgs, kw, g, bias_std=0.15, scale=2.0)
             h = torch.randn(48, cfg.dim, generator=g, dtype=torch.float64)

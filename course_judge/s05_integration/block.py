@@ -1,4 +1,5 @@
-"""Exercise 5.1: the pre-norm Transformer block (MLA, then a dense SwiGLU or DeepSeekMoE FFN)."""
+"""Exercise 5.1: find the two bugs of a draft block and fix its forward (pre-norm: MLA, then a dense SwiGLU or
+DeepSeekMoE FFN). The construction is the given ``DraftBlock``'s; the learner's ``TransformerBlock`` subclasses it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from course_lib.deepseek.model_config import ModelConfig
 from course_lib.deepseek.moe import MoE
 
 GRADE_ID = "test_05_1_block"
-POINTS = 4
+POINTS = 3
 ANSWERS = ("ex_05_1_block",)
-SUMMARY = ("dense or MoE FFN by layer, float64 output against the reference block (post-norm, parallel sub-layers, "
+SUMMARY = ("your block matches the reference block in float64 (the draft's two bugs, post-norm, parallel sub-layers, "
            "missing residuals named), the MoE's routing info, gradients, causality, cached absorbed decoding")
 REFERENCE = ("course_lib.deepseek.model",)
 
@@ -41,6 +42,8 @@ def _mistakes(ref: TransformerBlock, x: torch.Tensor) -> dict[str, torch.Tensor]
         POST_NORM: fn(post + f(post)),
         POST_NORM + " (attention sub-layer)": post + f(fn(post)),
         "parallel sub-layers: the FFN must read u = x + attention, not x": u + f(fn(x)),
+        "both of the draft's bugs are still there: " + POST_NORM + "; and parallel sub-layers, the FFN must read u = x + "
+        "attention, not x": post + f(fn(x)),
         "the FFN reads the un-normalised u (apply ffn_norm first)": u + f(u),
         "the attention reads the un-normalised x (apply attn_norm first)": (x + attn(x)) + f(fn(x + attn(x))),
         "the residual of the FFN is missing: h = u + ffn(ffn_norm(u))": f(fn(u)),
@@ -98,7 +101,7 @@ def judge(k, t):
                          hint="u = x + attn(attn_norm(x)); h = u + ffn(ffn_norm(u))")
             blocks[lid] = (blk, ref, x)
 
-    with t.part("the MoE's own RoutingInfo (dense: None); every parameter gets the reference's gradient", 1):
+    with t.part("the MoE's own RoutingInfo (dense: None); every parameter gets the reference's gradient", 0.5):
         assert_true(len(blocks) == 3, "the block outputs must match the reference first (previous part)")
         for lid, (blk, ref, x) in blocks.items():
             got = k.grad(blk, x, wrt=[0], params=blk, output=0)
@@ -122,7 +125,7 @@ def judge(k, t):
                 if p.grad is not None:
                     expect_close(got.param_grads[n], p.grad, atol=1e-9, name=f"block {lid}: gradient of {n}")
 
-    with t.part("causal, and cached absorbed decoding: prefill 5 positions, decode position 5 (start_pos and cache passed on)", 1):
+    with t.part("causal, and cached absorbed decoding: prefill 5 positions, decode position 5 (start_pos and cache passed on)", 0.5):
         assert_true(2 in blocks, "the MoE block must match the reference first")
         blk, ref, x = blocks[2]
         x2 = x.clone()
@@ -148,6 +151,17 @@ def judge(k, t):
                      hint="pass start_pos, cache and absorb through to self.attn")
 
 
+_SOLUTION_BODY = """        u = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)  # (B, T, dim)
+        if isinstance(self.ffn, MoE):
+            y, info = self.ffn(self.ffn_norm(u))  # (B, T, dim)
+            return u + y, info
+        return u + self.ffn(self.ffn_norm(u)), None
+"""
+_DRAFT_BODY = """        h = self.attn_norm(x + self.attn(x, start_pos, cache, absorb=absorb))  # (B, T, dim)
+        out = self.ffn(self.ffn_norm(x))  # (B, T, dim), or (y, info) from an MoE
+        y, info = out if isinstance(out, tuple) else (out, None)
+        return h + y, info
+"""
 MUTANTS = [
     Mutant("post-norm attention", "u = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)",
            "u = self.attn_norm(x + self.attn(x, start_pos, cache, absorb=absorb))", expect="post-norm"),
@@ -157,8 +171,12 @@ MUTANTS = [
            expect="un-normalised x"),
     Mutant("attention reads ffn_norm", "self.attn(self.attn_norm(x), start_pos", "self.attn(self.ffn_norm(x), start_pos",
            expect="its own norm"),
-    Mutant("dense/MoE boundary off by one", "if cfg.is_moe_layer(layer_id) else", "if layer_id > cfg.n_dense_layers else",
-           expect="needs a MoE FFN"),
+    Mutant("the draft handed in unchanged", _SOLUTION_BODY, _DRAFT_BODY, expect="both of the draft's bugs"),
+    Mutant("only the post-norm fixed", _SOLUTION_BODY, _DRAFT_BODY.replace(
+        "h = self.attn_norm(x + self.attn(x, start_pos, cache, absorb=absorb))",
+        "h = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)"), expect="parallel sub-layers"),
+    Mutant("only the FFN input fixed", _SOLUTION_BODY, _DRAFT_BODY.replace("self.ffn_norm(x)", "self.ffn_norm(h)"),
+           expect="post-norm"),
     Mutant("routing info dropped", "return u + y, info", "return u + y, None", expect="RoutingInfo"),
     Mutant("start_pos not passed", "self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)",
            "self.attn(self.attn_norm(x), 0, cache, absorb=absorb)", expect="start_pos"),
@@ -168,26 +186,23 @@ MUTANTS = [
 
 ALTERNATIVES = [
     Alternative("tuple check and torch.add", source='''
-class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        ### BEGIN SOLUTION
-        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.rms_norm_eps)
-        self.attn = MLA(cfg.mla())
-        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.rms_norm_eps)
-        if layer_id < cfg.n_dense_layers:
-            self.ffn = SwiGLU(cfg.dim, cfg.inter_dim)
-        else:
-            self.ffn = MoE(cfg.moe())
-        ### END SOLUTION
-
+class TransformerBlock(DraftBlock):
     def forward(self, x, start_pos=0, cache=None, *, absorb=False):
         ### BEGIN SOLUTION
         h = torch.add(x, self.attn(self.attn_norm(x), start_pos=start_pos, cache=cache, absorb=absorb))
         out = self.ffn(self.ffn_norm(h))
         y, info = out if isinstance(out, tuple) else (out, None)
         return torch.add(h, y), info
+        ### END SOLUTION
+'''),
+    Alternative("the draft's two lines fixed in place", source='''
+class TransformerBlock(DraftBlock):
+    def forward(self, x, start_pos=0, cache=None, *, absorb=False):
+        ### BEGIN SOLUTION
+        h = x + self.attn(self.attn_norm(x), start_pos, cache, absorb=absorb)  # pre-norm attention
+        out = self.ffn(self.ffn_norm(h))  # the FFN reads the stream after attention
+        y, info = out if isinstance(out, tuple) else (out, None)
+        return h + y, info
         ### END SOLUTION
 '''),
 ]

@@ -9,11 +9,12 @@ from course_lib.deepseek.model import param_counts
 from course_lib.deepseek.model_config import ModelConfig
 
 GRADE_ID = "test_05_4_counts"
-POINTS = 3
+POINTS = 4
 ANSWERS = ("ex_05_4_counts",)
 SUMMARY = ("total, active and MTP counts of five configs (query compression on and off, all dense, MTP depth 2, two shared "
-           "experts) against the modules, each usual slip named; DeepSeek-V3's 671.0B / 37.6B / 11.6B")
-REFERENCE = ("course_lib.deepseek.model",)
+           "experts) against the modules, each usual slip named (the active convention and the router bias included); "
+           "DeepSeek-V3's 671.0B / 36.6B / 11.6B")
+REFERENCE = ("course_lib.deepseek.model", "course_lib.param_count")
 
 CASES = (dict(n_layers=3, n_dense_layers=1), dict(q_lora_rank=0, n_layers=2, n_dense_layers=0, mtp_depth=2),
          dict(n_layers=2, n_dense_layers=2), dict(n_shared_experts=2, n_activated_experts=3, n_layers=4, n_dense_layers=2))
@@ -46,12 +47,18 @@ def _variants(c: ModelConfig) -> dict[str, dict[str, int]]:
         n_m = n_mtp_moe if where == "moe" else c.mtp_depth
         out[why] = {"total": r["total"] + n_main * delta, "active": r["active"] + n_main * delta, "mtp": r["mtp"] + n_m * delta}
     emb = c.vocab_size * d
-    out["the embedding and the output head are two matrices (not tied): count both"] = {
+    out["the output head is a matrix of its own (not tied to the embedding), and every token multiplies it: count it"] = {
         "total": r["total"] - emb, "active": r["active"] - emb, "mtp": r["mtp"]}
     out["the final RMSNorm (dim) before the head is missing"] = {"total": r["total"] - d, "active": r["active"] - d, "mtp": r["mtp"]}
     out["active subtracts the shared experts too: they run for every token"] = {
         "total": r["total"], "active": r["active"] - n_moe * c.n_shared_experts * expert, "mtp": r["mtp"]}
+    skipped = n_moe * (c.n_routed_experts - c.n_activated_experts) * expert
     out["active keeps every routed expert: subtract the n_routed - n_activated experts a token skips in each MoE layer"] = {
+        "total": r["total"], "active": r["active"] + skipped, "mtp": r["mtp"]}
+    out[("active counts the embedding table (37.6B for V3): the course's convention, DeepSeek's \"37B activated\", leaves it "
+         "out, since a token reads one row of it and multiplies with none")] = {
+        "total": r["total"], "active": r["active"] + emb, "mtp": r["mtp"]}
+    out["active keeps every routed expert and counts the embedding table: active = total - skipped experts - embedding"] = {
         "total": r["total"], "active": r["total"], "mtp": r["mtp"]}
     out["active subtracts the gate too: the router runs for every token"] = {
         "total": r["total"], "active": r["active"] - n_moe * c.n_routed_experts * d, "mtp": r["mtp"]}
@@ -83,7 +90,8 @@ def _check(got: dict, c: ModelConfig, label: str, keys: tuple[str, ...] = ("tota
             raise AssertionError(f"counts for {label}: {shown}\n  likely cause: {why}")
     bad = [f"{key} {vals[key]:,} (expected {want[key]:,})" for key in vals if vals[key] != want[key]]
     raise AssertionError(f"counts for {label}: {', '.join(bad)}\n  likely cause: "
-                         + ("active = total - (n_routed - n_activated) experts in every MoE layer; shared experts and the gate always run"
+                         + ("active = total - (n_routed - n_activated) experts in every MoE layer - the embedding table; shared "
+                            "experts, the gate and the head always run"
                             if vals["total"] == want["total"] and vals["active"] != want["active"] else
                             "per depth: hnorm, enorm, norm (3 dim), proj (2 dim^2) and one block with layer_id n_layers + k"
                             if vals["total"] == want["total"] and "mtp" in vals else
@@ -95,25 +103,26 @@ def judge(k, t):
     with t.part("visible checks: total and active of the default config against the modules of DeepSeekV3Mini(CFG)", 1):
         c0 = ModelConfig()
         _check(count(remote_cfg(k, c0)), c0, "the default config", keys=("total", "active"))
-    with t.part("four more configs: no query compression, all dense, MTP depth 2, two shared experts with top-3", 1):
+    with t.part("four more configs: no query compression, all dense, MTP depth 2, two shared experts with top-3", 2):
         for over in CASES:
             c = ModelConfig(**{**SMALL, "max_seq_len": 32, **over})
             _check(count(remote_cfg(k, c)), c, str(over))
-    with t.part("DeepSeek-V3: 671,026,404,352 total, 37,552,282,624 active, the MTP module's 11.6B", 1):
+    with t.part("DeepSeek-V3: 671,026,404,352 total, 36,625,603,584 active, the MTP module's 11.6B", 1):
         v3 = ModelConfig.v3()
         _check(count(remote_cfg(k, v3)), v3, "DeepSeek-V3")
 
 
 MUTANTS = [
-    Mutant("gate bias counted", "moe = cfg.n_routed_experts * d + ", "moe = cfg.n_routed_experts * (d + 1) + ", expect="gate bias"),
-    Mutant("tied embedding", "total = 2 * cfg.vocab_size * d + d", "total = cfg.vocab_size * d + d", expect="not tied"),
+    Mutant("gate bias counted", "return 2 * d + attn + (moe[part] if", "return 2 * d + attn + (moe[part] + cfg.n_routed_experts if",
+           expect="gate bias"),
+    Mutant("embedding counted as active", "active = outside + sum(", "active = cfg.vocab_size * d + outside + sum(",
+           expect="37B activated"),
+    Mutant("head forgotten (tied)", "outside = cfg.vocab_size * d + d  #", "outside = d  #", expect="not tied"),
     Mutant("no rope key in wkv_a", "d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)", "d * cfg.kv_lora_rank", expect="k_pe"),
-    Mutant("active minus the shared experts", "skipped = (cfg.n_routed_experts - cfg.n_activated_experts) * expert",
-           "skipped = (cfg.n_routed_experts + cfg.n_shared_experts - cfg.n_activated_experts) * expert", expect="shared experts"),
+    Mutant("every routed expert active", 'sum(block(i, "active") for', "sum(block(i) for", expect="active keeps every routed expert"),
     Mutant("mtp counts embedding and head", "mtp = sum(3 * d + 2 * d * d + ", "mtp = sum(3 * d + 2 * d * d + 2 * cfg.vocab_size * d + ",
            expect="shared embedding and head again"),
-    Mutant("final norm forgotten", "total = 2 * cfg.vocab_size * d + d + sum(", "total = 2 * cfg.vocab_size * d + sum(",
-           expect="final RMSNorm"),
+    Mutant("final norm forgotten", "outside = cfg.vocab_size * d + d  #", "outside = cfg.vocab_size * d  #", expect="final RMSNorm"),
     Mutant("block norms forgotten", "return 2 * d + attn +", "return attn +", expect="two RMSNorms"),
     Mutant("MTP projection d x d", "mtp = sum(3 * d + 2 * d * d + ", "mtp = sum(3 * d + d * d + ", expect="dim x 2 dim"),
 ]
@@ -148,9 +157,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
             counts["active"] += 2 * d + mla + ffn_active
         else:
             counts["mtp"] += 3 * d + 2 * d * d + 2 * d + mla + ffn_total
-    outside = 2 * cfg.vocab_size * d + d  # embedding, head, final norm
-    counts["total"] += outside
-    counts["active"] += outside
+    counts["total"] += 2 * cfg.vocab_size * d + d  # embedding, head, final norm
+    counts["active"] += cfg.vocab_size * d + d  # a token multiplies the head, and reads one row of the embedding
     return counts
     ### END SOLUTION
 '''),

@@ -12,7 +12,7 @@ from course_lib.deepseek.model import DeepSeekV3Mini
 from course_lib.deepseek.model_config import ModelConfig, init_weights
 
 GRADE_ID = "test_05_5_generate"
-POINTS = 3
+POINTS = 4
 ANSWERS = ("ex_05_5_generate",)
 SUMMARY = ("greedy tokens against the reference on the same weights (absorbed, naive, no cache), decode positions, one cache "
            "per layer; FLOPs of one cached absorbed decode (no recompute), eval mode while decoding, the mode restored")
@@ -87,7 +87,7 @@ def judge(k, t):
     p = torch.randint(0, c.vocab_size, (3, 5), generator=torch.Generator().manual_seed(41))
     built = []
     with t.part("greedy tokens equal the reference model's on the same weights: absorbed, naive over the latent cache, "
-                "no cache", 1):
+                "no cache", 2):
         k.seed(9)
         m = k.g.DeepSeekV3Mini(remote_cfg(k, c))
         torch.manual_seed(9)

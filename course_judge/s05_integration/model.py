@@ -14,7 +14,7 @@ from course_lib.deepseek.model import DeepSeekV3Mini
 from course_lib.deepseek.model_config import ModelConfig, masked_cross_entropy
 
 GRADE_ID = "test_05_3_model"
-POINTS = 6
+POINTS = 7
 ANSWERS = ("ex_05_3_model",)
 SUMMARY = ("logits, main/MTP/balance/total losses and MTP logits against the reference in float64 (three configs, MTP depth "
            "0/1/2), targets not shifted twice, MTP on the token two ahead with the shared head, lambda, the final norm, "
@@ -159,7 +159,7 @@ def judge(k, t):
 
     g = torch.Generator().manual_seed(31)
     pairs, outputs = [], []
-    with t.part("logits against the reference in float64: dense + MoE + MTP, all MoE with MTP depth 2, all dense without MTP", 1):
+    with t.part("logits against the reference in float64: dense + MoE + MTP, all MoE with MTP depth 2, all dense without MTP", 2):
         for i, over in enumerate(CASES):
             c = cfg(**over)
             m, ref = _pair(k, c, 40 + i)

@@ -11,7 +11,7 @@ from course_lib.deepseek.model import MTPModule
 from course_lib.deepseek.model_config import ModelConfig
 
 GRADE_ID = "test_05_2_mtp"
-POINTS = 3
+POINTS = 2
 ANSWERS = ("ex_05_2_mtp",)
 SUMMARY = ("float64 against the reference depth: the [hnorm(h) ; enorm(emb)] order, both norms, the output before norm; "
            "its own parameters only (shared embedding and head), gradients to both inputs")
@@ -62,7 +62,7 @@ def judge(k, t):
     g = torch.Generator().manual_seed(21)
     cases = [cfg(n_layers=2), cfg(n_layers=1, n_dense_layers=1, q_lora_rank=0, dim=16, n_heads=2, kv_lora_rank=8, inter_dim=20)]
     built = []
-    with t.part("float64 against the reference MTP depth (an MoE block, and a dense block without query compression)", 1):
+    with t.part("float64 against the reference MTP depth (an MoE block, and a dense block without query compression)", 0.5):
         for c in cases:
             k.seed(4)
             m = MTP(c.n_layers, remote_cfg(k, c))
@@ -85,7 +85,7 @@ def judge(k, t):
                             "return the block's routing info as the second value", hint="return self.block(x)")
             built.append((m, ref, h, e))
 
-    with t.part("parameters: hnorm, enorm, proj, block and norm only; gradients reach h and the embedding", 1):
+    with t.part("parameters: hnorm, enorm, proj, block and norm only; gradients reach h and the embedding", 0.5):
         assert_true(len(built) == 2, "the MTP output must match the reference first (previous part)")
         for m, ref, h, e in built:
             n_ref = sum(p.numel() for p in ref.parameters())

@@ -16,7 +16,7 @@ from course_lib.deepseek.model_config import ModelConfig
 from course_lib.deepseek.moe import max_violation
 
 GRADE_ID = "test_05_6_train_step"
-POINTS = 4
+POINTS = 3
 ANSWERS = ("ex_05_6_train_step",)
 SUMMARY = ("the returned losses, pre-clipping gradient norm, loads and MaxVio against a reference step; the bias moved once, "
            "after the forward, in every MoE layer; the weights after two SGD steps (zero_grad, the total loss, clipping)")
@@ -79,7 +79,7 @@ def _remote_biases(k, m, n: int, names: list[str]) -> list[torch.Tensor]:
 def judge(k, t):
     step = k.g.train_step
     lang = MultiTaskLanguage(n_digits=4)
-    with t.part("visible checks: the dict's keys, one load per MoE layer, every bias moved by exactly gamma (or 0)", 1):
+    with t.part("visible checks: the dict's keys, one load per MoE layer, every bias moved by exactly gamma (or 0)", 0.5):
         c0 = ModelConfig(vocab_size=lang.vocab_size)
         k.seed(0)
         m = k.g.DeepSeekV3Mini(remote_cfg(k, c0))
@@ -128,7 +128,7 @@ def judge(k, t):
         return state
 
     with t.part("the returned statistics: this batch's losses before the step, the gradient norm before clipping, the loads "
-                "of this forward pass, MaxVio per layer", 1):
+                "of this forward pass, MaxVio per layer", 0.5):
         st = first_step()["st"]
         r1, want1 = reference()
         for key in ("loss", "main_loss", "mtp_loss", "aux_loss"):

@@ -19,7 +19,7 @@ from course_judge.session import LearnerError
 from course_lib.cluster import _shard, _split_moe, expert_range, make_moe, single_process_reference
 
 GRADE_ID = "test_06_4_expert_parallel"
-POINTS = 7
+POINTS = 8
 ANSWERS = ("ex_06_4_expert_parallel",)
 SUMMARY = ("outputs and gradients (router through the combine weights, tokens, experts, shared expert) against one "
            "process in float64; split sizes, local expert ids and the plan; uneven shards, a rank without tokens, every "
@@ -303,7 +303,7 @@ def judge(k, t):
                         f"rank {r} recv_counts {res['recv_counts']} do not match what the ranks sent it",
                         hint="exchange send_counts with dist.all_to_all_single before sending rows")
     basic = ("balanced routing", "uneven token shards", "a rank with no tokens of its own")
-    with t.part("split sizes, local expert ids and the plan (order, token_of, n_tokens) on three routings", 1):
+    with t.part("split sizes, local expert ids and the plan (order, token_of, n_tokens) on three routings", 2):
         for label in basic:
             _case(trials, label, ("structure",))
     with t.part("outputs: balanced routing, uneven token shards, a rank with no tokens of its own", 1):

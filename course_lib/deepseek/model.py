@@ -67,6 +67,7 @@ from course_lib.deepseek.model_config import (
     masked_cross_entropy,
 )
 from course_lib.deepseek.moe import MoE, RoutingInfo, max_violation
+from course_lib.deepseek.moe import param_counts as moe_param_counts
 from course_lib.deepseek.training import (
     RECIPE,
     RUNS,
@@ -80,6 +81,7 @@ from course_lib.deepseek.training import (
 )
 from course_lib.deepseek.training import record_run as _record_run
 from course_lib.deepseek.training import train as _train
+from course_lib.param_count import active_params, expert_params, mla_params_per_layer, total_params
 
 __all__ = [
     "ModelConfig",
@@ -122,36 +124,28 @@ WithRouting = tuple[torch.Tensor, RoutingInfo | None]  # a block's output and it
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of ``DeepSeekV3Mini(cfg)`` computed from the config alone (no tensors are allocated).
 
-    ``total``: the main model (embedding, blocks, final norm, head), as DeepSeek reports it (671B for
-    V3); ``active``: what one token uses, i.e. ``total`` minus the ``n_routed - n_activated`` routed experts
-    it skips in every MoE layer, the embedding included (37.6B for V3; the course's convention leaves the embedding
-    out: 36.6B, DeepSeek's "37B activated", ``course_lib.planner.count_active``, see ``course_lib.deepseek.v3``);
-    ``mtp``: the MTP modules on top, their shared embedding and head not counted again (11.6B for V3). The gate
-    bias is a buffer, not a parameter.
+    The course's one convention (:mod:`course_lib.param_count`): ``total``: the main model (embedding, blocks, final
+    norm, head), as DeepSeek reports it (671.0B for V3); ``active``: what one token multiplies with, i.e. ``total``
+    minus the ``n_routed - n_activated`` routed experts it skips in every MoE layer and minus the embedding table, of
+    which it reads one row (36.6B for V3, DeepSeek's "37B activated"); ``mtp``: the MTP modules on top, their shared
+    embedding and head not counted again (11.6B for V3). The gate bias is a buffer, not a parameter.
     """
-    d, H = cfg.dim, cfg.n_heads
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if cfg.q_lora_rank:
-        attn_q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk  # wq_a, q_norm, wq_b
-    else:
-        attn_q = d * H * qk  # wq
-    attn = (attn_q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # wkv_a, kv_norm
-            + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * d)  # wkv_b, wo
-    expert = 3 * d * cfg.moe_inter_dim
+    d = cfg.dim
+    attn = mla_params_per_layer(cfg)
+    expert = expert_params(cfg)
     dense_ffn = 3 * d * cfg.inter_dim
-    moe_total = cfg.n_routed_experts * d + cfg.n_shared_experts * expert + cfg.n_routed_experts * expert
-    moe_active = moe_total - (cfg.n_routed_experts - cfg.n_activated_experts) * expert
+    moe = moe_param_counts(cfg.moe())
+    moe_total, moe_active = moe["total"], moe["active"]
 
-    def block(layer_id: int, active: bool) -> int:
-        ffn = (moe_active if active else moe_total) if cfg.is_moe_layer(layer_id) else dense_ffn
-        return 2 * d + attn + ffn  # attn_norm, ffn_norm
+    def block(layer_id: int) -> int:
+        return 2 * d + attn + (moe_total if cfg.is_moe_layer(layer_id) else dense_ffn)  # attn_norm, ffn_norm
 
     embed = head = cfg.vocab_size * d
-    total = embed + head + d + sum(block(i, False) for i in range(cfg.n_layers))
-    active = embed + head + d + sum(block(i, True) for i in range(cfg.n_layers))
-    mtp = sum(3 * d + 2 * d * d + block(cfg.n_layers + k, False) for k in range(cfg.mtp_depth))  # hnorm, enorm, norm, proj
+    total, active = total_params(cfg), active_params(cfg)
+    mtp = sum(3 * d + 2 * d * d + block(cfg.n_layers + k) for k in range(cfg.mtp_depth))  # hnorm, enorm, norm, proj
     return {"total": total, "active": active, "mtp": mtp, "embedding": embed, "head": head, "attention_per_layer": attn,
-            "dense_ffn_per_layer": dense_ffn, "moe_per_layer": moe_total, "moe_active_per_layer": moe_active}
+            "dense_ffn_per_layer": dense_ffn, "moe_per_layer": moe_total, "moe_active_per_layer": moe_active,
+            "expert": expert}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,13 +302,16 @@ class DeepSeekV3Mini(nn.Module):
 
     def num_parameters(self, *, active: bool = False, mtp: bool = False) -> int:
         """Counted from the modules: the main model's parameters (``mtp=True``: the MTP modules' only);
-        ``active`` subtracts the routed experts a token skips."""
+        ``active`` subtracts the routed experts a token skips and (main model) the embedding table, of which a token
+        reads one row (the course's convention, :mod:`course_lib.param_count`)."""
         count = 0
         for name, p in self.named_parameters():
             if name.startswith("mtp.") == mtp:
                 count += p.numel()
         if not active:
             return count
+        if not mtp:
+            count -= self.embed.weight.numel()
         blocks = [module.block for module in self.mtp] if mtp else list(self.layers)
         for moe in (b.ffn for b in blocks if b.is_moe):
             skipped = moe.cfg.n_routed_experts - moe.cfg.n_activated_experts

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.deepseek.common import SwiGLU
-from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load
+from course_lib.deepseek.routing import MoEConfig, RoutingInfo, dispatch_per_token, expert_capacity, expert_load, max_violation
 
 __all__ = [
     "stack_experts",
@@ -196,12 +196,6 @@ class Gate(nn.Module):
         delta = bias_update(load, gamma)
         self.bias += delta
         return delta
-
-
-def max_violation(load: torch.Tensor) -> float:
-    """MaxVio = ``max_i load_i / mean(load) - 1`` (0 when perfectly balanced)."""
-    load = load.to(torch.float64)
-    return float(load.max() / load.mean() - 1.0)
 
 
 def bias_update(load: torch.Tensor, gamma: float) -> torch.Tensor:

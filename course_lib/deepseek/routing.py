@@ -7,6 +7,7 @@ import these without the answers:
 - ``MoEConfig``: sizes and routing hyper-parameters (field names follow DeepSeek's ``ModelArgs``);
 - ``RoutingInfo``: what one MoE forward decided (weights, indices, scores, load, kept mask);
 - ``expert_load(indices, E)``: assignments per expert, float32 (a ``bincount``);
+- ``max_violation(load)``: MaxVio, ``max load / mean load - 1`` (Section 1.3's exercise, given from Section 3 on);
 - ``expert_capacity(N, K, E, c)``: ``ceil(c * N * K / E)`` slots per expert (GShard / Switch);
 - ``dispatch_per_token``: the obviously-right, slow per-token loop the benchmark compares against.
 
@@ -24,7 +25,7 @@ import torch
 
 from course_lib.deepseek.v3 import preset
 
-__all__ = ["MoEConfig", "RoutingInfo", "expert_load", "expert_capacity", "dispatch_per_token"]
+__all__ = ["MoEConfig", "RoutingInfo", "expert_load", "max_violation", "expert_capacity", "dispatch_per_token"]
 
 
 @dataclass
@@ -95,6 +96,12 @@ class RoutingInfo:
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Assignments per expert, (E,) float32, from chosen ``indices`` of any shape."""
     return torch.bincount(indices.reshape(-1), minlength=n_experts).to(torch.float32)
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = ``max_i load_i / mean(load) - 1`` (0 when perfectly balanced), as a Python float."""
+    load = load.to(torch.float64)
+    return float(load.max() / load.mean() - 1.0)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:

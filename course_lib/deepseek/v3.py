@@ -18,9 +18,10 @@ keep ``max_seq_len`` = 4096 unless asked (``MLAConfig.v3(max_seq_len=16384)`` sw
 Counting convention (stated here once). **Active parameters exclude the embedding table**: a token reads one row of
 it and multiplies with none, while the output head (untied) multiplies every token and counts. With that convention
 V3 has 671.0B parameters and 36.6B active (DeepSeek's "671B total, 37B activated"); counting the embedding as well
-gives 37.6B. The MTP module (11.6B; 13.5B with the copies of the embedding and head the checkpoint stores: 684.5B,
-the hub's "685B") is part of neither. ``course_lib.planner.count_active(cfg, embedding=...)`` is the one counter, and it takes the
-choice explicitly; ``ACTIVE_INCLUDES_EMBEDDING`` records the course's choice.
+would give 37.6B, which no section reports. The router's balancing bias is a buffer, not a parameter. The MTP module
+(11.6B; 13.5B with the copies of the embedding and head the checkpoint stores: 684.5B, the hub's "685B") is part of
+neither. ``course_lib.param_count`` is the one counter (Section 5 writes it, Section 6 is given it);
+``ACTIVE_INCLUDES_EMBEDDING`` records the course's choice.
 """
 
 from __future__ import annotations
