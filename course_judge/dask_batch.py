@@ -108,7 +108,8 @@ def client(root: Path, workers: int) -> Iterator[tuple[object, int, str]]:
     local = root / "autograded" / ".batch" / "dask"
     local.mkdir(parents=True, exist_ok=True)
     cfg = {"distributed.worker.daemon": False,  # its grading processes are children of the worker
-           "distributed.scheduler.allowed-failures": int(os.environ.get("COURSE_DASK_ALLOWED_FAILURES", 1)),
+           # a dead worker counts against every task it held, started or queued: Dask's default of 3 lets them retry
+           "distributed.scheduler.allowed-failures": int(os.environ.get("COURSE_DASK_ALLOWED_FAILURES", 3)),
            "distributed.worker.memory.terminate": False, "distributed.worker.memory.pause": False,
            "distributed.logging.distributed": "error"}
     with dask.config.set(cfg), LocalCluster(n_workers=1, threads_per_worker=workers, processes=True, resources={HOST: 1},

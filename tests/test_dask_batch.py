@@ -68,7 +68,7 @@ def test_a_cluster_without_host_resources_is_refused_and_the_batch_still_reports
     (root / "submitted" / "ann" / A / f"{A}.ipynb").write_text("{}")
     monkeypatch.setattr(course, "ensure_assignments", lambda root, names: None)  # no released section needed
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # nbgrader's alembic
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PYTHONPATH": str(ROOT)}
     port = 18793
     sched = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -158,22 +158,21 @@ def test_two_worker_cli_nodes_behind_a_scheduler(tmp_path):
 
 @pytest.mark.pipeline
 def test_a_worker_killed_mid_grade_costs_only_its_submission(tmp_path):
-    """The worker grading ``victim`` is SIGKILLed while its nbgrader runs: its grader and sandbox die with it, the
-    scheduler (allowed-failures 0) gives up on that submission, which the client records as failed (0, never its old
-    grade); the other submissions are graded and the batch ends with its reports; the next batch regrades it."""
+    """The worker grading ``victim`` is SIGKILLed while its sandboxed kernel runs: its grader and sandbox die with it,
+    its nanny restarts it, the scheduler gives the submission to a worker again (Dask's allowed-failures), and the
+    batch ends with every submission graded as its code deserves and with its reports."""
     import psutil
     from distributed import Client
 
     root = _course({"victim": "reference", "reference": "reference", "blank": "blank"})
-    nodes = CliCluster(tmp_path / "nodes", workers=2, slots=1, port=18795,
-                       env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    nodes = CliCluster(tmp_path / "nodes", workers=2, slots=1, port=18795)
     try:
         first = subprocess.Popen([sys.executable, str(ROOT / "tools" / "course.py"), "--root", str(root), "autograde"],
                                  env={**os.environ, dask_batch.ENV: nodes.address}, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         killed, graders = None, []
         with Client(nodes.address, timeout=30) as c:
-            deadline = time.time() + 600
+            deadline = time.time() + 900
             while time.time() < deadline and killed is None and first.poll() is None:
                 for addr, keys in c.processing().items():
                     if any("grade-victim-" in str(k) for k in keys):
@@ -183,25 +182,21 @@ def test_a_worker_killed_mid_grade_costs_only_its_submission(tmp_path):
                             graders = kids
                             os.kill(pid, signal.SIGKILL)
                             killed = addr
+                            break
                 time.sleep(0.5)
-        out = first.communicate(timeout=1200)[0]
-        assert killed is not None, "never caught the victim mid-grade:\n" + out[-3000:]
-        time.sleep(2)
-        alive = [k.pid for k in graders if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"the killed worker's grader or sandbox processes {alive} kept running"
-        assert first.returncode == 1, out[-3000:]  # a failed submission: exit 1, after the reports
-        summary = json.loads((root / "autograded" / "summary.json").read_text())
-        got = {s["student"]: s for s in summary["submissions"]}
-        assert got["victim"]["status"] == "failed" and got["victim"]["score"] == 0
-        assert any(d["kind"] == "grading_failed" and "KilledWorker" in d["detail"] for d in got["victim"]["diagnoses"])
-        assert (got["reference"]["status"], got["reference"]["score"]) == ("graded", grading_corpus.FULL)
-        assert got["blank"]["status"] == "graded" and (root / "grades.csv").exists()
-        again = _autograde(root, {dask_batch.ENV: nodes.address})
+            out = first.communicate(timeout=1500)[0]
+            assert killed is not None, "never caught the victim mid-grade:\n" + out[-3000:]
+            time.sleep(2)
+            alive = [k.pid for k in graders if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+            assert not alive, f"the killed worker's grader or sandbox processes {alive} kept running"
+            assert killed not in c.scheduler_info(n_workers=-1)["workers"], "the killed worker still answers"
     finally:
         nodes.close()
     summary = json.loads((root / "autograded" / "summary.json").read_text())
+    csv = (root / "grades.csv").exists()
     shutil.rmtree(root, ignore_errors=True)
-    assert again.returncode == 0, again.stdout[-3000:]
-    got = {s["student"]: s for s in summary["submissions"]}
-    assert not got["victim"]["skipped"] and (got["victim"]["status"], got["victim"]["score"]) == ("graded", grading_corpus.FULL)
-    assert got["reference"]["skipped"] and got["blank"]["skipped"]
+    assert first.returncode == 0, out[-3000:]
+    got = {s["student"]: (s["status"], s["score"]) for s in summary["submissions"]}
+    assert got == {"victim": ("graded", grading_corpus.FULL), "reference": ("graded", grading_corpus.FULL),
+                   "blank": ("graded", 0.0)}, out[-3000:]
+    assert csv

@@ -168,13 +168,15 @@ def _mk(path: Path) -> Path:
 
 # ---------------------------------------------------------------- batch autograde
 #
-# Every submitted/STUDENT/SECTION/ is graded in its own `nbgrader autograde` process (two at a time),
-# from a normalised copy (autograded/.batch/staging/): a renamed notebook is filed under its expected
-# name, a broken or missing one scores zero without running anything, a submitted course_lib/ and
-# caches are dropped. Results land in autograded/.batch/state/STUDENT__SECTION.json once a submission
-# is done, keyed by a hash of its files and of everything that grades it, so a re-run skips what is
-# unchanged and a crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout;
-# benchmark cells take the grader's lock exclusively (every other cell takes it shared).
+# Every submitted/STUDENT/SECTION/ is graded in its own `nbgrader autograde` process, one Dask task each
+# (course_judge/dask_batch.py: an embedded LocalCluster, or COURSE_DASK_SCHEDULER), from a normalised copy
+# (autograded/.batch/staging/): a renamed notebook is filed under its expected name, a broken or missing one
+# scores zero without running anything, a submitted course_lib/ and caches are dropped. Results land in
+# autograded/.batch/state/STUDENT__SECTION.json once a submission is done, keyed by a hash of its files and of
+# everything that grades it, so a re-run skips what is unchanged (before anything reaches the cluster) and a
+# crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout; a section with benchmark
+# cells takes its whole host (Dask resource "host"), and on a host benchmark cells take the grader's lock
+# exclusively (every other cell takes it shared).
 
 BATCH = Path("autograded") / ".batch"
 STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")  # used with fullmatch (re's $ would accept "bob\n")
@@ -652,11 +654,11 @@ def _die_with_parent() -> None:  # children die with the batch (a crashed batch 
         pass
 
 
-# nbgrader takes seconds to import; a fork server that has imported it once starts each grading
-# process (still one fresh process per submission) without paying that again.
+# nbgrader (and torch, and the judges) take seconds to import; a fork server that has imported them once starts
+# each grading process (still one fresh process per submission) without paying that again.
 _PRELOAD = ["nbgrader.apps.nbgraderapp", "nbgrader.converters", "nbgrader.preprocessors", "nbclient", "nbconvert",
             "jupyter_client.manager", "sqlalchemy", "nbformat", "torch", "course_judge.preprocessors", "course_judge.sandbox",
-            "course_judge.kernel", "course_judge.static", "copydetect"]
+            "course_judge.kernel", "course_judge.static", "copydetect", "course_judge._warm"]
 _MP = None
 
 

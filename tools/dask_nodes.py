@@ -19,17 +19,21 @@ import time
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+COURSE = Path(__file__).resolve().parents[1]
 
 
 class CliCluster:
     def __init__(self, base: Path, workers: int = 2, slots: int = 1, port: int = 18791, env: dict | None = None):
         self.address = f"tcp://127.0.0.1:{port}"
         base.mkdir(parents=True, exist_ok=True)
+        path = os.environ.get("PYTHONPATH")
         self.env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False",  # graders are the worker's children
-                    "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning", **(env or {})}
+                    "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning",
+                    # this checkout's course_judge (the tasks' module), whatever the venv's editable install points at
+                    "PYTHONPATH": os.pathsep.join([str(COURSE), *([path] if path else [])]), **(env or {})}
         self.logs = base
         self.scheduler = self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                                    "--no-dashboard", "--no-show"])
+                                                    "--no-dashboard"])
         self.workers = [self._spawn(f"worker{i}", ["worker", self.address, "--nthreads", str(slots), "--nworkers", "1",
                                                    "--resources", "host=1", "--memory-limit", "0", "--no-dashboard",
                                                    "--name", f"node{i}", "--local-directory", str(base / f"node{i}")])
