@@ -233,7 +233,7 @@ if _NbgraderExecute is not None:
             super().__init__(*args, **kwargs)
 
         def preprocess(self, nb, resources=None, km=None):
-            from course_judge.sandbox import sandbox_status
+            from course_judge.sandbox import SETUP_TIMES, sandbox_status
 
             self._course_stop: str | None = None
             self._course_t0 = time.monotonic()
@@ -247,12 +247,16 @@ if _NbgraderExecute is not None:
                 note("unsandboxed", how)
                 self.log.warning("!!! %s", how)
             t_start = time.monotonic()
+            launched = os.environ.get("COURSE_LAUNCHED_AT")  # the batch's wall clock when it started this process
+            nbgrader_start_s = time.time() - float(launched) if launched else None
             nb, resources = super().preprocess(nb, resources, km)
             resources["course_verdicts"] = {gid: v.to_json() for gid, v in self._course_verdicts.items()}
             c = self._course_clock
             note("timing", "grading time", execution_s=(c["last"] - c["first"]) if c["first"] is not None else None,
                  kernel_start_s=(c["first"] - t_start) if c["first"] is not None else None,
-                 judge_s=c["judge"], channel_s=c["channel"], judge_calls=c["calls"])
+                 judge_s=c["judge"], channel_s=c["channel"], judge_calls=c["calls"], nbgrader_start_s=nbgrader_start_s,
+                 **SETUP_TIMES,
+                 after_s_from=time.time())
             return nb, resources
 
         # -- the grader's benchmark lock: benchmark exercises exclusive, every other cell shared

@@ -56,11 +56,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -704,6 +706,42 @@ def course_lib_view(section: str | None, dest: Path, root: Path | None = None) -
     return sorted(allowed)
 
 
+SETUP_TIMES = {"sandbox_setup_s": 0.0, "view_s": 0.0}  # this grading process's kernels' set-up, seconds
+
+
+def _view_key(section: str | None, root: Path | None) -> str:
+    """What a section's course_lib view depends on: the section's source notebook, course_lib, the judges."""
+    h = hashlib.sha256(f"{section}\0".encode())
+    src_nb = (root or ROOT) / "source" / str(section) / f"{section}.ipynb"
+    files = [src_nb] if src_nb.exists() else []
+    for base in (LIB_DIR, ROOT / "course_judge"):
+        files += sorted(f for f in base.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    for f in files:
+        h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def cached_course_lib_view(section: str | None, root: Path | None = None) -> Path:
+    """The section's course_lib view (:func:`course_lib_view`), built once per version of what it depends on and
+    shared read-only by every kernel on this host (``COURSE_VIEW_CACHE``, default a private folder in the temporary
+    folder). Built aside and renamed into place, so concurrent graders see all of it or none; a cache folder that is
+    not this user's own private folder is never used."""
+    base = Path(os.environ.get("COURSE_VIEW_CACHE") or Path(tempfile.gettempdir()) / f"course-views-{os.geteuid()}")
+    base.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{base} is not this user's private folder: refusing to use it as the course_lib view cache")
+    final = base / _view_key(section, root)
+    if not (final / "course_lib").is_dir():
+        build = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
+        course_lib_view(section, build / "course_lib", root)
+        try:
+            os.rename(build, final)
+        except OSError:  # another grader made it first
+            shutil.rmtree(build, ignore_errors=True)
+    return final / "course_lib"
+
+
 def _note(kind: str, detail: str, **extra) -> None:
     """One diagnosis line for the submission being graded (``$COURSE_DIAG_FILE``; no-op outside the batch)."""
     path = os.environ.get("COURSE_DIAG_FILE")
@@ -751,6 +789,7 @@ class SandboxKernelManager(AsyncKernelManager):
         return self._course_dir
 
     async def _async_pre_start_kernel(self, **kw):  # type: ignore[override]
+        t_pre = time.monotonic()
         private = self._private_dir()
         rt = self._course_rt
         self.transport = "ipc"
@@ -768,9 +807,10 @@ class SandboxKernelManager(AsyncKernelManager):
         work = private / "work"
         shutil.rmtree(work, ignore_errors=True)
         working_copy(workdir, work)
-        view = private / "lib" / "course_lib"
+        t_view = time.monotonic()
         root = os.environ.get("COURSE_ROOT")
-        course_lib_view(os.environ.get("COURSE_SECTION"), view, Path(root) if root else None)
+        view = cached_course_lib_view(os.environ.get("COURSE_SECTION"), Path(root) if root else None)
+        SETUP_TIMES["view_s"] += time.monotonic() - t_view
         if sandboxed:
             cmd = bwrap_argv(cmd, workdir=workdir, work_copy=work, runtime=rt, env=env, lib_view=view, limits=limits)
             kw["env"] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -797,6 +837,7 @@ class SandboxKernelManager(AsyncKernelManager):
                       "together")
             elif cg.missing:
                 _note("unconfined", f"the kernel's {why}")
+        SETUP_TIMES["sandbox_setup_s"] += time.monotonic() - t_pre  # the sandbox's set-up (the grader's timing record)
         return join_argv(cg, cmd), kw
 
     async def _async_cleanup_resources(self, restart: bool = False) -> None:  # type: ignore[override]

@@ -413,3 +413,28 @@ def test_unsandboxed_grading_still_works_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "!!!" in proc.stdout and "sandbox switched off" in proc.stdout
     assert f"{gc.SECTION} / self: 31 / 31 points" in proc.stdout and "UNSANDBOXED" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_course_lib_view_is_built_once_per_version_and_shared(tmp_path, monkeypatch):
+    """Kernels share one read-only view per section and version of what it depends on; a changed source
+    notebook gets a view of its own; the cache must be this user's private folder."""
+    import shutil
+
+    monkeypatch.setenv("COURSE_VIEW_CACHE", str(tmp_path / "views"))
+    a = gc.SECTION
+    course = tmp_path / "course"
+    shutil.copytree(ROOT / "source" / a, course / "source" / a)
+    fresh = tmp_path / "fresh"
+    sandbox.course_lib_view(a, fresh, course)
+    view = sandbox.cached_course_lib_view(a, course)
+    files = sorted(str(p.relative_to(view)) for p in view.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
+    assert all((view / f).read_bytes() == (fresh / f).read_bytes() for f in files)
+    stamp = (view / files[0]).stat().st_mtime_ns
+    assert sandbox.cached_course_lib_view(a, course) == view and (view / files[0]).stat().st_mtime_ns == stamp
+    nb = course / "source" / a / f"{a}.ipynb"
+    nb.write_text(nb.read_text().replace('"cells"', '"cells" ', 1))
+    assert sandbox.cached_course_lib_view(a, course) != view
+    (tmp_path / "views").chmod(0o755)
+    with pytest.raises(RuntimeError, match="private"):
+        sandbox.cached_course_lib_view(a, course)

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_judge import static  # noqa: E402
+from course_judge.dask_batch import host_lock  # noqa: E402
 from course_judge.preprocessors import BEGIN_SOLUTION, END_SOLUTION  # noqa: E402
 from course_judge.scores import (  # noqa: E402
     NotebookScore,
@@ -187,13 +188,16 @@ def _mk(path: Path) -> Path:
 
 # ---------------------------------------------------------------- batch autograde
 #
-# Every submitted/STUDENT/SECTION/ is graded in its own `nbgrader autograde` process (two at a time),
-# from a normalised copy (autograded/.batch/staging/): a renamed notebook is filed under its expected
-# name, a broken or missing one scores zero without running anything, a submitted course_lib/ and
-# caches are dropped. Results land in autograded/.batch/state/STUDENT__SECTION.json once a submission
-# is done, keyed by a hash of its files and of everything that grades it, so a re-run skips what is
-# unchanged and a crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout (or the
-# database COURSE_DB_URL names: _gradebook_url); benchmark cells take the grader's lock exclusively (every other cell takes it shared).
+# Every submitted/STUDENT/SECTION/ is graded in its own `nbgrader autograde` process, one Dask task each
+# (course_judge/dask_batch.py: an embedded LocalCluster, or COURSE_DASK_SCHEDULER), from a normalised copy
+# (autograded/.batch/staging/): a renamed notebook is filed under its expected name, a broken or missing one
+# scores zero without running anything, a submitted course_lib/ and caches are dropped. Results land in
+# autograded/.batch/state/STUDENT__SECTION.json once a submission is done, keyed by a hash of its files and of
+# everything that grades it, so a re-run skips what is unchanged (before anything reaches the cluster) and a
+# crashed run resumes where it stopped. The gradebook is SQLite with a busy timeout (or the database
+# COURSE_DB_URL names: _gradebook_url); a section with benchmark
+# cells takes its whole host (Dask resource "host"), and on a host benchmark cells take the grader's lock
+# exclusively (every other cell takes it shared).
 
 BATCH = Path("autograded") / ".batch"
 STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,99}")  # used with fullmatch (re's $ would accept "bob\n")
@@ -715,11 +719,11 @@ def _die_with_parent() -> None:  # children die with the batch (a crashed batch 
         pass
 
 
-# nbgrader takes seconds to import; a fork server that has imported it once starts each grading
-# process (still one fresh process per submission) without paying that again.
+# nbgrader (and torch, and the judges) take seconds to import; a fork server that has imported them once starts
+# each grading process (still one fresh process per submission) without paying that again.
 _PRELOAD = ["nbgrader.apps.nbgraderapp", "nbgrader.converters", "nbgrader.preprocessors", "nbclient", "nbconvert",
             "jupyter_client.manager", "sqlalchemy", "nbformat", "torch", "course_judge.preprocessors", "course_judge.sandbox",
-            "course_judge.kernel", "course_judge.static", "copydetect"]
+            "course_judge.kernel", "course_judge.static", "copydetect", "course_judge._warm"]
 _MP = None
 
 
@@ -846,14 +850,25 @@ def fail_submission(root: Path, student: str, a: str, why: str, log: str = "", t
     return rec
 
 
+def unchanged(root: Path, student: str, a: str, h: str | None = None, fp: str | None = None) -> Record | None:
+    """The stored record of a submission that needs no grading (same files, same tests, a result that stands)."""
+    h = h or submission_hash(root / "submitted" / student / a)
+    fp = fp or grading_fingerprint(root, a)
+    old = load_record(root, student, a)
+    graded_nb = root / "autograded" / student / a / f"{a}.ipynb"
+    if (old is not None and old.hash == h and old.fingerprint == fp and old.status in ("graded", "zero")
+            and (old.status == "zero" or graded_nb.exists()) and not any(d["kind"] == "inconclusive" for d in old.diagnoses)):
+        old.skipped = True
+        return old
+    return None
+
+
 def _grade_submission(root: Path, student: str, a: str, force: bool, t0: float) -> Record:
     folder = root / "submitted" / student / a
     h, fp = submission_hash(folder), grading_fingerprint(root, a)
-    old = load_record(root, student, a)
     graded_nb = root / "autograded" / student / a / f"{a}.ipynb"
-    if (not force and old is not None and old.hash == h and old.fingerprint == fp and old.status in ("graded", "zero")
-            and (old.status == "zero" or graded_nb.exists()) and not any(d["kind"] == "inconclusive" for d in old.diagnoses)):
-        old.skipped = True
+    old = None if force else unchanged(root, student, a, h, fp)
+    if old is not None:
         return old
     rec = Record(student, a, hash=h, fingerprint=fp)
     problem = student_id_problem(student)
@@ -862,7 +877,9 @@ def _grade_submission(root: Path, student: str, a: str, force: bool, t0: float) 
         rec.diagnoses.append(_diag("invalid_student", f"folder {problem}: not graded"))
         return rec
     _state_path(root, student, a).unlink(missing_ok=True)  # from here on, a crash leaves no old record standing
+    t_stage = time.perf_counter()
     staged, diags = stage(root, student, a)
+    staging_s = time.perf_counter() - t_stage
     rec.diagnoses += diags
     shutil.rmtree(root / "autograded" / student / a, ignore_errors=True)  # no stale result survives a failure
     batch = root / BATCH
@@ -874,11 +891,12 @@ def _grade_submission(root: Path, student: str, a: str, force: bool, t0: float) 
         rec.status = "zero"
     else:
         env = {"COURSE_DIAG_FILE": str(diag_file), "COURSE_ROOT": str(root), "COURSE_SECTION": a,
-               "COURSE_GRADER_LOCK": str(batch / "grader.lock")}
+               "COURSE_GRADER_LOCK": str(host_lock(root)), "COURSE_LAUNCHED_AT": repr(time.time())}
         if _BATCH_WORKERS and "COURSE_GRADE_WORKERS" not in os.environ:
             env["COURSE_GRADE_WORKERS"] = str(_BATCH_WORKERS)
         limit = float(os.environ.get("COURSE_SUBMISSION_TIMEOUT", int(os.environ.get("COURSE_NOTEBOOK_TIMEOUT", 1200)) + 300))
         rc, out = _run_autograde(root, student, a, env, limit)
+        t_exit = time.time()
         rec.log = out
         log = batch / "logs" / f"{student}__{a}.log"
         records = []
@@ -891,7 +909,9 @@ def _grade_submission(root: Path, student: str, a: str, force: bool, t0: float) 
         rec.diagnoses += [d for d in records if d.get("kind") not in QUIET]
         rec.verdicts = verdicts_from_diagnoses(records)
         rec.timing = next((d for d in reversed(records) if d.get("kind") == "timing"), {})
-        rec.timing = {k: v for k, v in rec.timing.items() if k not in ("kind", "detail")}
+        rec.timing = {k: v for k, v in rec.timing.items() if k not in ("kind", "detail")} | {"staging_s": staging_s}
+        if isinstance(rec.timing.get("after_s_from"), float):  # nbgrader's work after the last cell, to its exit
+            rec.timing["after_s"] = t_exit - rec.timing.pop("after_s_from")
         rec.resources = _resources([d for d in records if d.get("kind") == "sandbox"])
         if any(v.inconclusive for v in rec.verdicts.values()):
             rec.diagnoses.append(_diag("inconclusive", "benchmark inconclusive on a busy machine (left ungraded): regrade "
@@ -1053,8 +1073,7 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
     Returns one record per submission graded (or skipped) and one per refused folder (status ``refused``).
     """
     global _BATCH_WORKERS
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
+    from course_judge import dask_batch
     from course_judge.sandbox import confinement_status, sandbox_status, sweep_stale
 
     sweep_stale()
@@ -1072,26 +1091,43 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
         print(line if good else "!" * 78 + f"\n!!! {line}\n" + "!" * 78, flush=True)
     ensure_assignments(root, sorted({a for _, a in todo}))
     ensure_students(root, sorted({s for s, _ in todo}))
-    workers = workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1)))
+    workers = max(1, workers or int(os.environ.get("COURSE_GRADE_WORKERS", min(2, os.cpu_count() or 1))))
     _BATCH_WORKERS = workers
     t0 = time.perf_counter()
     records: list[Record] = []
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futs = {pool.submit(grade_submission, root, s, a, force): (s, a) for s, a in todo}
-            for fut in as_completed(futs):
-                s, a = futs[fut]
-                try:
-                    rec = fut.result()
-                except Exception as e:  # noqa: BLE001 - one broken submission never stops the batch
-                    rec = fail_submission(root, s, a, f"grader error: {e!r}"[:300])
-                records.append(rec)
-                print(_progress_line(rec), flush=True)
-    except KeyboardInterrupt:
-        for proc in list(_ACTIVE):
-            with contextlib.suppress(OSError, AttributeError):
-                proc.kill()
-        raise
+
+    def finished(rec: Record) -> None:
+        records.append(rec)
+        print(_progress_line(rec), flush=True)
+
+    def done(s: str, a: str, res: dict | None, err: BaseException | None) -> None:
+        try:
+            rec = Record(**res) if err is None else fail_submission(root, s, a, f"grader error: {type(err).__name__}: {err}"[:300])
+        except Exception as e:  # noqa: BLE001 - one broken submission never stops the batch
+            rec = fail_submission(root, s, a, f"grader error: {e!r}"[:300])
+        finished(rec)
+
+    pending = []
+    for s, a in todo:  # unchanged submissions never reach the cluster
+        try:
+            old = None if force else unchanged(root, s, a)
+        except Exception:  # noqa: BLE001 - the worker's grade_submission diagnoses it
+            old = None
+        if old is not None:
+            finished(old)
+        else:
+            pending.append((s, a))
+    where = ""
+    if pending:
+        try:
+            workers, where = dask_batch.grade_all(root, pending, force, workers, done)
+        except (Exception, SystemExit) as e:  # the pool itself failed (no scheduler, no workers): the batch still reports
+            where = f"the grading pool failed: {type(e).__name__}: {str(e)[:300]}"
+            print(f"!! {where}", flush=True)
+            seen = {(r.student, r.section) for r in records}
+            for s, a in pending:
+                if (s, a) not in seen:
+                    finished(fail_submission(root, s, a, where))
     wall = time.perf_counter() - t0
     sweep_stale()
     records.sort(key=lambda r: (r.section, r.student))
@@ -1101,7 +1137,7 @@ def batch(root: Path = ROOT, students: list[str] | None = None, names: list[str]
         except Exception as e:  # noqa: BLE001 - the summary is still written
             print(f"!! grades.csv not written: {type(e).__name__}: {e}", flush=True)
         sandbox_line = (how if ok else "UNSANDBOXED: " + how) + "; " + cg_how
-        write_summary(root, records, wall, workers, sandbox_line, refused=refused)
+        write_summary(root, records, wall, workers, sandbox_line, refused=refused, cluster=where)
     return records + refused
 
 
@@ -1189,7 +1225,7 @@ def _report_target(out_dir: Path, name: str) -> Path:
 
 
 def write_summary(root: Path, records: list[Record], wall: float, workers: int, sandbox_line: str,
-                  refused: list[Record] | None = None) -> Path:
+                  refused: list[Record] | None = None, cluster: str = "") -> Path:
     """autograded/summary.md, summary.json and score_distribution.png (each written even if another one fails)."""
     out_dir = root / "autograded"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1211,7 +1247,7 @@ def write_summary(root: Path, records: list[Record], wall: float, workers: int, 
         + (f": **{rate:.2f} submissions/minute**" if graded_now else "")
         + (f"; {len(refused)} folders refused" if refused else ""),
         f"- sandbox: {sandbox_line}",
-    ]
+    ] + ([f"- grading pool: {cluster}"] if cluster else [])
     if peaks:
         top, who = max(peaks, key=lambda x: x[0])
         lines.append(f"- sandbox peak memory: median {sorted(p for p, _ in peaks)[len(peaks) // 2]:.0f} MB, "
@@ -1267,7 +1303,7 @@ def write_summary(root: Path, records: list[Record], wall: float, workers: int, 
     js = _report_target(out_dir, "summary.json")
     try:
         js.write_text(json.dumps({
-            "wall_seconds": wall, "workers": workers, "graded_now": len(graded_now), "submissions_per_minute": rate,
+            "wall_seconds": wall, "workers": workers, "cluster": cluster, "graded_now": len(graded_now), "submissions_per_minute": rate,
             "sandbox": sandbox_line, "exercises": stats, "submissions": [row(r) for r in records],
             "refused": [row(r) for r in refused],
         }, indent=1, default=str))
