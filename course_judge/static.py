@@ -227,6 +227,9 @@ def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -
         tree = _parse(cell_source(c))
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} if tree else set()
         used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} if tree else set()
+        # ``from m import name as _x`` brings the name in under another one
+        used |= {a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
+                 for a in n.names} if tree else set()
         hit = sorted(used & names)
         if hit:
             return (f"{_meta(c)['grade_id']} uses {hit[0]}, which the course gives for other purposes and which "

@@ -37,6 +37,9 @@ CASES = [
     ("06_production", "test_06_4_expert_parallel", "ex_06_4_expert_parallel",
      "from course_lib.distributed import ep_dispatch as _d, ep_combine as _c"),
     ("06_production", "test_06_1_router_test", "ex_06_1_router_test", "_oracle = moe_route"),
+    ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache", "_draft = make_kv_cache_bytes()"),
+    ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache",
+     "from course_lib.kv_drafts import make_kv_cache_bytes as _m\n_draft = _m()"),
 ]
 
 
