@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from course_judge.checks import assert_true
 from course_judge.local import Alternative, Mutant
+from course_judge.quiz import letter_quiz
 
 GRADE_ID = "test_01_quiz"
 POINTS = 3
@@ -27,19 +27,7 @@ EXPLANATIONS = {
 }
 
 
-def judge(k, t):
-    given = {}
-    with t.part("answers are well-formed (one of 'a', 'b', 'c', 'd')", 0.5):
-        for q in KEY:
-            given[q] = k.get(k.g[f"ANSWER_Q{q}"])
-        for q, a in given.items():
-            assert_true(a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
-    for q, key in KEY.items():
-        with t.part(f"question {q}", 0.5):
-            a = given.get(q)
-            if a is None:
-                a = k.get(k.g[f"ANSWER_Q{q}"])
-            assert_true(a == key, f"question {q} is answered incorrectly", hint="reread the section it refers to")
+judge = letter_quiz(KEY, per_question=0.5, well_formed=0.5)
 
 
 MUTANTS = [

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from course_judge.checks import assert_true
 from course_judge.local import Alternative, Mutant
+from course_judge.quiz import letter_quiz
 
 GRADE_ID = "test_03_quiz"
 POINTS = 4
@@ -30,13 +30,7 @@ ABOUT = {
 }
 
 
-def judge(k, t):
-    for q, key in KEY.items():
-        with t.part(f"question {q}: {ABOUT[q]}", 1):
-            assert_true(k.has(f"ANSWER_Q{q}"), f"the notebook defines no 'ANSWER_Q{q}'", hint="run the quiz cell; keep the variable names")
-            a = k.get(k.g[f"ANSWER_Q{q}"])
-            assert_true(isinstance(a, str) and a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
-            assert_true(a == key, f"question {q} is answered incorrectly", hint=f"reread the part on {ABOUT[q]}")
+judge = letter_quiz(KEY, topics=ABOUT)
 
 
 MUTANTS = [

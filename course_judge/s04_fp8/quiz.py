@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from course_judge.checks import assert_true
 from course_judge.local import Alternative, Mutant
+from course_judge.quiz import letter_quiz
 
 GRADE_ID = "test_04_quiz"
 POINTS = 5
@@ -29,12 +29,7 @@ EXPLANATIONS = {
 }
 
 
-def judge(k, t):
-    for q, key in KEY.items():
-        with t.part(f"question {q}", 1):
-            a = k.get(k.g[f"ANSWER_Q{q}"])
-            assert_true(a in ("a", "b", "c", "d"), f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {a!r:.40})")
-            assert_true(a == key, f"question {q} is answered incorrectly", hint="reread the part of the section it refers to")
+judge = letter_quiz(KEY)
 
 
 MUTANTS = [

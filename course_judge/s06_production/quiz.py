@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from course_judge.checks import assert_true
 from course_judge.local import Alternative, Mutant
+from course_judge.quiz import letter_quiz
 
 GRADE_ID = "test_06_quiz"
 POINTS = 4
@@ -28,13 +28,7 @@ _WHY = {1: "reread 6.4.1: what must a rank know before all_to_all_single can all
         4: "reread 6.2.1: what does a checkpointed block keep, and what does it redo?"}
 
 
-def judge(k, t):
-    for q, key in KEY.items():
-        with t.part(f"question {q}", 1):
-            a = k.get(k.g[f"ANSWER_Q{q}"])
-            assert_true(isinstance(a, str) and a in ("a", "b", "c", "d"),
-                        f"ANSWER_Q{q} must be one of 'a', 'b', 'c', 'd' (got {type(a).__name__} {str(a)[:40]!r})")
-            assert_true(a == key, f"question {q} is answered incorrectly", hint=_WHY[q])
+judge = letter_quiz(KEY, hints=_WHY)
 
 
 MUTANTS = [
