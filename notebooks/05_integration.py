@@ -230,32 +230,44 @@ print("TransformerBlock: visible tests passed")
 #
 # In the released checkpoint the MTP module is layer 61 (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, one
 # decoder layer). Our `norm` plays the role of `shared_head.norm`: the block's output is a residual stream and is
-# normalised before the head, like the main model's.
+# normalised before the head, like the main model's. The attribute names below are fixed: the weight copy, the
+# checkpoints and the Hugging Face converter address the module's weights by them.
+#
+# ### Find the bugs: a draft MTP depth
+# The same colleague wrote one depth from the diagram. Its construction is right and every shape is right; a model
+# built on it trains, and its MTP loss even falls. Its `forward` still differs from the equation above in **two**
+# places, and neither changes a value you can see at initialisation (every RMSNorm starts with unit gains). Ask of
+# each line: which module normalises which input, and where does the gradient of $\mathcal{L}_{	ext{MTP}}$ flow?
+# Find both, say what each one costs in training, then write the corrected `forward` in `MTPModule`. The graded
+# cell's gradient check already fails for the draft.
 
-# %% [solution id=ex_05_2_mtp]
-class MTPModule(nn.Module):
-    """One MTP depth (DeepSeek-V3 eqs. 21-22): ``h^k = block(proj([hnorm(h^(k-1)) ; enorm(emb_next)]))``.
-
-    Attributes (names fixed): ``hnorm``, ``enorm`` (RMSNorm(dim)); ``proj`` = M_k, an ``nn.Linear(2 dim, dim,
-    bias=False)`` acting on the concatenation [normalised h ; normalised embedding], in that order; ``block`` a
-    ``TransformerBlock(layer_id, cfg)``; ``norm`` (RMSNorm(dim)) applied before the shared head (by the model).
-    No embedding and no head here: the model's are shared.
-    """
+# %% [given]
+class DraftMTP(nn.Module):
+    """A draft of one MTP depth: right construction, two wrong things in ``forward`` (find them)."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
-        ### BEGIN SOLUTION
         dim, eps = cfg.dim, cfg.rms_norm_eps
         self.hnorm = RMSNorm(dim, eps)  # for h^(k-1)
         self.enorm = RMSNorm(dim, eps)  # for Emb(t_{i+k})
         self.proj = nn.Linear(2 * dim, dim, bias=False)  # M_k
-        self.block = TransformerBlock(layer_id, cfg)
-        self.norm = RMSNorm(dim, eps)  # before the shared head
-        ### END SOLUTION
+        self.block = TransformerBlock(layer_id, cfg)  # the MTP block is layer n_layers + k - 1
+        self.norm = RMSNorm(dim, eps)  # applied by the model, before the shared head
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
-        """``h_prev`` (B, T', dim): previous depth's states at positions i; ``emb_next`` (B, T', dim): embeddings
-        of the tokens k ahead. Returns ``h^k`` (B, T', dim) (before ``norm``) and the block's routing info."""
+        h = h_prev.detach()  # the MTP module has its own loss
+        x = self.proj(torch.cat([self.hnorm(h), self.hnorm(emb_next)], dim=-1))  # (B, T', dim)
+        return self.block(x)
+
+
+# %% [solution id=ex_05_2_mtp]
+class MTPModule(DraftMTP):
+    """One MTP depth (DeepSeek-V3 eqs. 21-22), the draft fixed. Attributes (``hnorm``, ``enorm``, ``proj``, ``block``,
+    ``norm``) come from ``DraftMTP``; no embedding and no head here: the model's are shared."""
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """``h_prev`` (B, T', dim): the previous depth's states at positions i; ``emb_next`` (B, T', dim): the
+        embeddings of the tokens k ahead. Returns ``h^k`` (B, T', dim), before ``norm``, and the block's routing info."""
         ### BEGIN SOLUTION
         x = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))  # (B, T', 2 dim) -> (B, T', dim)
         return self.block(x)
@@ -263,16 +275,25 @@ class MTPModule(nn.Module):
 
 
 # %% [test id=test_05_2_mtp points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): float64 against the reference depth: the [hnorm(h) ; enorm(emb)] order, both norms, the output before norm; its own parameters only (shared embedding and head), gradients to both inputs.
+# Checks you can run now. When graded, the judge runs these and more (2 points): float64 against the reference depth with trained (non-unit) norm gains: the draft's two bugs named, the [hnorm(h) ; enorm(emb)] order, the output before norm; its own parameters only (shared embedding and head), gradients to both inputs.
 torch.manual_seed(0)
 _mtp = MTPModule(CFG.n_layers, CFG)
-_h, _e = torch.randn(2, 6, CFG.dim), torch.randn(2, 6, CFG.dim)
+_h = torch.randn(2, 6, CFG.dim, requires_grad=True)
+_e = torch.randn(2, 6, CFG.dim, requires_grad=True)
 _out, _info = _mtp(_h, _e)
 assert_shape(_out, (2, 6, CFG.dim), "MTP output")
 assert_shape(_mtp.proj.weight, (CFG.dim, 2 * CFG.dim), "proj (M_k) weight")
 _names = [n for n, _ in _mtp.named_parameters()]
 assert_true(not any("embed" in n or "head" in n for n in _names),
             "the MTP module must not own an embedding or a head: the model's are shared")
+_out.square().sum().backward()
+assert_true(_h.grad is not None and bool(_h.grad.abs().sum() > 0),
+            "no gradient reaches h_prev: the MTP loss must train the main model too",
+            hint="which states does the MTP loss reach, and should it?")
+_silent = [n for n, p in _mtp.named_parameters()
+           if n.startswith(("hnorm.", "enorm.", "proj.")) and (p.grad is None or p.grad.abs().sum() == 0)]
+assert_true(not _silent, f"parameters with no gradient: {_silent}",
+            hint="a module the equation uses but forward never calls gets no gradient")
 print("MTPModule: visible tests passed")
 
 # %% [markdown]
