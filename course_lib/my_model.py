@@ -1,4 +1,4 @@
-"""Section 5's bridge from the learner's saved parts (Sections 2 and 3) to the model it trains.
+"""Section 5's bridge from the learner's saved parts (Sections 2, 3 and 4) to the model it trains.
 
 ``my_deepseek/s02_mla.py`` and ``s03_moe.py`` (written by :func:`course_lib.learner.save_my_parts`) hold the
 learner's ``MultiHeadLatentAttention`` and ``MixtureOfExperts``. Two small differences separate them from the
@@ -13,18 +13,25 @@ parts a ``DeepSeekV3Mini`` block is specified with, and this module closes both 
 :func:`section5_parts` picks each part with :func:`course_lib.learner.my_part`: the learner's when it is saved and
 agrees with the course's part on a float64 check (same weights, same input), the course's otherwise, one printed
 line each. While grading it always returns the course's parts, so Section 5 is graded on its own.
+
+:func:`fp8_linear` does the same for Section 4's ``FP8LinearFunction`` (the FP8 ablation's linear layer). Section 4
+specifies it for GEMM sizes that are multiples of the 128-wide tile; :func:`your_fp8_linear` zero-pads the model's
+narrower matrices up to the tile, which leaves every tile's and block's amax, hence every scale, unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from course_lib.deepseek.attention import MLAConfig
+from course_lib.deepseek.fp8 import FP8Linear as CourseFP8Linear
 from course_lib.deepseek.mla import MLA as CourseMLA
 from course_lib.deepseek.moe import MoE as CourseMoE
 from course_lib.deepseek.moe import bias_update as course_bias_update
@@ -34,7 +41,7 @@ from course_lib.deepseek.routing import MoEConfig
 from course_lib.learner import my_part, saved_part
 
 __all__ = ["MLA_NAMES", "Parts", "with_course_names", "your_moe", "check_mla", "check_moe", "check_moe_counter",
-           "section5_parts", "moe_counter", "bound"]
+           "section5_parts", "moe_counter", "your_fp8_linear", "check_fp8_linear", "fp8_linear", "bound"]
 
 # Section 2's parameter names -> the model's (DeepSeek's inference/model.py) names
 MLA_NAMES = {"compress.wq_a.weight": "wq_a.weight", "compress.q_norm.weight": "q_norm.weight",
@@ -188,6 +195,81 @@ def moe_counter() -> Callable[[MoEConfig], dict]:
     """The learner's Section 3.1 ``moe_param_counts`` where saved and right (one printed line), the course's otherwise;
     Section 5's model counter (Exercise 5.2.3) builds on it."""
     return my_part("03_moe", "moe_param_counts", fallback=course_moe_param_counts, check=check_moe_counter)
+
+
+TILE = 128  # Section 4's tile and block width
+
+
+def your_fp8_linear(fn: type[torch.autograd.Function]) -> type[nn.Module]:
+    """An ``FP8Linear`` (the course's interface: ``in_features``, ``out_features``, ``weight``, ``from_linear``) whose
+    GEMMs are ``fn.apply(x, weight)``, the learner's Section 4 function, on operands zero-padded to multiples of
+    ``TILE`` (tokens, input and output features); the output is cut back to its real size."""
+
+    class YourFP8Linear(nn.Module):
+        def __init__(self, in_features: int, out_features: int, **_course_options: object) -> None:
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+        @classmethod
+        def from_linear(cls, linear: nn.Linear, **kwargs: object) -> nn.Module:
+            if linear.bias is not None:
+                raise ValueError("FP8Linear has no bias (DeepSeek's linear layers have none)")
+            m = cls(linear.in_features, linear.out_features, **kwargs)
+            with torch.no_grad():
+                m.weight.copy_(linear.weight)
+            return m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            K, N = self.in_features, self.out_features
+            if x.shape[-1] != K:
+                raise ValueError(f"x has {x.shape[-1]} features, weight expects (N, {K})")
+            x2 = x.reshape(-1, K)  # (M, K)
+            M = x2.shape[0]
+            xp = F.pad(x2, (0, -K % TILE, 0, -M % TILE))  # (M', K'): zero rows and columns change no amax
+            wp = F.pad(self.weight, (0, -K % TILE, 0, -N % TILE))  # (N', K')
+            return fn.apply(xp, wp)[:M, :N].reshape(*x.shape[:-1], N)
+
+    return YourFP8Linear
+
+
+def check_fp8_linear(cls: type[nn.Module]) -> bool:
+    """Same weight and input, float32, against the course's ``FP8Linear`` (DeepSeek's block-wise recipe): output,
+    input gradient and weight gradient, each row within 1e-4 of its largest entry. Two 128-wide blocks each way and
+    rows of very different sizes, so a scale shared by the wrong group of numbers, or a transposed block grid, shows."""
+    K, N = 200, 150
+    g = torch.Generator().manual_seed(0)
+    ref = CourseFP8Linear(K, N, recipe="blockwise")
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(N, K, generator=g) * torch.logspace(-2, 0, N)[:, None] * torch.logspace(0, -1, K))
+    mine = cls.from_linear(nn.Linear(K, N, bias=False))
+    with torch.no_grad():
+        mine.weight.copy_(ref.weight)
+    x = torch.randn(3, 7, K, generator=g) * torch.logspace(-3, 1, 7)[:, None]  # (B, T, K)
+    dy = torch.randn(3, 7, N, generator=g) * torch.logspace(1, -2, 7)[:, None]
+    outs = []
+    for m in (ref, mine):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, m.weight.grad))
+    for what, want, got in zip(("FP8 linear output", "FP8 linear input gradient", "FP8 linear weight gradient"), *outs):
+        if got is None or got.shape != want.shape:
+            raise AssertionError(f"{what}: {None if got is None else tuple(got.shape)}, the course's part gives "
+                                 f"{tuple(want.shape)}")
+        want2, got2 = want.reshape(-1, want.shape[-1]).double(), got.reshape(-1, want.shape[-1]).double()
+        err = ((got2 - want2).abs().amax(1) / want2.abs().amax(1).clamp_min(1e-30)).max().item()
+        if not err <= 1e-4:  # NaN fails too
+            raise AssertionError(f"{what}: a row differs from the course's part by {err:.1e} of its largest entry")
+    return True
+
+
+def fp8_linear() -> type[nn.Module]:
+    """The FP8 linear layer of Section 5's FP8 run: the learner's Section 4 ``FP8LinearFunction`` where saved and right
+    (one printed line), the course's ``FP8Linear`` otherwise and always while grading."""
+    fn = my_part("04_fp8", "FP8LinearFunction", fallback=None, check=lambda f: check_fp8_linear(your_fp8_linear(f)))
+    return CourseFP8Linear if fn is None else your_fp8_linear(fn)
 
 
 @contextmanager

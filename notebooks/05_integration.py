@@ -17,7 +17,7 @@
 # - validate a model end to end (causality, gradient flow, memory, expert specialisation, load balance, MTP, FP8)
 #   and check parity with a reference implementation.
 #
-# **Time:** core path about 170 min; deep dives 15 min.
+# **Time:** core path about 160 min; deep dives 40 min.
 #
 # **Prerequisites:** Sections 2
 # (MLA, latent cache, absorption) and 3 (DeepSeekMoE routing and balancing); Section 4 for the FP8 comparison.
@@ -26,7 +26,9 @@
 # `my_deepseek/`, and the first cell below loads them, checks each against the course's version in float64 and says
 # in one line which one it uses. A part that is missing or disagrees is replaced by the course's, so an unfinished
 # Section 2 never blocks this one (grading always uses the course's parts: each section is graded on its own).
-# Section 5.3.2 trains your model next to one built from the course's parts.
+# Section 5.3.2 trains your model next to one built from the course's parts. Your Section 4 `FP8LinearFunction` is
+# checked the same way (float32, against the course's `FP8Linear`) and runs the FP8 training run of 5.3.4 when you
+# retrain it there.
 
 # %% [given]
 import math
@@ -47,7 +49,7 @@ from course_lib.deepseek.model_config import ModelConfig, ModelOutput, init_weig
 from course_lib.deepseek.moe import MoE as CourseMoE
 from course_lib.deepseek.moe import RoutingInfo, max_violation
 from course_lib.deepseek.training import RECIPE
-from course_lib.my_model import bound, moe_counter, section5_parts
+from course_lib.my_model import bound, fp8_linear, moe_counter, section5_parts
 from course_lib.utils import env_report, setup, sizes
 
 setup(seed=0)
@@ -58,6 +60,7 @@ print(ENV)
 PARTS = section5_parts()
 MLA, MoE = PARTS.MLA, PARTS.MoE  # your block builds its attention and MoE from these two names
 moe_param_counts = moe_counter()  # your Section 3.1 count of one MoE layer (5.2.3 builds on it)
+FP8_LINEAR = fp8_linear()  # your Section 4 FP8 linear layer (5.3.4's FP8 run), padded to the 128-wide tile
 
 
 def add_to_class(cls):
@@ -230,32 +233,44 @@ print("TransformerBlock: visible tests passed")
 #
 # In the released checkpoint the MTP module is layer 61 (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, one
 # decoder layer). Our `norm` plays the role of `shared_head.norm`: the block's output is a residual stream and is
-# normalised before the head, like the main model's.
+# normalised before the head, like the main model's. The attribute names below are fixed: the weight copy, the
+# checkpoints and the Hugging Face converter address the module's weights by them.
+#
+# ### Find the bugs: a draft MTP depth
+# The same colleague wrote one depth from the diagram. Its construction is right and every shape is right; a model
+# built on it trains, and its MTP loss even falls. Its `forward` still differs from the equation above in **two**
+# places, and neither changes a value you can see at initialisation (every RMSNorm starts with unit gains). Ask of
+# each line: which module normalises which input, and where does the gradient of $\mathcal{L}_{	ext{MTP}}$ flow?
+# Find both, say what each one costs in training, then write the corrected `forward` in `MTPModule`. The graded
+# cell's gradient check already fails for the draft.
 
-# %% [solution id=ex_05_2_mtp]
-class MTPModule(nn.Module):
-    """One MTP depth (DeepSeek-V3 eqs. 21-22): ``h^k = block(proj([hnorm(h^(k-1)) ; enorm(emb_next)]))``.
-
-    Attributes (names fixed): ``hnorm``, ``enorm`` (RMSNorm(dim)); ``proj`` = M_k, an ``nn.Linear(2 dim, dim,
-    bias=False)`` acting on the concatenation [normalised h ; normalised embedding], in that order; ``block`` a
-    ``TransformerBlock(layer_id, cfg)``; ``norm`` (RMSNorm(dim)) applied before the shared head (by the model).
-    No embedding and no head here: the model's are shared.
-    """
+# %% [given]
+class DraftMTP(nn.Module):
+    """A draft of one MTP depth: right construction, two wrong things in ``forward`` (find them)."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
-        ### BEGIN SOLUTION
         dim, eps = cfg.dim, cfg.rms_norm_eps
         self.hnorm = RMSNorm(dim, eps)  # for h^(k-1)
         self.enorm = RMSNorm(dim, eps)  # for Emb(t_{i+k})
         self.proj = nn.Linear(2 * dim, dim, bias=False)  # M_k
-        self.block = TransformerBlock(layer_id, cfg)
-        self.norm = RMSNorm(dim, eps)  # before the shared head
-        ### END SOLUTION
+        self.block = TransformerBlock(layer_id, cfg)  # the MTP block is layer n_layers + k - 1
+        self.norm = RMSNorm(dim, eps)  # applied by the model, before the shared head
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
-        """``h_prev`` (B, T', dim): previous depth's states at positions i; ``emb_next`` (B, T', dim): embeddings
-        of the tokens k ahead. Returns ``h^k`` (B, T', dim) (before ``norm``) and the block's routing info."""
+        h = h_prev.detach()  # the MTP module has its own loss
+        x = self.proj(torch.cat([self.hnorm(h), self.hnorm(emb_next)], dim=-1))  # (B, T', dim)
+        return self.block(x)
+
+
+# %% [solution id=ex_05_2_mtp]
+class MTPModule(DraftMTP):
+    """One MTP depth (DeepSeek-V3 eqs. 21-22), the draft fixed. Attributes (``hnorm``, ``enorm``, ``proj``, ``block``,
+    ``norm``) come from ``DraftMTP``; no embedding and no head here: the model's are shared."""
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
+        """``h_prev`` (B, T', dim): the previous depth's states at positions i; ``emb_next`` (B, T', dim): the
+        embeddings of the tokens k ahead. Returns ``h^k`` (B, T', dim), before ``norm``, and the block's routing info."""
         ### BEGIN SOLUTION
         x = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))  # (B, T', 2 dim) -> (B, T', dim)
         return self.block(x)
@@ -263,16 +278,25 @@ class MTPModule(nn.Module):
 
 
 # %% [test id=test_05_2_mtp points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): float64 against the reference depth: the [hnorm(h) ; enorm(emb)] order, both norms, the output before norm; its own parameters only (shared embedding and head), gradients to both inputs.
+# Checks you can run now. When graded, the judge runs these and more (2 points): float64 against the reference depth with trained (non-unit) norm gains: the draft's two bugs named, the [hnorm(h) ; enorm(emb)] order, the output before norm; its own parameters only (shared embedding and head), gradients to both inputs.
 torch.manual_seed(0)
 _mtp = MTPModule(CFG.n_layers, CFG)
-_h, _e = torch.randn(2, 6, CFG.dim), torch.randn(2, 6, CFG.dim)
+_h = torch.randn(2, 6, CFG.dim, requires_grad=True)
+_e = torch.randn(2, 6, CFG.dim, requires_grad=True)
 _out, _info = _mtp(_h, _e)
 assert_shape(_out, (2, 6, CFG.dim), "MTP output")
 assert_shape(_mtp.proj.weight, (CFG.dim, 2 * CFG.dim), "proj (M_k) weight")
 _names = [n for n, _ in _mtp.named_parameters()]
 assert_true(not any("embed" in n or "head" in n for n in _names),
             "the MTP module must not own an embedding or a head: the model's are shared")
+_out.square().sum().backward()
+assert_true(_h.grad is not None and bool(_h.grad.abs().sum() > 0),
+            "no gradient reaches h_prev: the MTP loss must train the main model too",
+            hint="which states does the MTP loss reach, and should it?")
+_silent = [n for n, p in _mtp.named_parameters()
+           if n.startswith(("hnorm.", "enorm.", "proj.")) and (p.grad is None or p.grad.abs().sum() == 0)]
+assert_true(not _silent, f"parameters with no gradient: {_silent}",
+            hint="a module the equation uses but forward never calls gets no gradient")
 print("MTPModule: visible tests passed")
 
 # %% [markdown]
@@ -1035,7 +1059,8 @@ runs = None if RETRAIN else load_recorded_runs()
 if runs is None:
     print(f"training the comparison runs here ({RETRAIN_STEPS} steps each) ...")
     runs = {"meta": {"steps": RETRAIN_STEPS, "seeds": [0]},
-            "runs": {f"{name}/seed0": record_run(name, steps=RETRAIN_STEPS, seed=0, model_cls=DeepSeekV3Mini, step_fn=train_step)
+            "runs": {f"{name}/seed0": record_run(name, steps=RETRAIN_STEPS, seed=0, model_cls=DeepSeekV3Mini, step_fn=train_step,
+                                                        fp8_linear=FP8_LINEAR)
                      for name in ("baseline", "no_balance", "no_mtp", "fp8")}}
 R = runs["runs"]
 SEEDS = runs["meta"]["seeds"]
@@ -1135,7 +1160,10 @@ for label, (mean_, lo, hi) in summary.items():
 # for activations and gradients, 128x128 blocks for weights, FP32 master weights and accumulation; embedding, head,
 # router and attention core in FP32), Section 4's recipe. DeepSeek-V3 reports a relative loss error below 0.25%
 # against BF16 at scale. Here every matrix is narrower than one 128-wide tile, so each scale covers a whole row:
-# compare the gap below with DeepSeek's figure.
+# compare the gap below with DeepSeek's figure. With `RETRAIN = True` the FP8 run uses the FP8 linear layer named by
+# the first cell: yours from Section 4 (its operands zero-padded to the tile, which changes no scale) where it passed
+# the check, the course's otherwise. Yours multiplies the padded matrices, so the run is somewhat slower (1.1x per
+# step with the worked Section 4 answer); its length stays the same.
 
 # %% [code]
 fp = R["fp8/seed0"]
@@ -1226,6 +1254,99 @@ try:
           "(DeepSeek report 85-90% for V3's second token on real text)")
 except NotImplementedError:
     print("(optional: train the model above and write mtp_acceptance to measure the acceptance rate)")
+
+# %% [markdown]
+# ### Worked challenge 2: does the routing respect the groups?
+# With `n_expert_groups = 4` and `n_limited_groups = 2`, each token first picks its 2 best groups of 4 experts (a
+# group scores by the sum of its two best affinities) and then its top 4 experts inside those 8 only (V3 report,
+# section 2.1.2: in V3 a token reaches at most 4 nodes). Retrain a small model with 16 experts that way, and check two
+# things: every token's experts lie in at most 2 groups (the rule), and how the tasks' traffic spreads over the
+# groups (the heatmap, group boundaries drawn). A short run is enough for the first; the second sharpens with training.
+
+# %% [solution id=ex_05_c2_group_routing]
+def group_usage(model: DeepSeekV3Mini, data: MultiTaskLanguage, per_task: int = 64, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Routing of the MoE of block 1 on ``per_task`` fresh problems of each task: the share of each task's expert
+    assignments (tasks, experts; rows sum to 1) and the largest number of groups any one token's experts fall in."""
+    ### BEGIN SOLUTION
+    cfg = model.cfg
+    per_group = cfg.n_routed_experts // cfg.n_expert_groups
+    gen = torch.Generator().manual_seed(seed)
+    rows, most = [], 0
+    model.eval()
+    with torch.no_grad():
+        for task in data.TASKS:
+            idx = model.trunk(data.sample(per_task, gen, task=task).inputs)[1][0].indices  # (tokens, K)
+            groups = idx // per_group  # (tokens, K): the group of each chosen expert
+            hit = torch.zeros(idx.shape[0], cfg.n_expert_groups, dtype=torch.bool).scatter_(1, groups, True)
+            most = max(most, int(hit.sum(1).max()))
+            rows.append(np.bincount(idx.flatten().numpy(), minlength=cfg.n_routed_experts) / idx.numel())
+    return np.stack(rows), most
+    ### END SOLUTION
+
+
+# %% [code]
+CHALLENGE_STEPS = 20  # a few seconds per run; raise it (150, 300) to watch the groups' specialisation sharpen
+try:
+    torch.manual_seed(0)
+    gcfg = ModelConfig(vocab_size=data.vocab_size, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                       n_limited_groups=2, moe_inter_dim=16)
+    gmodel = init_weights(DeepSeekV3Mini(gcfg), seed=0, std=RECIPE["init_std"])
+    train(gmodel, data, steps=CHALLENGE_STEPS, batch_size=32, lr=RECIPE["lr"], warmup=5, seed=0,
+          eval_every=CHALLENGE_STEPS, step_fn=train_step, eval_batch=64)
+    gshare, gmost = group_usage(gmodel, data)
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    im = ax.imshow(gshare, cmap="magma", aspect="auto")
+    ax.grid(False)
+    for b in range(1, gcfg.n_expert_groups):
+        ax.axvline(b * gcfg.n_routed_experts // gcfg.n_expert_groups - 0.5, color="w", lw=2)
+    ax.set_yticks(range(len(data.TASKS)), data.TASKS)
+    ax.set_xlabel("routed expert (white lines: group boundaries)")
+    ax.set_title(f"Group-limited routing after {CHALLENGE_STEPS} steps, MoE of block 1")
+    fig.colorbar(im, ax=ax, label="share of the task's assignments")
+    plt.show()
+    by_group = gshare.reshape(len(data.TASKS), gcfg.n_expert_groups, -1).sum(-1)  # (tasks, groups)
+    print(f"most groups one token's {gcfg.n_activated_experts} experts fall in: {gmost} (limit {gcfg.n_limited_groups})")
+    print("share of each task's traffic per group:", {t: np.round(r, 2).tolist() for t, r in zip(data.TASKS, by_group)})
+except NotImplementedError:
+    print("(optional: finish the exercises above and write group_usage to retrain with group-limited routing)")
+
+# %% [markdown]
+# ### Worked challenge 3: where do the dense layers belong?
+# Train three variants for a few dozen steps, with `n_dense_layers = 0, 1, 2` of the 2 blocks. For equal active
+# parameters the dense FFN is as wide as what a token runs in an MoE layer: `inter_dim = (N_s + K_r) * moe_inter_dim`.
+# Compare their MaxVio early in training, per MoE layer (the MTP block, layer 2, has an MoE in all three variants).
+# DeepSeekMoE kept its first layer dense because a first-layer MoE balanced slowly; read the printout with that in
+# mind, and with the caveat of one seed and 20 steps: differences of a few tenths of MaxVio are within seed noise here.
+
+# %% [solution id=ex_05_c3_dense_layers]
+def early_max_vio(history: dict, first: int = 20) -> list[float]:
+    """Mean MaxVio of each MoE layer over the first ``first`` steps of a run (``TrainResult.history``, whose
+    ``"load"`` holds one (MoE layers, experts) list of loads per step)."""
+    ### BEGIN SOLUTION
+    loads = torch.tensor(history["load"][:first], dtype=torch.float64)  # (steps, MoE layers, E)
+    vio = loads.amax(-1) / loads.mean(-1) - 1  # (steps, MoE layers)
+    return vio.mean(0).tolist()
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    early = {}
+    for n_dense in (0, 1, 2):
+        torch.manual_seed(0)
+        dcfg = ModelConfig(vocab_size=data.vocab_size, n_dense_layers=n_dense,
+                           inter_dim=(CFG.n_shared_experts + CFG.n_activated_experts) * CFG.moe_inter_dim)
+        dmodel = init_weights(DeepSeekV3Mini(dcfg), seed=0, std=RECIPE["init_std"])
+        res = train(dmodel, data, steps=CHALLENGE_STEPS, batch_size=32, lr=RECIPE["lr"], warmup=5, seed=0,
+                    eval_every=CHALLENGE_STEPS, step_fn=train_step, eval_batch=64)
+        layers = [i for i in range(dcfg.n_layers + dcfg.mtp_depth) if dcfg.is_moe_layer(i)]
+        early[n_dense] = dict(zip(layers, early_max_vio(res.history, CHALLENGE_STEPS)))
+    for n_dense, per_layer in early.items():
+        print(f"n_dense_layers = {n_dense}: mean MaxVio over the first steps, per MoE layer: "
+              + ", ".join(f"layer {i} {v:.2f}" for i, v in per_layer.items()))
+    print("MTP block (layer 2), the MoE all three share:", {n: round(v[2], 2) for n, v in early.items()})
+except NotImplementedError:
+    print("(optional: finish the exercises above and write early_max_vio to compare the variants)")
 
 # %% [markdown]
 # ## Summary

@@ -4,6 +4,7 @@ with one line for each named mistake."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -152,7 +153,7 @@ def test_an_alternative_correct_balancing_step_is_the_learners(shell, parts, cap
 
 def test_the_worked_section5_trains_the_worked_parts_next_to_the_courses():
     """`make solutions` builds the sections in order into one parts folder: Section 5's worked solution uses the
-    worked Sections 2 and 3 parts, shows the comparison figure, and the two runs agree over the first steps."""
+    worked Sections 2, 3 and 4 parts, shows the comparison figure, and the two runs agree over the first steps."""
     nb = load_nb(ROOT / "solutions" / "05_integration" / "05_integration.ipynb")
     outs = {}
     for c in nb["cells"]:
@@ -161,6 +162,7 @@ def test_the_worked_section5_trains_the_worked_parts_next_to_the_courses():
             outs[src] = c["outputs"]
     text = "".join("".join(o.get("text", "")) for os_ in outs.values() for o in os_ if o["output_type"] == "stream")
     assert "using your MultiHeadLatentAttention" in text and "using your MixtureOfExperts" in text, text[:500]
+    assert "using your FP8LinearFunction" in text, "the worked Section 4 FP8 linear passes Section 5's check"
     assert any(o["output_type"] == "display_data" and "image/png" in o["data"] for os_ in outs.values() for o in os_)
     m = re.search(r"loss difference (\S+) at most over the first 10 steps; the runs agree to 1e-3 for (\d+)", text)
     assert m and float(m.group(1)) < 1e-4 and int(m.group(2)) >= 10, text[-400:]
@@ -181,3 +183,57 @@ def test_expert_parallel_workers_can_build_the_learners_moe(shell, parts):
     x = torch.randn(10, 16, dtype=torch.float64)
     (y, _), (y_ref, _) = mine(x), ref(x)
     assert torch.allclose(y, y_ref, atol=1e-12, rtol=0)
+
+
+def test_the_learners_fp8_linear_is_used_when_it_agrees(shell, parts, capsys):
+    """Section 4's worked FP8LinearFunction, saved through a shell: Section 5's FP8 run uses it (one line naming the
+    file), padded to the tile, and it trains the blocks as the course's FP8Linear does."""
+    from course_lib.deepseek import training
+    from course_lib.deepseek.fp8 import FP8Linear
+
+    _save(shell, "04_fp8")
+    cls = my_model.fp8_linear()
+    out = capsys.readouterr().out
+    assert cls is not FP8Linear and cls.__name__ == "YourFP8Linear", out
+    assert "using your FP8LinearFunction (from $COURSE_MY_PARTS/s04_fp8.py)" in out, out
+    def learners_model(cfg):  # like the notebook's DeepSeekV3Mini, which does not convert itself
+        return ref_model.DeepSeekV3Mini(dataclasses.replace(cfg, fp8=False))
+
+    mine, data = training.build_run_model(learners_model, 0, fp8=True, fp8_linear=cls)
+    ref, _ = training.build_run_model(learners_model, 0, fp8=True)
+    assert not any(isinstance(x, FP8Linear) for x in mine.modules()), "the learner's layer replaces the course's"
+    assert sum(isinstance(x, cls) for x in mine.modules()) == sum(isinstance(x, FP8Linear) for x in ref.modules()) > 0
+    b = data.sample(8, torch.Generator().manual_seed(0))
+    for m in (mine, ref):
+        m.compute_loss(b.inputs, b.targets).loss.backward()
+    a, r = mine.layers[1].attn.wq_a, ref.layers[1].attn.wq_a
+    assert torch.allclose(a.weight.grad, r.weight.grad, rtol=0, atol=1e-4 * float(r.weight.grad.abs().max()))
+
+
+FP8_MISTAKES = [  # (text in Section 4's solution, wrong text, what the one line must name)
+    ('w_q, w_s = conv.quantize(weight, "block")', 'w_q, w_s = conv.quantize(weight, "tile")', "FP8 linear output"),
+    ("grad_x = fp8_gemm(g_q, g_s, w_q.T, w_s.T)", "grad_x = fp8_gemm(g_q, g_s, w_q.T, w_s)", "FP8 linear input gradient"),
+    ("return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), grad_w", "return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), grad_w.T",
+     "FP8 linear weight gradient"),
+]
+
+
+@pytest.mark.parametrize("old, new, named", FP8_MISTAKES, ids=[m[2] for m in FP8_MISTAKES])
+def test_a_wrong_fp8_linear_falls_back_with_one_line(shell, parts, capsys, old, new, named):
+    from course_lib.deepseek.fp8 import FP8Linear
+
+    _, cells = _solution_cells("04_fp8")
+    assert any(old in c for c in cells), f"{old!r} not found in Section 4's solution"
+    _save(shell, "04_fp8", (old, new))
+    cls = my_model.fp8_linear()
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("using") and "FP8LinearFunction" in ln)
+    assert cls is FP8Linear and "using the course's FP8LinearFunction" in line and named in line, line
+
+
+def test_fp8_linear_unsaved_or_grading_is_the_courses(shell, parts, capsys, monkeypatch):
+    from course_lib.deepseek.fp8 import FP8Linear
+
+    assert my_model.fp8_linear() is FP8Linear and "yours is not saved yet" in capsys.readouterr().out
+    _save(shell, "04_fp8")
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    assert my_model.fp8_linear() is FP8Linear and "grading uses the course's parts" in capsys.readouterr().out

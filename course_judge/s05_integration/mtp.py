@@ -1,4 +1,6 @@
-"""Exercise 5.2.1: the multi-token-prediction module of one depth."""
+"""Exercise 5.2.1: find the two bugs of a draft MTP depth and fix its forward. The construction is the given
+``DraftMTP``'s (the learner's ``MTPModule`` subclasses it); the draft detaches ``h`` and normalises the embedding with
+``hnorm``, two mistakes that leave every value at initialisation unchanged (unit norm gains)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,14 @@ from course_lib.deepseek.model_config import ModelConfig
 GRADE_ID = "test_05_2_mtp"
 POINTS = 2
 ANSWERS = ("ex_05_2_mtp",)
-SUMMARY = ("float64 against the reference depth: the [hnorm(h) ; enorm(emb)] order, both norms, the output before norm; "
-           "its own parameters only (shared embedding and head), gradients to both inputs")
+SUMMARY = ("float64 against the reference depth with trained (non-unit) norm gains: the draft's two bugs named, the "
+           "[hnorm(h) ; enorm(emb)] order, the output before norm; its own parameters only (shared embedding and head), "
+           "gradients to both inputs")
+
+DETACHED = ("no gradient reaches h_prev: the MTP loss must train the main model through h (that is what makes its "
+            "states plan the token after next); do not detach h")
+SHARED_NORM = ("hnorm normalises the embedding too: h and Emb(t_(i+k)) have norms of their own, enorm for the embedding "
+               "(with unit gains the two agree, which is why the draft's output looks right at initialisation)")
 REFERENCE = ("course_lib.deepseek.model",)
 
 
@@ -35,6 +43,9 @@ def _mistakes(ref: MTPModule, h: torch.Tensor, e: torch.Tensor) -> dict[str, tor
         "h and the embedding are concatenated without their norms: normalise h with hnorm and the embedding with enorm":
             run(h, e),
         "hnorm and enorm swapped: hnorm normalises h, enorm the embedding": run(ref.enorm(h), ref.hnorm(e)),
+        SHARED_NORM: run(ref.hnorm(h), ref.hnorm(e)),
+        SHARED_NORM + "; and the order is [hnorm(h) ; enorm(emb)]": run(ref.hnorm(e), ref.hnorm(h)),
+        "enorm normalises h too: h has its own norm, hnorm": run(ref.enorm(h), ref.enorm(e)),
         "only h is normalised: the embedding needs enorm too": run(ref.hnorm(h), e),
         "only the embedding is normalised: h needs hnorm too": run(h, ref.enorm(e)),
         "self.norm is applied in forward: return the block's output before norm (the model applies it, then the shared head)":
@@ -45,7 +56,8 @@ def _mistakes(ref: MTPModule, h: torch.Tensor, e: torch.Tensor) -> dict[str, tor
 
 def judge(k, t):
     MTP = k.g.MTPModule
-    with t.part("visible checks: output shape, proj (M_k) of shape (dim, 2 dim), no embedding or head of its own", 1):
+    with t.part("visible checks: output shape, proj (M_k) of shape (dim, 2 dim), no embedding or head of its own, "
+                "gradients reach h_prev, hnorm, enorm and proj", 1):
         c0 = ModelConfig()
         k.seed(0)
         m = MTP(c0.n_layers, remote_cfg(k, c0))
@@ -58,6 +70,15 @@ def judge(k, t):
                     hint="self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)")
         assert_true(not any("embed" in n or "head" in n for n in names),
                     "the MTP module must not own an embedding or a head: the model's are shared")
+        h0, e0 = torch.randn(2, 6, c0.dim, generator=g), torch.randn(2, 6, c0.dim, generator=g)
+        got = k.grad(m, h0, e0, wrt=[0, 1], params=m, output=0)
+        assert_true(got.grads[0] is not None and bool(got.grads[0].abs().sum() > 0), DETACHED,
+                    hint="which states does the MTP loss reach, and should it?")
+        silent = [n for n in names if n.startswith(("hnorm.", "enorm.", "proj.")) and (
+            n not in got.param_grads or not bool(got.param_grads[n].abs().sum() > 0))]
+        assert_true(not silent, f"parameters with no gradient: {silent[:4]}"
+                    + ("; " + SHARED_NORM if any(n.startswith("enorm.") for n in silent) else ""),
+                    hint="a module the equation uses but forward never calls gets no gradient")
 
     g = torch.Generator().manual_seed(21)
     cases = [cfg(n_layers=2), cfg(n_layers=1, n_dense_layers=1, q_lora_rank=0, dim=16, n_heads=2, kv_lora_rank=8, inter_dim=20)]
@@ -95,9 +116,9 @@ def judge(k, t):
             hr, er = h.clone().requires_grad_(True), e.clone().requires_grad_(True)
             ref.zero_grad()
             ref(hr, er)[0].sum().backward()
-            assert_true(got.grads[0] is not None and got.grads[1] is not None,
-                        "no gradient reaches h_prev or the embedding: do not detach h (the MTP loss trains the main model "
-                        "through it) nor the embedding (it is the model's, shared)")
+            assert_true(got.grads[0] is not None, DETACHED)
+            assert_true(got.grads[1] is not None, "no gradient reaches the embedding: do not detach it (it is the "
+                        "model's, shared, and the MTP loss trains it too)")
             expect_close(got.grads[0], hr.grad, atol=1e-9, name="gradient with respect to h_prev",
                          hint="do not detach h: the MTP loss trains the main model through it")
             expect_close(got.grads[1], er.grad, atol=1e-9, name="gradient with respect to the embedding")
@@ -107,36 +128,36 @@ def judge(k, t):
                     expect_close(got.param_grads[n], p.grad, atol=1e-9, name=f"gradient of {n}")
 
 
+_SOLUTION_BODY = """        x = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))  # (B, T', 2 dim) -> (B, T', dim)
+        return self.block(x)
+"""
+_DRAFT_BODY = """        h = h_prev.detach()  # the MTP module has its own loss
+        x = self.proj(torch.cat([self.hnorm(h), self.hnorm(emb_next)], dim=-1))  # (B, T', dim)
+        return self.block(x)
+"""
+_CAT = "torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1)"
 MUTANTS = [
-    Mutant("[emb ; h] order", "torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1)",
-           "torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1)", expect="the order is [hnorm(h) ; enorm(emb)]"),
-    Mutant("no norms", "torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1)", "torch.cat([h_prev, emb_next], dim=-1)",
-           expect="without their norms"),
-    Mutant("norms swapped", "torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1)",
-           "torch.cat([self.enorm(h_prev), self.hnorm(emb_next)], dim=-1)", expect="hnorm and enorm swapped"),
+    Mutant("the draft handed in unchanged", _SOLUTION_BODY, _DRAFT_BODY, expect="hnorm normalises the embedding too"),
+    Mutant("only the shared norm fixed", _SOLUTION_BODY, _DRAFT_BODY.replace("self.hnorm(emb_next)", "self.enorm(emb_next)"),
+           expect="do not detach h"),
+    Mutant("only the detach fixed", _SOLUTION_BODY, _DRAFT_BODY.replace("h_prev.detach()", "h_prev"),
+           expect="hnorm normalises the embedding too"),
+    Mutant("h detached", "self.hnorm(h_prev)", "self.hnorm(h_prev.detach())", expect="do not detach h"),
+    Mutant("[emb ; h] order", _CAT, "torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1)",
+           expect="the order is [hnorm(h) ; enorm(emb)]"),
+    Mutant("no norms", _CAT, "torch.cat([h_prev, emb_next], dim=-1)", expect="without their norms"),
+    Mutant("norms swapped", _CAT, "torch.cat([self.enorm(h_prev), self.hnorm(emb_next)], dim=-1)",
+           expect="hnorm and enorm swapped"),
+    Mutant("enorm for both", _CAT, "torch.cat([self.enorm(h_prev), self.enorm(emb_next)], dim=-1)",
+           expect="enorm normalises h too"),
     Mutant("norm applied in forward", "        return self.block(x)\n",
            "        h, info = self.block(x)\n        return self.norm(h), info\n", expect="before norm"),
-    Mutant("proj with a bias", "nn.Linear(2 * dim, dim, bias=False)", "nn.Linear(2 * dim, dim)", expect="no bias"),
-    Mutant("its own head", "        self.block = TransformerBlock(layer_id, cfg)\n",
-           "        self.block = TransformerBlock(layer_id, cfg)\n        self.head = nn.Linear(dim, cfg.vocab_size, bias=False)\n",
-           expect="not own an embedding or a head"),
-    Mutant("block at layer 0", "self.block = TransformerBlock(layer_id, cfg)", "self.block = TransformerBlock(0, cfg)",
-           expect="MoE FFN"),
-    Mutant("h detached", "self.hnorm(h_prev)", "self.hnorm(h_prev.detach())", expect="do not detach h"),
+    Mutant("the block skipped", "        return self.block(x)\n", "        return x, None\n", expect="the block is skipped"),
 ]
 
 ALTERNATIVES = [
     Alternative("the projection split into its two halves", source='''
-class MTPModule(nn.Module):
-    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        ### BEGIN SOLUTION
-        self.hnorm, self.enorm = RMSNorm(cfg.dim, cfg.rms_norm_eps), RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
-        self.block = TransformerBlock(layer_id, cfg)
-        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        ### END SOLUTION
-
+class MTPModule(DraftMTP):
     def forward(self, h_prev, emb_next):
         ### BEGIN SOLUTION
         d = h_prev.shape[-1]
@@ -144,6 +165,15 @@ class MTPModule(nn.Module):
         x = self.hnorm(h_prev) @ w_h.T + self.enorm(emb_next) @ w_e.T
         out, info = self.block(x)
         return out, info
+        ### END SOLUTION
+'''),
+    Alternative("the draft's two lines fixed in place", source='''
+class MTPModule(DraftMTP):
+    def forward(self, h_prev, emb_next):
+        ### BEGIN SOLUTION
+        h = h_prev  # not detached: the MTP loss trains the main model too
+        x = self.proj(torch.cat([self.hnorm(h), self.enorm(emb_next)], dim=-1))
+        return self.block(x)
         ### END SOLUTION
 '''),
 ]

@@ -179,19 +179,21 @@ def _stable_hash(s: str) -> int:
     return h
 
 
-def convert_to_fp8(module: nn.Module, recipe: str = "auto") -> nn.Module:
+def convert_to_fp8(module: nn.Module, recipe: str = "auto", linear_cls: type[nn.Module] | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` under ``module`` for an ``FP8Linear`` (FP8 GEMMs, FP32 master weights), in place.
 
     DeepSeek-V3 keeps the embedding, output head, router gate, norms and the attention core in higher
-    precision: call this on the blocks only (``DeepSeekV3Mini(cfg)`` with ``cfg.fp8`` does).
+    precision: call this on the blocks only (``DeepSeekV3Mini(cfg)`` with ``cfg.fp8`` does). ``linear_cls``: another
+    class with ``from_linear(linear, recipe=...)`` (Section 5 passes the learner's), the course's ``FP8Linear`` by default.
     """
-    from course_lib.deepseek.fp8 import FP8Linear
+    if linear_cls is None:
+        from course_lib.deepseek.fp8 import FP8Linear as linear_cls
 
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, FP8Linear.from_linear(child, recipe=recipe))
+            setattr(module, name, linear_cls.from_linear(child, recipe=recipe))
         else:
-            convert_to_fp8(child, recipe)
+            convert_to_fp8(child, recipe, linear_cls)
     return module
 
 

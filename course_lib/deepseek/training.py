@@ -180,27 +180,30 @@ RUNS: dict[str, dict] = {
 }
 
 
-def build_run_model(model_cls: Callable[[ModelConfig], nn.Module], seed: int = 0, **overrides) -> tuple[nn.Module, object]:
+def build_run_model(model_cls: Callable[[ModelConfig], nn.Module], seed: int = 0, *, fp8_linear: type[nn.Module] | None = None,
+                    **overrides) -> tuple[nn.Module, object]:
     """``model_cls(cfg)`` with ``RECIPE``'s initialisation, and the recipe's data (``overrides`` change ``ModelConfig``
-    fields). With ``fp8=True`` the blocks' linear layers run on FP8 GEMMs, whether or not ``model_cls`` converts them."""
+    fields). With ``fp8=True`` the blocks' linear layers run on FP8 GEMMs, whether or not ``model_cls`` converts them;
+    ``fp8_linear`` is the FP8 layer class for that conversion (the course's ``FP8Linear`` by default)."""
     from course_lib.data import MultiTaskLanguage
 
     data = MultiTaskLanguage(n_digits=RECIPE["n_digits"])
     cfg = ModelConfig(vocab_size=data.vocab_size, **overrides)
     model = model_cls(cfg)
     if cfg.fp8 and not any(type(m).__name__ == "FP8Linear" for m in model.modules()):
-        convert_to_fp8(model.layers)
-        convert_to_fp8(model.mtp)
+        convert_to_fp8(model.layers, linear_cls=fp8_linear)
+        convert_to_fp8(model.mtp, linear_cls=fp8_linear)
     return init_weights(model, seed, std=RECIPE["init_std"]), data
 
 
 def record_run(name: str, steps: int = 600, seed: int = 0, load_every: int = 5, *,
-               model_cls: Callable[[ModelConfig], nn.Module], step_fn: Callable) -> dict:
+               model_cls: Callable[[ModelConfig], nn.Module], step_fn: Callable,
+               fp8_linear: type[nn.Module] | None = None) -> dict:
     """Train the ``RUNS[name]`` variant of ``model_cls`` with ``step_fn`` for ``steps``; return what the notebook
-    plots (JSON-ready)."""
+    plots (JSON-ready). ``fp8_linear``: the FP8 layer class of the ``fp8`` run (the course's by default)."""
     over = dict(RUNS[name])
     balance = over.pop("balance", True)
-    model, data = build_run_model(model_cls, seed, **over)
+    model, data = build_run_model(model_cls, seed, fp8_linear=fp8_linear, **over)
     res = train(model, data, step_fn=step_fn, steps=steps, batch_size=RECIPE["batch_size"], lr=RECIPE["lr"],
                 warmup=RECIPE["warmup"], seed=seed, balance=balance, eval_every=RECIPE["eval_every"])
     loads = res.history["load"]  # (steps, n_moe, E)
