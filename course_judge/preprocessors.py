@@ -208,7 +208,7 @@ try:
     from nbclient.util import run_sync
     from nbgrader.preprocessors import Execute as _NbgraderExecute
     from nbgrader.preprocessors import SaveAutoGrades as _NbgraderSaveAutoGrades
-    from traitlets import Integer
+    from traitlets import Enum, Integer
 except ImportError:  # pragma: no cover - the grader always has nbgrader
     _NbgraderExecute = _NbgraderSaveAutoGrades = None
 
@@ -223,6 +223,10 @@ if _NbgraderExecute is not None:
         responsive_timeout = Integer(15, help="seconds a kernel gets to answer after an interrupted cell").tag(config=True)
         judge_call_timeout = Integer(int(os.environ.get("COURSE_JUDGE_CALL_TIMEOUT", 60)),
                                      help="seconds one judge call into the kernel may take").tag(config=True)
+        # the scores are final after the last cell: a graceful shutdown would only wait for the kernel's own atexit
+        # hooks (seconds, and as long as a hostile kernel likes up to the kill); the sandbox's cgroup is killed anyway
+        shutdown_kernel = Enum(["graceful", "immediate"], default_value="immediate",
+                               help="how the kernel is stopped after the last cell").tag(config=True)
         judge_max_reply_mb = Integer(int(os.environ.get("COURSE_JUDGE_MAX_REPLY_MB", 64)),
                                      help="largest answer (MB) the judge reads from the kernel").tag(config=True)
 
@@ -250,11 +254,13 @@ if _NbgraderExecute is not None:
             launched = os.environ.get("COURSE_LAUNCHED_AT")  # the batch's wall clock when it started this process
             nbgrader_start_s = time.time() - float(launched) if launched else None
             nb, resources = super().preprocess(nb, resources, km)
+            t_done = time.monotonic()
             resources["course_verdicts"] = {gid: v.to_json() for gid, v in self._course_verdicts.items()}
             c = self._course_clock
             note("timing", "grading time", execution_s=(c["last"] - c["first"]) if c["first"] is not None else None,
                  kernel_start_s=(c["first"] - t_start) if c["first"] is not None else None,
                  judge_s=c["judge"], channel_s=c["channel"], judge_calls=c["calls"], nbgrader_start_s=nbgrader_start_s,
+                 shutdown_s=(t_done - c["last"]) if c["last"] is not None else None,
                  **SETUP_TIMES,
                  after_s_from=time.time())
             return nb, resources

@@ -229,6 +229,10 @@ def test_nbgrader_config_loads():
     assert "course_judge.preprocessors.CourseSaveAutoGrades" in cfg.Autograde.autograde_preprocessors
     assert not [p for p in cfg.Autograde.autograde_preprocessors if p.endswith(("SaveAutoGrades", "Execute"))
                 and not p.startswith("course_judge.")], "nbgrader's own scoring from cell outputs must not run"
+    # the kernel is killed after the last cell: no graceful wait for its atexit hooks (seconds per submission)
+    from course_judge.preprocessors import CourseExecute
+
+    assert CourseExecute(config=cfg).shutdown_kernel == "immediate", "grading waits for the kernel's own shutdown"
 
 
 def test_math_sanity():

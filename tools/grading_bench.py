@@ -8,7 +8,7 @@ partial / blank notebooks, cycled), then grades the same batch once per setup (`
 skipped) and prints, per setup, submissions/minute and the median time per submission split into: staging (the
 batch's own copy and scan), nbgrader start-up (process start to the first kernel request), kernel start (the
 sandbox and ipykernel up to the first cell), execution (first cell to last, the judge included), and what is
-left (nbgrader's own work after the last cell: writing the notebook and the gradebook, the record).
+left (nbgrader's work after the last cell: the kernel's shutdown (also shown alone), writing the notebook and gradebook, the record).
 
 Setups: ``localN`` = the embedded LocalCluster with N grading slots; ``nodes`` = a ``dask scheduler`` CLI process
 and two ``dask worker`` CLI processes of one slot each (separate local directories), reached through
@@ -66,6 +66,7 @@ def breakdown(records: list) -> dict:
         "kernel_start_s": mean(lambda r: r.timing.get("kernel_start_s")),
         "sandbox_setup_s": mean(lambda r: r.timing.get("sandbox_setup_s")),
         "view_s": mean(lambda r: r.timing.get("view_s")),
+        "shutdown_s": mean(lambda r: r.timing.get("shutdown_s")),
         "after_s": mean(lambda r: r.timing.get("after_s")),
         "execution_s": mean(lambda r: r.timing.get("execution_s")),
         "judge_s": mean(lambda r: r.timing.get("judge_s")),
