@@ -240,7 +240,7 @@ print("TransformerBlock: visible tests passed")
 # The same colleague wrote one depth from the diagram. Its construction is right and every shape is right; a model
 # built on it trains, and its MTP loss even falls. Its `forward` still differs from the equation above in **two**
 # places, and neither changes a value you can see at initialisation (every RMSNorm starts with unit gains). Ask of
-# each line: which module normalises which input, and where does the gradient of $\mathcal{L}_{	ext{MTP}}$ flow?
+# each line: which module normalises which input, and where does the gradient of $\mathcal{L}_{\text{MTP}}$ flow?
 # Find both, say what each one costs in training, then write the corrected `forward` in `MTPModule`. The graded
 # cell's gradient check already fails for the draft.
 

@@ -29,6 +29,15 @@ def test_source_notebooks_match_authoring_scripts():
 
 
 @pytest.mark.parametrize("section", SECTIONS)
+def test_authoring_scripts_hold_no_control_characters(section):
+    """A tab or another control character in an authoring script is nearly always an escape gone wrong: the tab
+    of a Python ``"\\t"`` where LaTeX wanted ``\\text``, which the notebook then shows as a blank and a broken formula."""
+    text = (ROOT / "notebooks" / f"{section}.py").read_text()
+    bad = [(n, line.strip()[:80]) for n, line in enumerate(text.splitlines(), 1) if re.search(r"[\x00-\x09\x0b-\x1f\x7f]", line)]
+    assert not bad, f"control characters (a tab from '\\t'?) in notebooks/{section}.py: {bad}"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
 def test_authoring_round_trip(section):
     text = (ROOT / "notebooks" / f"{section}.py").read_text()
     nb = nbsrc.script_to_notebook(text, section)
