@@ -19,7 +19,7 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** core path about 150 min; deep dives 10 min.
+# **Time:** core path about 170 min; deep dives 10 min.
 #
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
@@ -96,7 +96,8 @@ print(TINY)
 # %% [solution id=ex_03_1_expert]
 #@save
 class ExpertNetwork(nn.Module):
-    """One SwiGLU expert: FFN(x) = w2(silu(w1 x) * w3 x), no biases (DeepSeek-V3 eq. 12's FFN_i)."""
+    """One SwiGLU expert, DeepSeek-V3 eq. 12's FFN_i: the gate w1, the up projection w3, the down projection w2
+    (the formula is in the text above), no biases."""
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ class ExpertNetwork(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection W_3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., dim) -> (..., dim)."""
+        """x (..., dim) -> (..., dim), in x's dtype."""
         ### BEGIN SOLUTION
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
         ### END SOLUTION
@@ -148,6 +149,52 @@ print("ExpertNetwork and moe_param_counts: visible tests passed")
 # %% [markdown]
 # **Checkpoint.** One DeepSeek-V3 MoE layer holds 11.32 B parameters, of which 0.40 B (3.5 %) act on each token.
 # 58 such layers make up about 657 B of the model's 671 B.
+
+# %% [markdown]
+# ### A test that pins the expert down
+# `forward` is one line once you know the formula; telling a right expert from an almost-right one is the
+# harder skill. Write `test_expert(expert_cls)`: it receives an expert class with `ExpertNetwork`'s contract
+# (`expert_cls(dim, inter_dim)` has `nn.Linear` layers `w1`, `w3` of shape (inter_dim, dim) and `w2` of shape
+# (dim, inter_dim), no biases, and maps x (..., dim) to (..., dim) in x's dtype), returns None for a correct class
+# however its forward is written, and raises `AssertionError` for a wrong one. Build experts, compute what the
+# formula gives from their own weights, and compare within a tolerance (correct experts round differently).
+# Pick inputs and sizes that make each part of the formula matter: which branch goes through SiLU, the
+# product, the down projection, the shapes. The judge runs your test on correct and wrong experts it does not
+# show you; `make_expert(act="relu")` below is one wrong one you can try.
+
+# %% [given]
+from course_lib.expert_drafts import make_expert  # draft expert classes built from switches, to try your test on
+
+# %% [solution id=ex_03_1_expert_test]
+def test_expert(expert_cls) -> None:
+    """Check that ``expert_cls`` keeps ExpertNetwork's contract; raise AssertionError (saying what is wrong) if not."""
+    ### BEGIN SOLUTION
+    g = torch.Generator().manual_seed(0)
+    for dim, inter in ((8, 5), (4, 12)):
+        e = expert_cls(dim, inter)
+        names = sorted(n for n, _ in e.named_parameters())
+        assert names == ["w1.weight", "w2.weight", "w3.weight"], f"parameters {names}: w1, w2, w3 and no biases"
+        w1, w2, w3 = (lin.weight.detach() for lin in (e.w1, e.w2, e.w3))
+        for shape in ((7, dim), (2, 3, dim)):
+            x = 3 * torch.randn(*shape, generator=g)  # large enough that SiLU, ReLU and GELU differ
+            with torch.no_grad():
+                y = e(x)
+            assert y.shape == x.shape and y.dtype == x.dtype, f"{tuple(x.shape)} {x.dtype} -> {tuple(y.shape)} {y.dtype}"
+            gate, up = x @ w1.T, x @ w3.T
+            want = (gate * torch.sigmoid(gate) * up) @ w2.T
+            assert torch.allclose(y, want, atol=1e-5, rtol=1e-4), f"max error {(y - want).abs().max():.2e} at {dim}, {inter}"
+    ### END SOLUTION
+
+
+# %% [test id=test_03_1_expert_test points=2]
+assert test_expert(make_expert()) is None  # your test passes a correct expert
+try:
+    test_expert(make_expert(act="relu"))  # an expert with ReLU where SiLU belongs
+except AssertionError as _e:
+    print(f"your test caught an expert with ReLU instead of SiLU: {_e}")
+else:
+    raise AssertionError("test_expert passed an expert with ReLU instead of SiLU: use inputs with negative gate values")
+print("test_expert: visible tests passed")
 
 # %% [markdown]
 # ## 3.2 The router
