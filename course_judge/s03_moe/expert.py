@@ -68,9 +68,18 @@ def _count_hint(got: int, cfg: MoEConfig, which: str) -> str:
     return named.get(got, "gate (N_r x dim) + shared (3 x dim x N_s x I) + routed experts (3 x dim x I each; K_r of them for active)")
 
 
+def _own_expert(k) -> None:
+    """Fail when the notebook's ExpertNetwork is one of 3.1's test drafts (or derives from one), wherever it was
+    bound: the static check sees the answer cells only."""
+    assert_true(not k.call(k.lib("course_lib.expert_drafts:is_draft"), k.g.ExpertNetwork),
+                "ExpertNetwork is one of the draft experts given to try test_expert on, not your own expert",
+                hint="write ExpertNetwork.forward yourself; make_expert is there to test your test_expert")
+
+
 def judge(k, t):
     g = torch.Generator().manual_seed(31)
     with t.part("visible checks: output shape, one token by hand, TINY's total parameters", 1):
+        _own_expert(k)
         e, w1, w2, w3 = _expert(k, 16, 12, g)
         x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
         y = expect_tensor(e(x), "expert output", shape=(3, 5, 16), hint="the expert maps (..., dim) to (..., dim)")
@@ -91,6 +100,7 @@ def judge(k, t):
         )
 
     with t.part("SwiGLU in float64 at three sizes (inter_dim 1 included), every activation mistake named", 0.5):
+        _own_expert(k)
         for dim, inter in ((8, 5), (24, 40), (16, 1)):
             e, w1, w2, w3 = _expert(k, dim, inter, g)
             x = torch.randn(7, dim, generator=g, dtype=torch.float64)
