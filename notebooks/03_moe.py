@@ -19,7 +19,7 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** core path about 170 min; deep dives 45 min.
+# **Time:** core path about 170 min; deep dives 50 min.
 #
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
@@ -941,9 +941,10 @@ print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; your grouped dispa
 def stack_experts(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The experts' weights stacked for a grouped GEMM: W1, W3 (E, dim, inter) and W2 (E, inter, dim)."""
     ### BEGIN SOLUTION
-    def stack(name: str) -> torch.Tensor:
-        return torch.stack([getattr(e, name).weight.detach() for e in experts]).transpose(1, 2)
-    return stack("w1"), stack("w3"), stack("w2")
+    def stack(weights: list[torch.Tensor]) -> torch.Tensor:  # E x (out, in) -> (E, in, out)
+        return torch.stack([w.detach() for w in weights]).transpose(1, 2)
+    return (stack([e.w1.weight for e in experts]), stack([e.w3.weight for e in experts]),
+            stack([e.w2.weight for e in experts]))
     ### END SOLUTION
 
 
