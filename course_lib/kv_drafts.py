@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from course_lib.drafts import build_all, choice
+
 __all__ = ["make_kv_cache_bytes", "make_kv_cache_bytes_all"]
 
 
@@ -25,8 +27,7 @@ def make_kv_cache_bytes(*, factor: int = 2, use_batch: bool = True, default_batc
                         bits: bool = False, as_float: bool = False, extra_tokens: int = 0, layers_for_heads: bool = False,
                         style: str = "formula") -> Callable[..., int | float]:
     """One draft of ``kv_cache_bytes``; see the module docstring for the switches."""
-    if style not in ("formula", "prod", "loop", "float"):
-        raise ValueError(f"style must be 'formula', 'prod', 'loop' or 'float', got {style!r}")
+    choice("style", style, ("formula", "prod", "loop", "float"))
 
     def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=default_batch, bytes_per_elem=default_bytes):
         heads = n_layers if layers_for_heads else n_kv_heads
@@ -50,4 +51,4 @@ def make_kv_cache_bytes(*, factor: int = 2, use_batch: bool = True, default_batc
 
 def make_kv_cache_bytes_all(specs: Sequence[dict]) -> list[Callable[..., int | float]]:
     """``make_kv_cache_bytes(**s)`` for each switch set (one round trip for the judge)."""
-    return [make_kv_cache_bytes(**s) for s in specs]
+    return build_all(make_kv_cache_bytes, specs)

@@ -19,7 +19,7 @@
 #   compare them on skewed data;
 # - read routing statistics: expert load, collapse, specialisation, and what experts cost compared with a dense FFN.
 #
-# **Time:** core path about 150 min; deep dives 10 min.
+# **Time:** core path about 170 min; deep dives 50 min.
 #
 # **Prerequisites:** Section 1.3 (MoE principles), PyTorch `nn.Module`, `torch.topk`, `torch.argsort`.
 #
@@ -96,7 +96,8 @@ print(TINY)
 # %% [solution id=ex_03_1_expert]
 #@save
 class ExpertNetwork(nn.Module):
-    """One SwiGLU expert: FFN(x) = w2(silu(w1 x) * w3 x), no biases (DeepSeek-V3 eq. 12's FFN_i)."""
+    """One SwiGLU expert, DeepSeek-V3 eq. 12's FFN_i: the gate w1, the up projection w3, the down projection w2
+    (the formula is in the text above), no biases."""
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ class ExpertNetwork(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection W_3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., dim) -> (..., dim)."""
+        """x (..., dim) -> (..., dim), in x's dtype."""
         ### BEGIN SOLUTION
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
         ### END SOLUTION
@@ -128,18 +129,19 @@ def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
 
 
 # %% [test id=test_03_1_expert points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert.
+# Checks you can run now. When graded, the judge runs these and more (2 points): SwiGLU in float64 at three sizes against the formula of the text with every usual activation mistake named, no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert.
 import torch
-import torch.nn.functional as F
-from course_lib.testing import assert_close, assert_shape, assert_true
+from course_lib.testing import assert_shape, assert_true
 
 torch.manual_seed(0)
-_e = ExpertNetwork(16, 12).double()
-_x = torch.randn(3, 5, 16, dtype=torch.float64)
+_e = ExpertNetwork(16, 12)
+_names = sorted(n for n, _ in _e.named_parameters())
+assert_true(_names == ["w1.weight", "w2.weight", "w3.weight"], f"ExpertNetwork's parameters {_names}: w1, w2, w3 without biases")
+_x = torch.randn(3, 5, 16)
 _y = _e(_x)
 assert_shape(_y, (3, 5, 16), "expert output")
-_want = _e.w2.weight @ (F.silu(_e.w1.weight @ _x[0, 0]) * (_e.w3.weight @ _x[0, 0]))
-assert_close(_y[0, 0], _want, atol=1e-12, name="expert output for one token", hint="w2(silu(w1 x) * w3 x)")
+assert_true(_y.dtype == _x.dtype, f"expert output dtype {_y.dtype}, expected the input's {_x.dtype}")
+assert_true(bool((_e(torch.zeros(2, 16)) == 0).all()), "a zero input must give a zero output (no biases, no constant term)")
 _c = moe_param_counts(TINY)
 assert_true(isinstance(_c, dict) and set(_c) == {"total", "active"}, "moe_param_counts must return {'total': ..., 'active': ...}")
 assert_true(_c["total"] == 8 * 16 + 9 * 3 * 16 * 12, f"TINY total parameters: got {_c['total']}, expected {8 * 16 + 9 * 3 * 16 * 12}")
@@ -148,6 +150,53 @@ print("ExpertNetwork and moe_param_counts: visible tests passed")
 # %% [markdown]
 # **Checkpoint.** One DeepSeek-V3 MoE layer holds 11.32 B parameters, of which 0.40 B (3.5 %) act on each token.
 # 58 such layers make up about 657 B of the model's 671 B.
+
+# %% [markdown]
+# ### A test that pins the expert down
+# `forward` is one line once you know the formula; telling a right expert from an almost-right one is the
+# harder skill. Write `test_expert(expert_cls)`: it receives an expert class with `ExpertNetwork`'s contract
+# (`expert_cls(dim, inter_dim)` has `nn.Linear` layers `w1`, `w3` of shape (inter_dim, dim) and `w2` of shape
+# (dim, inter_dim), no biases, and maps x (..., dim) to (..., dim) in x's dtype), returns None for a correct class
+# however its forward is written, and raises `AssertionError` for a wrong one. Build experts, compute what the
+# formula gives from their own weights, and compare within a tolerance (correct experts round differently).
+# Pick inputs and sizes that make each part of the formula matter: which branch goes through SiLU, the
+# product, the down projection, the shapes. The judge runs your test on correct and wrong experts it does not
+# show you; `make_expert(act="relu")` below is one wrong one you can try.
+
+# %% [given]
+from course_lib.expert_drafts import make_expert  # draft expert classes built from switches, to try your test on
+
+# %% [solution id=ex_03_1_expert_test]
+def test_expert(expert_cls) -> None:
+    """Check that ``expert_cls`` keeps ExpertNetwork's contract; raise AssertionError (saying what is wrong) if not."""
+    ### BEGIN SOLUTION
+    g = torch.Generator().manual_seed(0)
+    for dim, inter in ((8, 5), (4, 12)):
+        e = expert_cls(dim, inter)
+        names = sorted(n for n, _ in e.named_parameters())
+        assert names == ["w1.weight", "w2.weight", "w3.weight"], f"parameters {names}: w1, w2, w3 and no biases"
+        w1, w2, w3 = (lin.weight.detach() for lin in (e.w1, e.w2, e.w3))
+        for shape in ((7, dim), (2, 3, dim)):
+            x = 3 * torch.randn(*shape, generator=g)  # large enough that SiLU, ReLU and GELU differ
+            with torch.no_grad():
+                y = e(x)
+            assert y.shape == x.shape and y.dtype == x.dtype, f"{tuple(x.shape)} {x.dtype} -> {tuple(y.shape)} {y.dtype}"
+            gate, up = x @ w1.T, x @ w3.T
+            want = (gate * torch.sigmoid(gate) * up) @ w2.T
+            assert torch.allclose(y, want, atol=1e-5, rtol=1e-4), f"max error {(y - want).abs().max():.2e} at {dim}, {inter}"
+    ### END SOLUTION
+
+
+# %% [test id=test_03_1_expert_test points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): test_expert passes correct experts written differently (SiLU as z * sigmoid(z), w1 and w3 fused, einsum, float64 inside) and catches wrong ones (another activation, SiLU on the up branch or on both, a sum for the product, no up projection, w2 skipped, biases, the dtype or the leading dimensions lost).
+assert test_expert(make_expert()) is None  # your test passes a correct expert
+try:
+    test_expert(make_expert(act="relu"))  # an expert with ReLU where SiLU belongs
+except AssertionError as _e:
+    print(f"your test caught an expert with ReLU instead of SiLU: {_e}")
+else:
+    raise AssertionError("test_expert passed an expert with ReLU instead of SiLU: use inputs with negative gate values")
+print("test_expert: visible tests passed")
 
 # %% [markdown]
 # ## 3.2 The router
@@ -880,6 +929,77 @@ print(f"{_n} tokens: {_r['per_token_loop']}; {_r['grouped']}; your grouped dispa
 #    stay balanced once the bias stops moving?
 
 # %% [markdown]
+# ### Worked challenge 1: grouped GEMM
+# `dispatch` still loops over the experts: E small products per projection, each a separate kernel launch. A
+# *grouped GEMM* does all of them in one call: stack the experts' weights into (E, d, I) and (E, I, d) tensors,
+# sort the assignments' rows by expert, and pass the group ends (`offs` = the cumulative counts, int32) to
+# `torch._grouped_mm(rows, W, offs=offs)`, which multiplies rows `offs[e-1]:offs[e]` by `W[e]`. It is a private
+# API (present in torch 2.13, on CPU in float32 and bfloat16, forward only); where it is missing the solution
+# falls back to a loop over the experts, so the answer stays the same. The cell below times it against your
+# `dispatch` at 4 tokens, where launch overhead dominates, and at 4096, where the matrix products do.
+
+# %% [solution id=ex_03_c1_grouped]
+def stack_experts(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' weights stacked for a grouped GEMM: W1, W3 (E, dim, inter) and W2 (E, inter, dim)."""
+    ### BEGIN SOLUTION
+    def stack(weights: list[torch.Tensor]) -> torch.Tensor:  # E x (out, in) -> (E, in, out)
+        return torch.stack([w.detach() for w in weights]).transpose(1, 2)
+    return (stack([e.w1.weight for e in experts]), stack([e.w3.weight for e in experts]),
+            stack([e.w2.weight for e in experts]))
+    ### END SOLUTION
+
+
+def grouped_dispatch(stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor, weights: torch.Tensor,
+                     indices: torch.Tensor) -> torch.Tensor:
+    """dispatch's routed output (N, dim) with one grouped product per projection instead of a loop over experts."""
+    ### BEGIN SOLUTION
+    W1, W3, W2 = stacked
+    N, K = indices.shape
+    flat = indices.reshape(-1)  # (N*K,)
+    perm = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    rows = perm // K  # (N*K,) their tokens
+    ends = torch.bincount(flat, minlength=W1.shape[0]).cumsum(0)  # (E,) where each expert's rows end
+    if hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16):
+        def mm(a, w):
+            return torch._grouped_mm(a, w, offs=ends.to(torch.int32))
+    else:  # the fallback: one product per expert on its slice
+        def mm(a, w):
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]]).tolist()
+            return torch.cat([a[s:t] @ w[e] for e, (s, t) in enumerate(zip(starts, ends.tolist()))])
+    with torch.no_grad():
+        xs = x[rows]  # (N*K, dim)
+        h = F.silu(mm(xs, W1)) * mm(xs, W3)  # (N*K, inter)
+        out = mm(h, W2) * weights.reshape(-1)[perm].to(x.dtype).unsqueeze(-1)  # (N*K, dim)
+        return torch.zeros_like(x).index_add_(0, rows, out)
+    ### END SOLUTION
+
+
+# %% [code]
+cfg_gg = MoEConfig(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=0, n_activated_experts=4,
+                   n_expert_groups=4, n_limited_groups=2)
+torch.manual_seed(0)
+try:
+    moe_gg = MixtureOfExperts(cfg_gg).eval()
+    stacked_gg = stack_experts(moe_gg.experts)
+    print(f"torch._grouped_mm {'is' if hasattr(torch, '_grouped_mm') else 'is NOT'} available (torch {torch.__version__})")
+    for n_tok in (4, 4096):
+        x_gg = torch.randn(n_tok, cfg_gg.dim)
+        with torch.no_grad():
+            w_gg, i_gg, _ = moe_gg.gate(x_gg)
+            y_loop = moe_gg.dispatch(x_gg, w_gg, i_gg)
+        y_grouped = grouped_dispatch(stacked_gg, x_gg, w_gg, i_gg)
+        print(f"{n_tok} tokens: largest difference from your dispatch {(y_grouped - y_loop).abs().max():.1e}")
+        with threads(1), torch.no_grad():
+            args_gg = (x_gg, w_gg, i_gg)
+            t_gg = compare({"dispatch (a loop over experts)": lambda a=args_gg: moe_gg.dispatch(*a),
+                            "grouped GEMM": lambda a=args_gg: grouped_dispatch(stacked_gg, *a)},
+                           warmup=1, repeats=5, number=3 if n_tok == 4 else 1)
+        a, b = t_gg.values()
+        print(f"  {a}\n  {b}\n  the grouped GEMM is {ratio(a, b):.2f}x as fast")
+except NotImplementedError:
+    print("(optional: finish 3.3 and write stack_experts and grouped_dispatch above to compare them)")
+
+# %% [markdown]
 # ### Worked challenge 2: device-limited routing
 # Count, per token, how many groups ("devices") its chosen experts sit on, with the group limit and without it
 # (the same router weights, `n_limited_groups` = 4 of 4). Your answer goes in the cell below; the worked solutions
@@ -912,6 +1032,54 @@ try:
               f"{[round(v, 2) for v in shares.tolist()]}")
 except NotImplementedError:
     print("(optional: finish 3.2 and write devices_per_token above to compare the traffic)")
+
+# %% [markdown]
+# ### Worked challenge 3: the γ schedule
+# DeepSeek-V3 moves the bias with γ = 0.001 for most of its training and freezes it (γ = 0) for the last 500B
+# tokens. Here: train the experiments' layer (3.5) with γ = 0.01 for the first half of its steps, then go on with
+# γ = 0, and compare MaxVio with the unbalanced run `runs["none"]` from 3.5 (same initial weights). Once the bias
+# has found prices that balance the load, does the load stay balanced without it moving, or does it drift back
+# towards the unbalanced run's? Your answer goes in the cell below.
+
+# %% [solution id=ex_03_c3_gamma]
+def gamma_schedule(model: MixtureOfExperts, steps_on: int, steps_off: int, gamma: float) -> tuple[dict, dict]:
+    """Train ``model`` with the bias update at ``gamma`` for ``steps_on`` steps, then with gamma 0 for ``steps_off``:
+    the two phases' histories from ``train``."""
+    ### BEGIN SOLUTION
+    on = train(model, steps=steps_on, mode="bias", gamma=gamma, seed=0)
+    off = train(model, steps=steps_off, mode="bias", gamma=0.0, seed=1)  # fresh batches, the bias frozen
+    return on, off
+    ### END SOLUTION
+
+
+# %% [code]
+try:
+    torch.manual_seed(0)  # the experiments' initial weights
+    half = STEPS // 2
+    h_on, h_off = gamma_schedule(MixtureOfExperts(EXP), half, STEPS - half, 0.01)
+    h_none = runs["none"]  # 3.5's unbalanced run, STEPS steps
+    for name, v in ((f"gamma 0.01, the last 20 of {half} steps", h_on["maxvio"][-20:]),
+                    (f"gamma 0 after it, the last 20 of {STEPS} steps", h_off["maxvio"][-20:]),
+                    (f"no balancing, the last 20 of {STEPS} steps", h_none["maxvio"][-20:])):
+        print(f"{name:40s}: MaxVio {np.mean(v):.2f}")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(smooth(h_on["maxvio"] + h_off["maxvio"]), label="gamma 0.01, then 0")
+    ax.plot(smooth(h_none["maxvio"]), label="no balancing")
+    ax.axvline(len(h_on["maxvio"]), color="grey", ls="--", lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MaxVio (5-step mean)")
+    ax.set_title(f"Freezing the bias after {half} steps")
+    ax.legend()
+    fig.tight_layout()
+    plt.show()
+except (NotImplementedError, KeyError):
+    print("(optional: finish 3.3 and 3.4, run 3.5, and write gamma_schedule above to see the schedule)")
+
+# %% [markdown]
+# In this toy the load does not stay balanced: the router's weights still move fast (a learning rate of 3e-3,
+# a few dozen steps in), and with the bias frozen nothing pulls the busy experts back, so MaxVio climbs towards
+# the unbalanced run's. V3 froze its bias only after 14.3T tokens, when routing had settled; a schedule like
+# that assumes a router that has stopped changing much, which is worth checking (MaxVio) before trusting it.
 
 # %% [markdown]
 # ## Quiz

@@ -3,7 +3,8 @@
 The reference modules are not importable in a section's grading kernel at all (its view of course_lib lacks
 them, tests/test_judges.py::test_kernel_cannot_import_the_sections_answers); these cases check the second
 wall: the judge reads the submitted source and refuses an exercise whose answer imports, subclasses, wraps,
-calls or ``exec``s its reference, or uses a name the kernel holds for another purpose (6.1's routers).
+calls or ``exec``s its reference, or uses a name the kernel holds for another purpose (6.1's routers, the drafts
+of 1.1's and 3.1's tests).
 In-process (course_judge.local): no kernel, seconds.
 """
 
@@ -40,6 +41,10 @@ CASES = [
     ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache", "_draft = make_kv_cache_bytes()"),
     ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache",
      "from course_lib.kv_drafts import make_kv_cache_bytes as _m\n_draft = _m()"),
+    ("03_moe", "test_03_1_expert", "ex_03_1_expert", "_Draft = make_expert()"),
+    ("03_moe", "test_03_1_expert_test", "ex_03_1_expert_test",
+     "from course_lib.expert_drafts import make_experts as _m\n_oracle = _m([{}])[0]"),
+    ("03_moe", "test_03_3_moe", "ex_03_3_moe", "import course_lib.expert_drafts as _d\n_E = _d.make_expert()"),
 ]
 
 

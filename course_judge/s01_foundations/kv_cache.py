@@ -1,17 +1,16 @@
 """Exercise 1.1 (KV cache): bytes needed to cache keys and values, and a test that pins the formula down.
 
 The drafts the learner's ``test_kv_cache_bytes`` is run on live in the kernel already (``course_lib.kv_drafts``,
-built there from plain switches), so no code crosses the channel. The test earns the catching part only while it
-passes every correct draft (a test that always raises catches everything).
+built there from plain switches), so no code crosses the channel; ``course_judge.drafts`` runs them through the
+test. The test earns the catching part only while it passes every correct draft.
 """
 
 from __future__ import annotations
 
-import random
-
+from course_judge import drafts
 from course_judge.checks import expect_equal, expect_int
+from course_judge.drafts import Drafts
 from course_judge.local import Alternative, Mutant
-from course_judge.session import LearnerError
 
 GRADE_ID = "test_01_1_kv_cache"
 POINTS = 4
@@ -29,7 +28,7 @@ CORRECT = {
     "a loop adding one layer at a time": dict(style="loop"),
     "a float product converted to int (exact at these sizes)": dict(style="float"),
 }
-VISIBLE_WRONG = {"the batch is ignored": dict(use_batch=False)}
+VISIBLE_WRONG = {"the batch is ignored": (dict(use_batch=False), "call it with a batch other than 1")}
 WRONG = {
     "the factor 2 (K and V) is missing": (dict(factor=1), "compare with the formula at sizes other than 1"),
     "the default batch is 2": (dict(default_batch=2), "call it once without batch and bytes_per_elem"),
@@ -58,43 +57,9 @@ def _diagnose(got, args):
     return "2 (K and V) x layers x kv heads x head dim x tokens x batch x bytes per element"
 
 
-def _describe(e: Exception) -> str:
-    if isinstance(e, LearnerError):
-        if e.not_implemented:
-            return "test_kv_cache_bytes is not implemented yet (it raised NotImplementedError)"
-        return f"{e.type}: {e.message[:300]}"
-    return f"{type(e).__name__}: {e}"
-
-
-def _run_drafts(k) -> dict[str, Exception | None]:
-    """Every draft through the learner's test, in a seeded shuffled order (one round trip)."""
-    specs = {**CORRECT, **VISIBLE_WRONG, **{n: sw for n, (sw, _) in WRONG.items()}}
-    names = list(specs)
-    random.Random(11).shuffle(names)
-    drafts = k.call_opts(k.lib("course_lib.kv_drafts:make_kv_cache_bytes_all"), ([specs[n] for n in names],), keep=True)
-    res = k.many([(k.g.test_kv_cache_bytes, (drafts[i],), {}) for i in range(len(names))])
-    out: dict[str, Exception | None] = {}
-    for n, r in zip(names, res):
-        if isinstance(r, LearnerError) and r.not_implemented:
-            raise AssertionError(_describe(r))
-        out[n] = r if isinstance(r, Exception) else None
-    return out
-
-
-def _accepts(results, names) -> None:
-    for n in names:
-        e = results[n]
-        if e is not None:
-            raise AssertionError(f"your test rejects a correct draft ({n}):\n  {_describe(e)}\n  likely cause: compare "
-                                 "values with the formula (exactly: they are ints), not the way a draft computes them")
-
-
-def _catches(results, names, hints) -> None:
-    missed = [n for n in names if results[n] is None]
-    if missed:
-        raise AssertionError(f"your test passes a wrong draft: {missed[0]}"
-                             + (f" (and {len(missed) - 1} more)" if len(missed) > 1 else "")
-                             + f"\n  likely cause: no call makes this mistake show; {hints[missed[0]]}")
+DRAFTS = Drafts("course_lib.kv_drafts:make_kv_cache_bytes_all", "test_kv_cache_bytes", CORRECT,
+                {**VISIBLE_WRONG, **WRONG}, seed=11, chunk=64)
+_CAUSE = "compare values with the formula (exactly: they are ints), not the way a draft computes them"
 
 
 def judge(k, t):
@@ -116,20 +81,20 @@ def judge(k, t):
                      hint="keep the parameter names of the signature")
     results: dict = {}
     with t.part("visible checks: test_kv_cache_bytes passes the formula and catches a draft that ignores the batch", 0.5):
-        results.update(_run_drafts(k))
-        _accepts(results, ["the formula as one product"])
-        _catches(results, list(VISIBLE_WRONG), {"the batch is ignored": "call it with a batch other than 1"})
+        results.update(drafts.run(k, DRAFTS))
+        drafts.accepts(results, ["the formula as one product"], DRAFTS, _CAUSE)
+        drafts.catches(results, list(VISIBLE_WRONG), DRAFTS)
     accepted = False
     with t.part("test_kv_cache_bytes passes correct drafts written differently (math.prod, a loop, a float product)", 0.5):
         if not results:
             raise AssertionError("not graded: the drafts could not be run through your test")
-        _accepts(results, list(CORRECT))
+        drafts.accepts(results, list(CORRECT), DRAFTS, _CAUSE)
         accepted = True
     with t.part("test_kv_cache_bytes catches wrong drafts: a factor left out, a default changed, bits, a float, an extra "
                 "token, layers for heads", 1.5):
         if not accepted:
             raise AssertionError("not graded: your test must pass every correct draft before catching wrong ones counts")
-        _catches(results, list(WRONG), {n: h for n, (_, h) in WRONG.items()})
+        drafts.catches(results, list(WRONG), DRAFTS)
 
 
 MUTANTS = [

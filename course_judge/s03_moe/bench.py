@@ -21,7 +21,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_tensor
 from course_judge.local import Mutant
-from course_judge.s03_moe._common import matmul_flops, no_token_loop, reference_moe
+from course_judge.s03_moe._common import EXPERT_DRAFTS, matmul_flops, no_token_loop, reference_moe
 from course_judge.s03_moe.layer import _BODY, _DENSE, _PER_TOKEN, layer, run
 from course_judge.s03_moe.layer import ALTERNATIVES as _LAYER_ALTERNATIVES
 from course_judge.session import LearnerError
@@ -40,6 +40,7 @@ SUMMARY = (
     f"on the same weights ({N_TOKENS} tokens, 16 experts, top-4; both timed by the judge)"
 )
 REFERENCE = ("course_lib.deepseek.moe",)
+FORBIDDEN_NAMES = EXPERT_DRAFTS  # the drafts of 3.1's test hand over a correct expert
 CFG = dict(dim=64, moe_inter_dim=32, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from course_judge.checks import assert_true, expect_close, expect_int, expect_tensor
 from course_judge.local import Alternative, Mutant
-from course_judge.s03_moe._common import TINY, build, remote_cfg, swiglu, swiglu_mistakes
+from course_judge.s03_moe._common import EXPERT_DRAFTS, TINY, build, remote_cfg, swiglu, swiglu_mistakes
 from course_lib.deepseek.moe import param_counts
 from course_lib.deepseek.routing import MoEConfig
 
@@ -14,10 +14,11 @@ GRADE_ID = "test_03_1_expert"
 POINTS = 2
 ANSWERS = ("ex_03_1_expert",)
 SUMMARY = (
-    "SwiGLU in float64 at three sizes against w2(silu(w1 x) * w3 x) with every usual activation mistake named, "
+    "SwiGLU in float64 at three sizes against the formula of the text with every usual activation mistake named, "
     "no biases, DeepSeek-V3's 11.32 B / 0.40 B parameters, shared-expert width, no shared expert"
 )
 REFERENCE = ("course_lib.deepseek.moe",)
+FORBIDDEN_NAMES = EXPERT_DRAFTS  # the drafts of 3.1's test hand over a correct expert
 
 
 def _expert(k, dim: int, inter: int, g: torch.Generator):
@@ -67,20 +68,26 @@ def _count_hint(got: int, cfg: MoEConfig, which: str) -> str:
     return named.get(got, "gate (N_r x dim) + shared (3 x dim x N_s x I) + routed experts (3 x dim x I each; K_r of them for active)")
 
 
+def _own_expert(k) -> None:
+    """Fail when the notebook's ExpertNetwork is one of 3.1's test drafts (or derives from one), wherever it was
+    bound: the static check sees the answer cells only."""
+    assert_true(not k.call(k.lib("course_lib.expert_drafts:is_draft"), k.g.ExpertNetwork),
+                "ExpertNetwork is one of the draft experts given to try test_expert on, not your own expert",
+                hint="write ExpertNetwork.forward yourself; make_expert is there to test your test_expert")
+
+
 def judge(k, t):
     g = torch.Generator().manual_seed(31)
-    with t.part("visible checks: output shape, one token by hand, TINY's total parameters", 1):
+    with t.part("visible checks: w1, w2, w3 without biases, output shape and dtype, a zero input, TINY's total parameters",
+                0.5):
+        _own_expert(k)
         e, w1, w2, w3 = _expert(k, 16, 12, g)
         x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
-        y = expect_tensor(e(x), "expert output", shape=(3, 5, 16), hint="the expert maps (..., dim) to (..., dim)")
-        expect_close(
-            y[0, 0],
-            swiglu(x[0, 0], w1, w2, w3),
-            atol=1e-12,
-            name="expert output for one token",
-            mistakes={n: v[0, 0] for n, v in swiglu_mistakes(x, w1, w2, w3).items()},
-            hint="w2(silu(w1 x) * w3 x)",
-        )
+        expect_tensor(e(x), "expert output", shape=(3, 5, 16), dtype=torch.float64,
+                      hint="the expert maps (..., dim) to (..., dim) in x's dtype")
+        z = expect_tensor(e(torch.zeros(2, 16, dtype=torch.float64)), "expert output for a zero input", shape=(2, 16))
+        assert_true(bool((z == 0).all()), "ExpertNetwork must map a zero input to a zero output",
+                    hint="no biases and no constant term")
         c = _counts(k.g.moe_param_counts, TINY, k)
         want = param_counts(MoEConfig(**TINY))
         assert_true(
@@ -89,7 +96,16 @@ def judge(k, t):
             hint=_count_hint(c["total"], MoEConfig(**TINY), "total"),
         )
 
-    with t.part("SwiGLU in float64 at three sizes (inter_dim 1 included), every activation mistake named", 0.5):
+    with t.part("SwiGLU in float64: one token, three sizes (inter_dim 1 included), every activation mistake named", 1):
+        _own_expert(k)
+        expect_close(
+            e(x)[0, 0],
+            swiglu(x[0, 0], w1, w2, w3),
+            atol=1e-12,
+            name="expert output for one token",
+            mistakes={n: v[0, 0] for n, v in swiglu_mistakes(x, w1, w2, w3).items()},
+            hint="the gate w1 x goes through SiLU, the up projection w3 x does not, w2 maps back to dim",
+        )
         for dim, inter in ((8, 5), (24, 40), (16, 1)):
             e, w1, w2, w3 = _expert(k, dim, inter, g)
             x = torch.randn(7, dim, generator=g, dtype=torch.float64)

@@ -1,20 +1,19 @@
 """Exercise 6.1: a test for DeepSeek-V3's router, judged by the routers it passes and the ones it catches.
 
 The routers live in the learner's kernel already (``course_lib.routers.make_router``, built there from plain
-switches), so no code crosses the channel: the judge builds them there by their switches and calls the
-learner's ``test_router`` on each, in a shuffled order with correct routers mixed among the wrong ones.
+switches), so no code crosses the channel: ``course_judge.drafts`` builds them there by their switches and calls
+the learner's ``test_router`` on each, in a shuffled order with correct routers mixed among the wrong ones.
 A test earns the catching parts only while it passes every correct router (a test that always raises
 catches everything).
 """
 
 from __future__ import annotations
 
-import random
-
 import torch
 
+from course_judge import drafts
+from course_judge.drafts import Drafts
 from course_judge.local import Alternative, Mutant
-from course_judge.session import LearnerError
 
 GRADE_ID = "test_06_1_router_test"
 POINTS = 5
@@ -75,67 +74,29 @@ _PART_POINTS = {"affinities and selection (rules 1-2)": 1, "group-limited routin
                 "combine weights and the contract (rules 4-5)": 1}
 
 
-def _describe(e: LearnerError) -> str:
-    if e.not_implemented:
-        return "test_router is not implemented yet (it raised NotImplementedError)"
-    where = "".join(f"\n    at {w}" for w in e.where[-2:])
-    return f"{e.type}: {e.message[:400]}{where}"
-
-
-def _run_all(k) -> dict[str, LearnerError | None]:
-    """Every router through the learner's test, in a seeded shuffled order (a few round trips)."""
-    names = list(CORRECT) + list(_WRONG_FLAT)
-    specs = {**CORRECT, **{n: s for n, (s, _) in _WRONG_FLAT.items()}}
-    random.Random(61).shuffle(names)
-    routers = k.call_opts(k.lib("course_lib.routers:make_routers"), ([specs[n] for n in names],), keep=True)
-    test = k.g.test_router
-    out: dict[str, LearnerError | None] = {}
-    for lo in range(0, len(names), 8):  # batches: one slow test cannot eat the whole time limit in one call
-        chunk = names[lo:lo + 8]
-        res = k.many([(test, (routers[lo + i],), {}) for i in range(len(chunk))])
-        for n, r in zip(chunk, res):
-            out[n] = r if isinstance(r, LearnerError) else None
-    return out
-
-
-def _accepts(results, names) -> None:
-    for n in names:
-        e = results[n]
-        if e is not None:
-            if e.not_implemented:
-                raise AssertionError(_describe(e))
-            raise AssertionError(f"your test rejects a correct router ({n}):\n  {_describe(e)}\n  likely cause: compare "
-                                 "the set of experts of each token (sort by expert id first), not positions; compare weights "
-                                 "within a tolerance (float32 routers round differently from a float64 oracle)")
-
-
-def _catches(results, names) -> None:
-    missed = [n for n in names if results[n] is None]
-    if missed:
-        hint = _WRONG_FLAT[missed[0]][1]
-        raise AssertionError(f"your test passes a wrong router: {missed[0]}"
-                             + (f" (and {len(missed) - 1} more of this kind)" if len(missed) > 1 else "")
-                             + f"\n  likely cause: the inputs do not make this rule matter, or it is not checked; {hint}")
+DRAFTS = Drafts("course_lib.routers:make_routers", "test_router", CORRECT, _WRONG_FLAT, seed=61, noun="router")
+_CAUSE = ("compare the set of experts of each token (sort by expert id first), not positions; compare weights within a "
+          "tolerance (float32 routers round differently from a float64 oracle)")
 
 
 def judge(k, t):
     results: dict = {}
     with t.part("visible checks: passes the course router, catches bias in the weights and weights not renormalised", 1):
-        results.update(_run_all(k))
-        _accepts(results, ["the course's router"])
-        _catches(results, VISIBLE_WRONG)
+        results.update(drafts.run(k, DRAFTS))
+        drafts.accepts(results, ["the course's router"], DRAFTS, _CAUSE)
+        drafts.catches(results, VISIBLE_WRONG, DRAFTS)
     accepted = False
     complete = len(results) == len(CORRECT) + len(_WRONG_FLAT)
     with t.part("passes correct routers written differently (experts in any order, float64 inside, other rounding)", 1):
         if not complete:
             raise AssertionError("not graded: the routers could not be run through your test")
-        _accepts(results, list(CORRECT))
+        drafts.accepts(results, list(CORRECT), DRAFTS, _CAUSE)
         accepted = True
     for rule, wrong in WRONG.items():
         with t.part(f"catches wrong routers: {rule}", _PART_POINTS[rule]):
             if not (accepted and complete):
                 raise AssertionError("not graded: your test must pass every correct router before catching wrong ones counts")
-            _catches(results, [n for n in wrong if n not in VISIBLE_WRONG])
+            drafts.catches(results, [n for n in wrong if n not in VISIBLE_WRONG], DRAFTS)
 
 
 MUTANTS = [
