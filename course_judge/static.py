@@ -217,23 +217,70 @@ def reference_use(nb: dict, answer_modules: set[str]) -> str:
     return ""
 
 
+def _names_in(tree: ast.AST | None) -> set[str]:
+    """Every name a cell mentions: variables, attributes, and what its imports bring in (also under an alias)."""
+    if tree is None:
+        return set()
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    # ``from m import name as _x`` brings the name in under another one
+    used |= {a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+    return used
+
+
+def _bound_in(tree: ast.AST | None) -> set[str]:
+    """The names a cell binds: assignments (``Name = ``, ``Name.attr = ``), definitions, imports, loop targets."""
+    if tree is None:
+        return set()
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(n.name)
+        elif isinstance(n, ast.Import | ast.ImportFrom):
+            out |= {(a.asname or a.name).split(".", 1)[0] for a in n.names}
+        elif isinstance(n, ast.Name | ast.Attribute) and isinstance(n.ctx, ast.Store):
+            base = n
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name):
+                out.add(base.id)
+    return out
+
+
 def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -> str:
-    """Why an exercise is refused because its answer cells use a name the kernel has but the answer may not."""
+    """Why an exercise is refused because its answer cells use a name the kernel has but the answer may not, or
+    another cell the learner can edit rebinds the answer to it (``kv_cache_bytes = make_kv_cache_bytes()``, also
+    through a variable of an earlier cell)."""
     if not names:
         return ""
+    answers = {id(c) for c in nb.get("cells", []) if isinstance(c, dict) and _meta(c).get("grade_id") in answer_ids}
+    answer_names = set()
     for c in nb.get("cells", []):
-        if not isinstance(c, dict) or _meta(c).get("grade_id") not in answer_ids:
+        if id(c) in answers:
+            tree = _parse(cell_source(c))
+            answer_names |= {n.name for n in (tree.body if tree else []) if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+            answer_names |= {t.id for n in (tree.body if tree else []) if isinstance(n, ast.Assign) for t in n.targets
+                             if isinstance(t, ast.Name)}
+    tainted = set(names)  # the forbidden names and what other cells made from them
+    for c in nb.get("cells", []):
+        if not isinstance(c, dict) or c.get("cell_type") != "code":
             continue
+        m = _meta(c)
         tree = _parse(cell_source(c))
-        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} if tree else set()
-        used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} if tree else set()
-        # ``from m import name as _x`` brings the name in under another one
-        used |= {a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
-                 for a in n.names} if tree else set()
-        hit = sorted(used & names)
-        if hit:
-            return (f"{_meta(c)['grade_id']} uses {hit[0]}, which the course gives for other purposes and which "
-                    "answers this exercise for you: this exercise scores 0")
+        if id(c) in answers:
+            hit = sorted(_names_in(tree) & names)
+            if hit:
+                return (f"{m['grade_id']} uses {hit[0]}, which the course gives for other purposes and which "
+                        "answers this exercise for you: this exercise scores 0")
+        elif not m.get("locked") or m.get("solution"):  # a cell the learner can edit or added
+            if _names_in(tree) & tainted:
+                bound = _bound_in(tree)
+                rebound = sorted(bound & answer_names)
+                if rebound:
+                    return (f"a cell outside the answer ({m.get('grade_id') or 'one you added or edited'}) binds "
+                            f"{rebound[0]} to {sorted(_names_in(tree) & tainted)[0]}, which the course gives for other "
+                            "purposes and which answers this exercise for you: this exercise scores 0")
+                tainted |= bound
     return ""
 
 

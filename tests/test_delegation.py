@@ -68,3 +68,35 @@ def test_an_honest_answer_mentioning_the_reference_in_prose_is_not_refused():
     prose = '"""Same parameter names as course_lib.deepseek.moe.MoE."""\n# see course_lib/deepseek/moe.py for the names\n'
     v = local.grade(section, course_judge.find(section, gid), [local.Alternative("prose", source=prose + source, cell=cell)])
     assert not v.rejected and v.score == v.points, v.report()
+
+
+ADDED = [
+    # (section, graded cell, answer cell, cells the learner adds after the answer, split at "# ---")
+    ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache", "kv_cache_bytes = make_kv_cache_bytes()"),
+    ("03_moe", "test_03_1_expert", "ex_03_1_expert",
+     "from course_lib.expert_drafts import make_expert as _m\nExpertNetwork = _m()"),
+    ("03_moe", "test_03_1_expert", "ex_03_1_expert", "import course_lib.expert_drafts as _d\n_E = _d.make_expert()"
+     "\n# ---\nExpertNetwork.forward = _E.forward"),  # two cells: the draft through a variable
+]
+
+
+def _with_added_cell(section: str, after: str, code: str) -> dict:
+    nb = local.notebook(section)
+    i = next(i for i, c in enumerate(nb["cells"]) if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == after)
+    for k, part in enumerate(code.split("\n# ---\n"), 1):
+        nb["cells"].insert(i + k, {"cell_type": "code", "metadata": {}, "source": part, "outputs": [], "execution_count": None})
+    return nb
+
+
+@pytest.mark.parametrize("section,gid,cell,code", ADDED, ids=[f"{s}:{g}" for s, g, _, _ in ADDED])
+def test_a_cell_the_learner_adds_cannot_bind_the_answer_to_a_draft(section, gid, cell, code):
+    """The answer cell is honest (the solution); a cell added after it rebinds the answer to the course's draft."""
+    v = local.grade(section, course_judge.find(section, gid), nb=_with_added_cell(section, cell, code))
+    assert v.score == 0 and v.rejected and "a cell outside the answer" in v.rejected, v.report()
+
+
+def test_a_scratch_cell_of_the_learners_own_is_not_refused():
+    section, gid, cell = "01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache"
+    nb = _with_added_cell(section, cell, "print(kv_cache_bytes(61, 128, 128, 4096))")
+    v = local.grade(section, course_judge.find(section, gid), nb=nb)
+    assert not v.rejected and v.score == v.points, v.report()
