@@ -19,7 +19,7 @@
 #   single-process MoE, gradients included;
 # - quantify node-limited routing, expert capacity and the KV-cache memory of each concurrent request.
 #
-# **Time:** core path about 150 min; deep dives 90 min.
+# **Time:** core path about 150 min; deep dives 95 min.
 #
 # **Prerequisites:** Sections 2 (MLA,
 # latent cache) and 3 (DeepSeekMoE routing), autograd, `pytest`-style asserts.
@@ -1212,9 +1212,9 @@ for cf in (1.0, 1.5):
 # plane of 6.2.1 (step time against peak memory) next to "stored" and "recomputed", timed side by side. Expect a
 # small saving: in eager PyTorch a checkpointed piece frees only its *inner* activations, because its output is still
 # stored by the layer that consumes it (a `Linear` keeps its input for the weight gradient, attention keeps $q, k, v$),
-# and each of the many small checkpoints adds Python overhead to the step. DeepSeek-V3's kernels recompute the norms
-# and up-projections inside their consumers' backward, so those outputs are never stored and the recomputation is
-# nearly free.
+# and each of the many small checkpoints adds Python overhead to the step. DeepSeek-V3's report says it recomputes all
+# RMSNorms and MLA up-projections in the backward so that their outputs are not stored, "with a minor overhead": that
+# takes an implementation whose consumers keep no copy of those outputs either, not module-level checkpoints.
 
 # %% [solution id=ex_06_c3_selective_recompute]
 def selective_recompute(model: nn.Module) -> int:
