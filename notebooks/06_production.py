@@ -19,7 +19,7 @@
 #   single-process MoE, gradients included;
 # - quantify node-limited routing, expert capacity and the KV-cache memory of each concurrent request.
 #
-# **Time:** core path about 150 min; no deep dives.
+# **Time:** core path about 150 min; deep dives 95 min.
 #
 # **Prerequisites:** Sections 2 (MLA,
 # latent cache) and 3 (DeepSeekMoE routing), autograd, `pytest`-style asserts.
@@ -1043,6 +1043,239 @@ else:
 # 3. **Selective recomputation.** Checkpoint only the RMSNorms and MLA up-projections (as DeepSeek-V3 does) instead
 #    of whole blocks, and place the result on the memory/time plane of 6.2.1.
 #
+# Each challenge has a cell below for your attempt (ungraded; the worked solutions show one way).
+#
+# ### Worked challenge 1: deduplicated dispatch
+# A token whose $K$ experts sit on the same rank travels there $K$ times in `ep_dispatch`. Send it **once per
+# destination rank** instead, together with the list of its experts that rank owns (a `(K,)` row of local ids, `-1`
+# where the expert lives elsewhere), and fan the row out on arrival. The way back is deduplicated too: the receiver
+# weights and sums its experts' outputs for the token (the combine weights travel with the token) and returns one row.
+# Rows crossing ranks should then equal `routing_traffic(...)["copies_remote"]`, not `rows_remote`. The plan is a
+# `SimpleNamespace` with `DispatchPlan`'s fields (the counts now count token rows) plus what the fan-out needs.
+
+# %% [solution id=ex_06_c1_dedup_dispatch]
+from types import SimpleNamespace
+
+
+def ep_dispatch_dedup(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, group=None):
+    """Challenge 1: like ep_dispatch, but each token crosses to a rank once, with its local expert ids.
+
+    Returns recv_x (P, D) and recv_expert (P,) (one row per (token, expert) pair this rank serves, as ep_dispatch
+    does) and a plan: order (S,) positions j * N + t of the (rank j, token t) rows sent, token_of (S,),
+    send_counts/recv_counts (token rows per rank), n_tokens, and pair_row/pair_slot (P,): the received row and
+    the top-k slot each of recv_x's rows came from.
+    """
+    ### BEGIN SOLUTION
+    W = dist.get_world_size(group)
+    N, K = topk_idx.shape
+    per = n_experts // W
+    dest = topk_idx // per  # (N, K) rank of each pair's expert
+    visits = torch.zeros(W, N, dtype=torch.bool, device=x.device)
+    visits[dest.T, torch.arange(N, device=x.device).expand(K, N)] = True  # (W, N): token t needs rank j
+    order = visits.reshape(-1).nonzero().squeeze(1)  # (S,) grouped by rank, token order inside
+    token_of, dest_of = order % N, order // N  # (S,), (S,)
+    slots = torch.where(dest[token_of] == dest_of[:, None], topk_idx[token_of] - dest_of[:, None] * per, -1)  # (S, K)
+    send_counts = visits.sum(1)  # (W,)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    recv_tok = all_to_all(x[token_of], send, recv, group)  # (R, D): one row per token that needs this rank
+    recv_slots = all_to_all(slots, send, recv, group)  # (R, K) local expert ids, -1 for the other ranks' experts
+    pair_row, pair_slot = (recv_slots >= 0).nonzero(as_tuple=True)  # (P,), (P,): the fan-out
+    plan = SimpleNamespace(order=order, token_of=token_of, send_counts=send, recv_counts=recv, n_tokens=N,
+                           pair_row=pair_row, pair_slot=pair_slot)
+    return recv_tok[pair_row], recv_slots[pair_row, pair_slot], plan
+    ### END SOLUTION
+
+
+def ep_combine_dedup(y: torch.Tensor, plan, topk_weight: torch.Tensor, group=None) -> torch.Tensor:
+    """Challenge 1: weight and sum each received token's expert outputs where they ran, send back one row per token
+    and rank, sum per token. y: (P, D) in recv_x's order; returns (N, D) without the shared expert."""
+    ### BEGIN SOLUTION
+    w = all_to_all(topk_weight[plan.token_of], plan.send_counts, plan.recv_counts, group)  # (R, K) travel with the rows
+    w_pair = w[plan.pair_row, plan.pair_slot].to(y.dtype)  # (P,)
+    per_row = y.new_zeros(sum(plan.recv_counts), y.shape[-1]).index_add(0, plan.pair_row, y * w_pair[:, None])  # (R, D)
+    back = all_to_all(per_row, plan.recv_counts, plan.send_counts, group)  # (S, D)
+    return back.new_zeros(plan.n_tokens, back.shape[-1]).index_add(0, plan.token_of, back)
+    ### END SOLUTION
+
+
+# %% [code]
+from course_lib.testing import assert_close, assert_true
+
+
+def ep_with(dispatch, combine, moe_fn, x, probe, **kw) -> list | None:
+    """One MoE layer over the two workers with the given dispatch and combine; None while one is a stub."""
+    try:
+        return cluster.run(cdist.ep_job, moe_fn, x, probe, dispatch=dispatch, combine=combine, timeout=20, **kw)
+    except WorkerError as e:
+        if "NotImplementedError" in e.exc_types:
+            return None
+        raise
+
+
+torch.manual_seed(0)
+dd_fn = functools.partial(cdist.make_moe, 0, **{**moe_kw, "n_activated_experts": 3})  # top-3 of 8 on 2 ranks
+dd_ref = cdist.single_process_reference(dd_fn(), x_ep, probe_ep)
+dd_plain = ep_with(ep_dispatch, ep_combine, dd_fn, x_ep, probe_ep)
+dd_dedup = ep_with(ep_dispatch_dedup, ep_combine_dedup, dd_fn, x_ep, probe_ep)
+if dd_dedup is None:
+    print("(optional: write ep_dispatch_dedup and ep_combine_dedup above to compare the traffic)")
+else:
+    dd_err = cdist.compare_ep(dd_dedup, dd_ref)
+    assert_true(max(dd_err.values()) < 1e-12, f"deduplicated EP vs one process: {dd_err}")
+    traffic = [cdist.routing_traffic(r["topk_idx"], 8, 2, r["rank"]) for r in dd_dedup]
+    crossed = sum(r["send_counts"][1 - r["rank"]] for r in dd_dedup)
+    assert_true(crossed == sum(t["copies_remote"] for t in traffic),
+                f"{crossed} rows crossed, copies_remote says {sum(t['copies_remote'] for t in traffic)}")
+    print(f"deduplicated dispatch: outputs and gradients match one process to {max(dd_err.values()):.1e}")
+    print(f"{len(x_ep)} tokens x 3 experts: {crossed} token rows crossed ranks (as many came back) = copies_remote "
+          f"({sum(t['copies_remote'] for t in traffic)}); one row per pair would be rows_remote "
+          f"({sum(t['rows_remote'] for t in traffic)})")
+    if dd_plain is not None:
+        plain_out, dedup_out = torch.cat([r["out"] for r in dd_plain]), torch.cat([r["out"] for r in dd_dedup])
+        assert_close(dedup_out, plain_out, atol=1e-12, rtol=0, name="deduplicated vs plain dispatch")
+        print(f"your ep_dispatch sent {sum(r['send_counts'][1 - r['rank']] for r in dd_plain)} rows across; "
+              f"same outputs to {float((dedup_out - plain_out).abs().max()):.1e}")
+
+# %% [markdown]
+# ### Worked challenge 2: capacity in expert parallelism
+# Give every expert $C$ slots for the whole batch, first come first served in token order (rank 0's tokens first,
+# as if the shards were one batch), and drop the pairs beyond $C$ **before** they cross. A rank cannot see the
+# other ranks' queues, so exchange each rank's per-expert counts first (`dist.all_gather`): the pairs of lower ranks
+# come first in every queue. The plan then lists only the kept pairs, so 6.4's `ep_combine` works unchanged if it
+# uses `plan.order` and `plan.token_of` rather than assuming $N K$ rows. The oracle is the single-process
+# `dispatch_sorted(experts, x, weights, indices, capacity)`.
+
+# %% [solution id=ex_06_c2_ep_capacity]
+def ep_dispatch_capacity(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, capacity: int, group=None):
+    """Challenge 2: ep_dispatch keeping at most `capacity` pairs per expert over all ranks (first come first served
+    in global token order); the plan's order and token_of list the kept pairs only."""
+    ### BEGIN SOLUTION
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    N, K = topk_idx.shape
+    per = n_experts // W
+    flat = topk_idx.reshape(-1)  # (N*K,)
+    order = torch.argsort(flat, stable=True)  # grouped by expert, token order inside
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    every = [torch.empty_like(counts) for _ in range(W)]
+    dist.all_gather(every, counts, group=group)
+    ahead = torch.stack(every)[:r].sum(0)  # (E,) places in each queue taken by lower ranks' tokens
+    expert = flat[order]
+    place = ahead[expert] + torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]  # (N*K,)
+    order = order[place < capacity]  # kept pairs only
+    token_of = order // K
+    send_counts = torch.bincount(flat[order] // per, minlength=W)  # (W,)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    recv_x = all_to_all(x[token_of], send, recv, group)
+    recv_expert = all_to_all(flat[order], send, recv, group) - r * per
+    return recv_x, recv_expert, DispatchPlan(order, token_of, send, recv, N)
+    ### END SOLUTION
+
+
+# %% [code]
+from course_lib.deepseek.moe import dispatch_sorted, expert_capacity
+
+cap_bias = [0.3] * 4 + [0.0] * 4  # rank 0's experts are more popular: their queues overflow first
+cap_rows = {}
+for cf in (1.0, 1.5):
+    C = expert_capacity(len(x_ep), moe_kw["n_activated_experts"], moe_kw["n_routed_experts"], cf)
+    cap_fn = functools.partial(cdist.make_moe, 0, bias=cap_bias, **moe_kw)
+    res = ep_with(functools.partial(ep_dispatch_capacity, capacity=C), ep_combine, cap_fn, x_ep, probe_ep, details=True)
+    if res is None:
+        print("(optional: finish 6.4 and write ep_dispatch_capacity above to compare it with dispatch_sorted)")
+        break
+    moe_1 = cap_fn()
+    with torch.no_grad():
+        w_1, idx_1, _ = moe_1.gate(x_ep)
+        y_1, kept_1 = dispatch_sorted(moe_1.experts, x_ep, w_1, idx_1, C)
+        y_1 = y_1 + moe_1.shared_experts(x_ep)
+    kept_ep = torch.cat([torch.zeros(r["topk_idx"].numel(), dtype=torch.bool).index_fill_(0, r["order"], True)
+                         .view_as(r["topk_idx"]) for r in res])
+    assert_true(bool((kept_ep == kept_1).all()), f"cf {cf}: EP keeps other pairs than dispatch_sorted")
+    assert_close(torch.cat([r["out"] for r in res]), y_1, atol=1e-12, rtol=0, name=f"EP with capacity {C} vs dispatch_sorted")
+    cap_err = cdist.compare_ep(res, cdist.single_process_reference(cdist.make_moe(0, bias=cap_bias, capacity_factor=cf, **moe_kw),
+                                                                   x_ep, probe_ep))
+    assert_true(max(cap_err.values()) < 1e-12, f"cf {cf}: gradients differ from one process: {cap_err}")
+    dropped = int((~kept_1).sum())
+    assert_true(dropped == cdist.capacity_drop(idx_1, moe_kw["n_routed_experts"], cf)["dropped"], "drop count")
+    cap_rows[cf] = sum(sum(r["send_counts"]) for r in res)
+    print(f"cf {cf}: capacity {C} per expert, {dropped} of {idx_1.numel()} pairs dropped before the all-to-all, "
+          f"{cap_rows[cf]} rows sent; kept pairs, outputs and gradients match dispatch_sorted ({max(cap_err.values()):.1e})")
+
+# %% [markdown]
+# ### Worked challenge 3: selective recomputation
+# Recompute only the cheap parts: each RMSNorm, the query up-projection `wq_b` and the key/value up-projection
+# (`MLA.expand`), each wrapped in its own non-reentrant `checkpoint`, and store everything else; then place it on the
+# plane of 6.2.1 (step time against peak memory) next to "stored" and "recomputed", timed side by side. Expect a
+# small saving: in eager PyTorch a checkpointed piece frees only its *inner* activations, because its output is still
+# stored by the layer that consumes it (a `Linear` keeps its input for the weight gradient, attention keeps $q, k, v$),
+# and each of the many small checkpoints adds Python overhead to the step. DeepSeek-V3's report says it recomputes all
+# RMSNorms and MLA up-projections in the backward so that their outputs are not stored, "with a minor overhead": that
+# takes an implementation whose consumers keep no copy of those outputs either, not module-level checkpoints.
+
+# %% [solution id=ex_06_c3_selective_recompute]
+def selective_recompute(model: nn.Module) -> int:
+    """Challenge 3: make every RMSNorm, MLA.wq_b and MLA.expand in `model` recompute in the backward (non-reentrant
+    checkpoint around each); everything else is stored. Returns the number of pieces wrapped."""
+    ### BEGIN SOLUTION
+    def recomputed(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            return checkpoint(fn, *args, use_reentrant=False)
+        return run
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = recomputed(m.forward)
+            n += 1
+        elif isinstance(m, MLA):
+            m.wq_b.forward = recomputed(m.wq_b.forward)
+            m.expand = recomputed(m.expand)
+            n += 2
+    return n
+    ### END SOLUTION
+
+
+# %% [code]
+import copy
+
+stack_sel = copy.deepcopy(stack)  # the same weights as 6.2.1's stack
+stack_sel.ckpt = False
+try:
+    n_sel = selective_recompute(stack_sel)
+except NotImplementedError:
+    n_sel = None
+    print("(optional: write selective_recompute above to place it on the memory/time plane)")
+if n_sel is not None:
+    def sel_step() -> None:
+        stack_sel.zero_grad(set_to_none=True)
+        stack_sel(x_ck).pow(2).mean().backward()
+
+    sel_step()
+    for g, p in zip(g_plain, stack_sel.parameters()):  # g_plain: 6.2.1's stored step, same weights and input
+        assert_close(p.grad, g, atol=1e-6, rtol=1e-5, name="selective recomputation vs stored gradients")
+    plane_mem = {"stored": mem[False], "recomputed": mem[True], "selective": peak_memory(sel_step)}  # bytes: deterministic
+    t_sel = compare({"stored": lambda: train_step(False), "recomputed": lambda: train_step(True), "selective": sel_step},
+                    warmup=1, repeats=3)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for (name, m), c in zip(plane_mem.items(), ("C0", "C1", "C2")):
+        ax.scatter(ratio(t_sel[name], t_sel["stored"]), m / 2**20, s=60, color=c, label=name)
+    ax.set_xlabel("step time (x stored)")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(f"Memory vs time, {L_} blocks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+    print(f"{n_sel} pieces recomputed, gradients as stored; peak memory stored {viz.bytes_label(plane_mem['stored'])}, "
+          f"selective {viz.bytes_label(plane_mem['selective'])} ({100 * (1 - plane_mem['selective'] / plane_mem['stored']):.0f}% "
+          f"saved), whole blocks {viz.bytes_label(plane_mem['recomputed'])}; step time x"
+          f"{ratio(t_sel['selective'], t_sel['stored']):.2f} (whole blocks x{ratio(t_sel['recomputed'], t_sel['stored']):.2f})")
+
+# %% [markdown]
 # ## Quiz
 # Set each answer to one letter, e.g. `ANSWER_Q1 = "a"`.
 #
