@@ -1,6 +1,6 @@
 """Grading throughput and per-notebook time breakdown of `make autograde` on one batch.
 
-    python tools/grading_bench.py [--section 01_foundations] [--students 6] [--setups local1,local2,nodes]
+    python tools/grading_bench.py [--section 01_foundations|02_mla,03_moe|all] [--students 6] [--setups local1,local2,nodes]
                                   [--out bench/grading_dask.json]
 
 Builds a throw-away course with the section released and ``--students`` submissions (the sample reference /
@@ -9,6 +9,8 @@ skipped) and prints, per setup, submissions/minute and the median time per submi
 batch's own copy and scan), nbgrader start-up (process start to the first kernel request), kernel start (the
 sandbox and ipykernel up to the first cell), execution (first cell to last, the judge included), and what is
 left (nbgrader's work after the last cell: the kernel's shutdown (also shown alone), writing the notebook and gradebook, the record).
+With several sections (``all``: the six), each student submits every one of them, and the figures add the median
+student's whole submission (``student_total_s``, ``student_outside_execution_s``).
 
 Setups: ``localN`` = the embedded LocalCluster with N grading slots; ``nodes`` = a ``dask scheduler`` CLI process
 and two ``dask worker`` CLI processes of one slot each (separate local directories), reached through
@@ -34,16 +36,18 @@ sys.path.insert(0, str(ROOT))
 import course  # noqa: E402
 
 
-def make_batch(section: str, students: int) -> Path:
-    root = course.temp_course([section])
-    proc = course.run_nbgrader(root, "generate_assignment", section, "--force")
-    if proc.returncode:
-        raise SystemExit(proc.stdout + proc.stderr)
-    course.samples(root, [section])
+def make_batch(sections: list[str], students: int) -> Path:
+    root = course.temp_course(sections)
+    for section in sections:
+        proc = course.run_nbgrader(root, "generate_assignment", section, "--force")
+        if proc.returncode:
+            raise SystemExit(proc.stdout + proc.stderr)
+    course.samples(root, sections)
     kinds = list(course.SAMPLE_STUDENTS)
     for i in range(students):
-        src = root / "submitted" / kinds[i % len(kinds)] / section
-        shutil.copytree(src, root / "submitted" / f"s{i:03d}" / section)
+        for section in sections:
+            src = root / "submitted" / kinds[i % len(kinds)] / section
+            shutil.copytree(src, root / "submitted" / f"s{i:03d}" / section)
     for k in kinds:
         shutil.rmtree(root / "submitted" / k)
     return root
@@ -73,10 +77,20 @@ def breakdown(records: list) -> dict:
         "channel_s": mean(lambda r: r.timing.get("channel_s")),
     }
     t["outside_execution_s"] = round(t["total_s"] - t["execution_s"], 2)
+    sections = {r.section for r in rows}
+    if len(sections) > 1:  # one student's whole submission: the sums over its notebooks, median over students
+        per = {}
+        for r in rows:
+            tot, ex = per.get(r.student, (0.0, 0.0))
+            per[r.student] = (tot + r.seconds, ex + (r.timing.get("execution_s") or 0.0))
+        whole = [v for k, v in per.items() if sum(1 for r in rows if r.student == k) == len(sections)]
+        if whole:
+            t["student_total_s"] = round(statistics.median(v[0] for v in whole), 2)
+            t["student_outside_execution_s"] = round(statistics.median(v[0] - v[1] for v in whole), 2)
     return t
 
 
-def run_setup(root: Path, setup: str, section: str) -> dict:
+def run_setup(root: Path, setup: str, sections: list[str]) -> dict:
     env_before = dict(os.environ)
     cluster = None
     try:
@@ -95,7 +109,7 @@ def run_setup(root: Path, setup: str, section: str) -> dict:
         else:
             raise SystemExit(f"unknown setup {setup!r}")
         t0 = time.perf_counter()
-        recs = course.batch(root, names=[section], workers=workers, force=True)
+        recs = course.batch(root, names=sections, workers=workers, force=True)
         wall = time.perf_counter() - t0
     finally:
         if cluster is not None:
@@ -107,22 +121,23 @@ def run_setup(root: Path, setup: str, section: str) -> dict:
     return {"setup": setup, "workers": workers, "submissions": len(recs), "graded": len(graded), "wall_s": round(wall, 1),
             "submissions_per_minute": round(summary["submissions_per_minute"], 2), "per_submission": breakdown(recs),
             "scores": {r.student: r.score for r in recs},
-            "rows": [{"student": r.student, "seconds": round(r.seconds, 2), **r.timing} for r in recs]}
+            "rows": [{"student": r.student, "section": r.section, "seconds": round(r.seconds, 2), **r.timing} for r in recs]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", default="01_foundations")
+    ap.add_argument("--section", default="01_foundations", help="a section, several separated by commas, or all")
     ap.add_argument("--students", type=int, default=6)
     ap.add_argument("--setups", default="local1,local2,nodes")
     ap.add_argument("--out", type=Path)
     ns = ap.parse_args()
-    root = make_batch(ns.section, ns.students)
+    sections = course.sections() if ns.section == "all" else ns.section.split(",")
+    root = make_batch(sections, ns.students)
     load = os.getloadavg()
     results = []
     try:
         for setup in ns.setups.split(","):
-            res = run_setup(root, setup, ns.section)
+            res = run_setup(root, setup, sections)
             results.append(res)
             print(json.dumps({k: v for k, v in res.items() if k not in ("scores", "rows")}), flush=True)
     finally:
