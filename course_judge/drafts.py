@@ -12,6 +12,18 @@ import random
 from dataclasses import dataclass
 
 from course_judge.session import LearnerError
+from course_judge.static import GIVEN_FOR_OTHER_PURPOSES
+
+# A learner's test must find a draft's mistake from what the draft computes. Its switches sit in the draft's closure
+# and code, so a test that reads them could sort the drafts without testing anything: its answer may not use these.
+READS_THE_DRAFT = dict.fromkeys(
+    ("__closure__", "cell_contents", "co_freevars", "__code__", "__globals__", "getclosurevars", "_course_draft", "is_draft"),
+    "which reads how a draft is built instead of testing what it computes")
+
+
+def forbidden(*given: str) -> dict[str, str]:
+    """The names a test-writing answer may not use: the course's ``given`` drafts and oracles, and :data:`READS_THE_DRAFT`."""
+    return {**dict.fromkeys(given, GIVEN_FOR_OTHER_PURPOSES), **READS_THE_DRAFT}
 
 
 @dataclass(frozen=True)

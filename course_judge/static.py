@@ -247,12 +247,17 @@ def _bound_in(tree: ast.AST | None) -> set[str]:
     return out
 
 
-def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -> str:
+GIVEN_FOR_OTHER_PURPOSES = "which the course gives for other purposes and which answers this exercise for you"
+
+
+def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str] | dict[str, str]) -> str:
     """Why an exercise is refused because its answer cells use a name the kernel has but the answer may not, or
     another cell the learner can edit rebinds the answer to it (``kv_cache_bytes = make_kv_cache_bytes()``, also
-    through a variable of an earlier cell)."""
+    through a variable of an earlier cell). ``names`` maps each name to why it is refused (a set: the default)."""
     if not names:
         return ""
+    why = dict(names) if isinstance(names, dict) else dict.fromkeys(names, GIVEN_FOR_OTHER_PURPOSES)
+    names = set(why)
     answers = {id(c) for c in nb.get("cells", []) if isinstance(c, dict) and _meta(c).get("grade_id") in answer_ids}
     answer_names = set()
     for c in nb.get("cells", []):
@@ -270,8 +275,7 @@ def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -
         if id(c) in answers:
             hit = sorted(_names_in(tree) & names)
             if hit:
-                return (f"{m['grade_id']} uses {hit[0]}, which the course gives for other purposes and which "
-                        "answers this exercise for you: this exercise scores 0")
+                return f"{m['grade_id']} uses {hit[0]}, {why[hit[0]]}: this exercise scores 0"
         elif not m.get("locked") or m.get("solution"):  # a cell the learner can edit or added
             if _names_in(tree) & tainted:
                 bound = _bound_in(tree)
@@ -287,7 +291,7 @@ def forbidden_name_use(nb: dict, answer_ids: tuple[str, ...], names: set[str]) -
 def rejection(nb: dict, module) -> str:
     """Why a judge module refuses to grade an exercise at all (``""``: it grades it)."""
     return (reference_use(nb, set(getattr(module, "REFERENCE", ())))
-            or forbidden_name_use(nb, tuple(getattr(module, "ANSWERS", ())), set(getattr(module, "FORBIDDEN_NAMES", ()))))
+            or forbidden_name_use(nb, tuple(getattr(module, "ANSWERS", ())), getattr(module, "FORBIDDEN_NAMES", ())))
 
 
 # ---------------------------------------------------------------- constructs a person should look at

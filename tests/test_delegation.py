@@ -45,6 +45,11 @@ CASES = [
     ("03_moe", "test_03_1_expert_test", "ex_03_1_expert_test",
      "from course_lib.expert_drafts import make_experts as _m\n_oracle = _m([{}])[0]"),
     ("03_moe", "test_03_3_moe", "ex_03_3_moe", "import course_lib.expert_drafts as _d\n_E = _d.make_expert()"),
+    # a test-writing answer that sorts the drafts by reading how they are built (their switches sit in the closure)
+    ("03_moe", "test_03_1_expert_test", "ex_03_1_expert_test",
+     "def _switches(cls):\n    f = cls.forward\n    return dict(zip(f.__code__.co_freevars, (c.cell_contents for c in f.__closure__)))"),
+    ("01_foundations", "test_01_1_kv_cache", "ex_01_1_kv_cache", "_peek = lambda fn: [c.cell_contents for c in fn.__closure__]"),
+    ("06_production", "test_06_1_router_test", "ex_06_1_router_test", "import inspect as _i\n_peek = _i.getclosurevars"),
 ]
 
 

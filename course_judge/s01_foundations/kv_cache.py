@@ -20,7 +20,7 @@ SUMMARY = ("kv_cache_bytes: the factor 2 for K and V, every argument, the defaul
            "bytes, a float, an extra token, layers for heads)")
 REFERENCE = ()
 # The drafts' factory: a test that uses it as its oracle tests nothing itself.
-FORBIDDEN_NAMES = ("make_kv_cache_bytes", "make_kv_cache_bytes_all")
+FORBIDDEN_NAMES = drafts.forbidden("make_kv_cache_bytes", "make_kv_cache_bytes_all")
 
 CORRECT = {
     "the formula as one product": {},

@@ -20,7 +20,7 @@ SUMMARY = ("test_expert passes correct experts written differently (SiLU as z * 
            "the product, no up projection, w2 skipped, biases, the dtype or the leading dimensions lost)")
 REFERENCE = ()
 # The drafts' factory: a test that uses it as its oracle tests nothing itself.
-FORBIDDEN_NAMES = EXPERT_DRAFTS
+FORBIDDEN_NAMES = drafts.forbidden(*EXPERT_DRAFTS)
 
 CORRECT = {
     "the SwiGLU with F.silu": {},
