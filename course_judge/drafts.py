@@ -1,21 +1,27 @@
 """Grading a learner's test by the drafts it passes and the ones it catches (the test-writing exercises).
 
-The drafts are built in the learner's kernel by a ``course_lib`` factory from plain switches (see
-``course_lib.drafts``); the judge names each draft, runs the learner's test on all of them in a seeded shuffled
-order (correct drafts mixed among the wrong ones), and keeps, per draft, what the test raised. A test earns the
-catching parts only while it passes every correct draft: a test that always raises catches everything.
+The judge builds each named draft from its switches with the trusted ``course_lib`` factory, on its own side,
+and serves them (:mod:`course_judge.draft_server`); the kernel gets stand-ins that carry a random token each
+and nothing of how a draft is built. The learner's test runs on every stand-in in an order drawn afresh for each
+grading (correct drafts mixed among the wrong ones, so the order cannot be learned from feedback), and the
+judge keeps, per draft, what the test raised. A test earns the catching parts only while it passes every correct
+draft: a test that always raises catches everything.
 """
 
 from __future__ import annotations
 
+import importlib
 import random
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
+from course_judge.draft_server import DraftServer
 from course_judge.session import LearnerError
 from course_judge.static import GIVEN_FOR_OTHER_PURPOSES
 
-# A learner's test must find a draft's mistake from what the draft computes. Its switches sit in the draft's closure
-# and code, so a test that reads them could sort the drafts without testing anything: its answer may not use these.
+# A learner's test must find a draft's mistake from what the draft computes. Graded drafts live on the judge's side;
+# the drafts a learner tries a test on keep their switches in a closure, and an answer that reads those tests nothing.
 READS_THE_DRAFT = dict.fromkeys(
     ("__closure__", "cell_contents", "co_freevars", "__code__", "__globals__", "getclosurevars", "_course_draft", "is_draft"),
     "which reads how a draft is built instead of testing what it computes")
@@ -28,11 +34,10 @@ def forbidden(*given: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Drafts:
-    factory: str  # "module:function" building a list of drafts from a list of switch sets, in the kernel
+    factory: str  # "course_lib.module:function" building one draft from switches, imported on the judge's side
     test: str  # the learner's test, a global of the notebook
     correct: dict[str, dict]  # name -> switches
     wrong: dict[str, tuple[dict, str]]  # name -> (switches, hint: what would make the mistake show)
-    seed: int  # of the shuffled order
     noun: str = "draft"
     chunk: int = 8  # drafts per round trip: one slow test cannot eat the whole time limit in one call
 
@@ -47,21 +52,38 @@ def describe(e: Exception, test: str) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def build(d: Drafts) -> dict[str, object]:
+    """Each named draft, built here from its switches."""
+    module, _, name = d.factory.partition(":")
+    if not module.startswith("course_lib."):
+        raise ValueError(f"drafts come from course_lib, not {module}")
+    make = getattr(importlib.import_module(module), name)
+    return {n: make(**sw) for n, sw in {**d.correct, **{n: sw for n, (sw, _) in d.wrong.items()}}.items()}
+
+
+def shared_folder(k) -> Path | None:
+    """A folder the kernel can reach (its private IPC folder), or None: a fresh temporary one will do."""
+    find = getattr(k.channel, "shared_folder", None)
+    return find() if find is not None else None
+
+
 def run(k, d: Drafts) -> dict[str, Exception | None]:
     """The exception ``d.test`` raised on each draft (None: it passed); any exception counts as catching."""
-    specs = {**d.correct, **{n: sw for n, (sw, _) in d.wrong.items()}}
-    names = list(specs)
-    random.Random(d.seed).shuffle(names)
-    built = k.call_opts(k.lib(d.factory), ([specs[n] for n in names],), keep=True)
+    built = build(d)
+    names = list(built)
+    random.Random(secrets.randbits(64)).shuffle(names)
+    tokens = {secrets.token_hex(16): n for n in names}
     test = getattr(k.g, d.test)
     out: dict[str, Exception | None] = {}
-    for lo in range(0, len(names), d.chunk):
-        chunk = names[lo:lo + d.chunk]
-        res = k.many([(test, (built[lo + i],), {}) for i in range(len(chunk))])
-        for n, r in zip(chunk, res):
-            if isinstance(r, LearnerError) and r.not_implemented:
-                raise AssertionError(describe(r, d.test))
-            out[n] = r if isinstance(r, Exception) else None
+    with DraftServer({t: built[n] for t, n in tokens.items()}, shared_folder(k)) as server:
+        stand = k.call_opts(k.lib("course_lib.drafts:stand_ins"), (server.path, server.specs(list(tokens))), keep=True)
+        for lo in range(0, len(names), d.chunk):
+            chunk = names[lo:lo + d.chunk]
+            res = k.many([(test, (stand[lo + i],), {}) for i in range(len(chunk))])
+            for n, r in zip(chunk, res):
+                if isinstance(r, LearnerError) and r.not_implemented:
+                    raise AssertionError(describe(r, d.test))
+                out[n] = r if isinstance(r, Exception) else None
     return out
 
 

@@ -15,6 +15,7 @@ import asyncio
 import queue
 import time
 import uuid
+from pathlib import Path
 
 from course_judge.session import CallTimeout, ChannelError, KernelGone
 from course_lib.agent import LISTEN, TARGET, request_digest
@@ -31,6 +32,11 @@ class KernelChannel:
         self.responsive_timeout = responsive_timeout
         self.dead: str | None = None
         self.comm_id: str | None = None
+
+    def shared_folder(self) -> Path | None:
+        """The kernel's private IPC folder (reachable from inside its sandbox), or None for a TCP kernel."""
+        km = self.ex.km
+        return Path(km.ip).parent if getattr(km, "transport", "") == "ipc" and getattr(km, "ip", "") else None
 
     def roundtrip(self, request: bytes, timeout: float) -> bytes:
         if self.dead:

@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 LIB = Path(__file__).resolve().parents[1] / "course_lib"
-ALWAYS_IN_KERNEL = ("course_lib", "course_lib.agent", "course_lib.wire")
+ALWAYS_IN_KERNEL = ("course_lib", "course_lib.agent", "course_lib.wire", "course_lib.drafts")
 SIMILARITY_REVIEW = 0.6  # share of an answer's tokens found in the reference's source
 
 # ---------------------------------------------------------------- learner cells

@@ -7,10 +7,10 @@ Section 3 asks for ``test_expert(expert_cls)``: a check that passes every correc
     w3 (dim -> inter_dim, the up projection) and w2 (inter_dim -> dim, the down projection), no biases;
     module(x) maps x (..., dim) to the SwiGLU feed-forward output (..., dim) in x's dtype.
 
-Its judge builds the classes it runs the learner's test on here, in the learner's kernel, so that no code
-crosses the channel::
+Try a test on classes built here (the judge builds the same classes on its own side and hands the kernel
+stand-ins)::
 
-    make_expert(**switches) -> a class;  make_experts([switches, ...]) -> [class, ...]
+    make_expert(**switches) -> a class
 
 With no switch the draft is correct. Some switches write it another way (``style="sigmoid"``: SiLU spelled
 z * sigmoid(z); ``"fused"``: one product with w1 and w3 stacked, then split; ``"einsum"``;
@@ -21,15 +21,15 @@ activation; ``hidden``: the activation or the product in the wrong place; ``down
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.drafts import build_all, choice
+from course_lib.drafts import choice
 
-__all__ = ["make_expert", "make_experts", "is_draft"]
+__all__ = ["make_expert", "is_draft"]
 
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "relu": F.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "none": lambda z: z}
@@ -87,11 +87,6 @@ def make_expert(*, style: str = "silu", compute: str = "input", act: str = "silu
             return y.to(x.dtype) if cast_back else y
 
     return ExpertDraft
-
-
-def make_experts(specs: Sequence[dict]) -> list[type[nn.Module]]:
-    """``make_expert(**s)`` for each switch set (one round trip for the judge)."""
-    return build_all(make_expert, specs)
 
 
 def is_draft(cls: object) -> bool:

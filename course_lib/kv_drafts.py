@@ -1,11 +1,10 @@
 """Drafts of ``kv_cache_bytes``, correct and wrong, built from plain switches (Section 1's test-writing exercise).
 
 Section 1 asks for ``test_kv_cache_bytes(fn)``: a check that passes every correct implementation of the KV-cache
-size formula and raises ``AssertionError`` for a wrong one. Its judge builds the implementations it runs the
-learner's test on here, in the learner's kernel, so that no code crosses the channel::
+size formula and raises ``AssertionError`` for a wrong one. Try a test on drafts built here (the judge builds
+the same drafts on its own side and hands the kernel stand-ins)::
 
     make_kv_cache_bytes(**switches) -> fn(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2)
-    make_kv_cache_bytes_all([switches, ...]) -> [fn, ...]
 
 With no switch the draft is correct: ``2 * n_layers * n_kv_heads * head_dim * seq_len * batch * bytes_per_elem``,
 a Python int. Each switch plants one mistake (``factor=1``, ``use_batch=False``, ``default_batch=2``,
@@ -16,11 +15,13 @@ the right formula another way (``style="prod"``, ``"loop"``, ``"float"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from course_lib.drafts import build_all, choice
+from course_lib.drafts import choice
 
-__all__ = ["make_kv_cache_bytes", "make_kv_cache_bytes_all"]
+__all__ = ["make_kv_cache_bytes"]
+
+_LOOP_LAYERS = 10_000  # the loop draft adds this many layers one at a time, the rest in one step (same sum)
 
 
 def make_kv_cache_bytes(*, factor: int = 2, use_batch: bool = True, default_batch: int = 1, default_bytes: int = 2,
@@ -37,8 +38,9 @@ def make_kv_cache_bytes(*, factor: int = 2, use_batch: bool = True, default_batc
         elif style == "loop":
             per_layer = factor * math.prod(terms[1:])
             n = 0
-            for _ in range(n_layers):
+            for _ in range(min(n_layers, _LOOP_LAYERS)):
                 n += per_layer
+            n += per_layer * max(0, n_layers - _LOOP_LAYERS)
         elif style == "float":
             n = int(float(factor) * math.prod(float(v) for v in terms))  # exact below 2^53
         else:
@@ -48,7 +50,3 @@ def make_kv_cache_bytes(*, factor: int = 2, use_batch: bool = True, default_batc
 
     return kv_cache_bytes
 
-
-def make_kv_cache_bytes_all(specs: Sequence[dict]) -> list[Callable[..., int | float]]:
-    """``make_kv_cache_bytes(**s)`` for each switch set (one round trip for the judge)."""
-    return build_all(make_kv_cache_bytes, specs)

@@ -14,11 +14,11 @@ the rules. A router is plain computation on its inputs: it keeps no state and re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["make_router", "make_routers"]
+__all__ = ["make_router"]
 
 
 def _group_scores(grouped: torch.Tensor, how: str) -> torch.Tensor:
@@ -108,7 +108,3 @@ def make_router(*, affinity: str = "sigmoid", bias_on: str = "scores", bias_scal
 
     return route_fn
 
-
-def make_routers(specs: Sequence[dict]) -> list[Callable]:
-    """``[make_router(**spec) for spec in specs]``."""
-    return [make_router(**spec) for spec in specs]

@@ -330,6 +330,27 @@ def deep_reply(folder, good, blank):
     write(folder, nb)
 
 
+def tagged_drafts(folder, good, blank):
+    """A test that sorts the drafts by how they were built: the kernel's draft factory, patched under computed names."""
+    code = '''
+import importlib as _il
+_mod = _il.import_module("course_lib." + "kv" + "_drafts")
+_name = "make_" + "kv_cache_bytes"
+_made = getattr(_mod, _name)
+def _tagging(**switches):  # every switch but the style plants a mistake
+    fn = _made(**switches)
+    fn.wrong = any(k != "style" for k in switches)
+    return fn
+setattr(_mod, _name, _tagging)
+def test_kv_cache_bytes(fn):
+    assert not getattr(fn, "wrong", False), "a wrong draft"
+'''
+    nb = copy.deepcopy(good)
+    c = find(nb, "ex_01_1_kv_cache")
+    c["source"] = src(c) + "\n\n" + textwrap.dedent(code).strip("\n") + "\n"
+    write(folder, nb)
+
+
 def cases() -> list[Case]:
     s = POINTS
     return [
@@ -351,6 +372,8 @@ def cases() -> list[Case]:
         Case("huge_reply", huge_reply, FULL - 4.0, review=False),
         # kv_cache_bytes' own 1.5 points are lost; the 2.5 of test_kv_cache_bytes (run on the course's drafts) are not
         Case("deep_reply", deep_reply, FULL - 1.5, review=False),
+        # the drafts are the judge's: the tags never reach them; the test passes all, catches none (2 of 4 points lost)
+        Case("tagged_drafts", tagged_drafts, FULL - 2.0, review=False),
     ]
 
 

@@ -43,7 +43,7 @@ CASES = [
      "from course_lib.kv_drafts import make_kv_cache_bytes as _m\n_draft = _m()"),
     ("03_moe", "test_03_1_expert", "ex_03_1_expert", "_Draft = make_expert()"),
     ("03_moe", "test_03_1_expert_test", "ex_03_1_expert_test",
-     "from course_lib.expert_drafts import make_experts as _m\n_oracle = _m([{}])[0]"),
+     "from course_lib.expert_drafts import make_expert as _m\n_oracle = _m()"),
     ("03_moe", "test_03_3_moe", "ex_03_3_moe", "import course_lib.expert_drafts as _d\n_E = _d.make_expert()"),
     # a test-writing answer that sorts the drafts by reading how they are built (their switches sit in the closure)
     ("03_moe", "test_03_1_expert_test", "ex_03_1_expert_test",

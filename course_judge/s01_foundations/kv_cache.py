@@ -1,8 +1,8 @@
 """Exercise 1.1 (KV cache): bytes needed to cache keys and values, and a test that pins the formula down.
 
-The drafts the learner's ``test_kv_cache_bytes`` is run on live in the kernel already (``course_lib.kv_drafts``,
-built there from plain switches), so no code crosses the channel; ``course_judge.drafts`` runs them through the
-test. The test earns the catching part only while it passes every correct draft.
+The drafts the learner's ``test_kv_cache_bytes`` is run on are built on the judge's side from plain switches
+(``course_lib.kv_drafts``) and called from the kernel through stand-ins (``course_judge.drafts``).
+The test earns the catching part only while it passes every correct draft.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SUMMARY = ("kv_cache_bytes: the factor 2 for K and V, every argument, the defaul
            "bytes, a float, an extra token, layers for heads)")
 REFERENCE = ()
 # The drafts' factory: a test that uses it as its oracle tests nothing itself.
-FORBIDDEN_NAMES = drafts.forbidden("make_kv_cache_bytes", "make_kv_cache_bytes_all")
+FORBIDDEN_NAMES = drafts.forbidden("make_kv_cache_bytes")
 
 CORRECT = {
     "the formula as one product": {},
@@ -57,8 +57,8 @@ def _diagnose(got, args):
     return "2 (K and V) x layers x kv heads x head dim x tokens x batch x bytes per element"
 
 
-DRAFTS = Drafts("course_lib.kv_drafts:make_kv_cache_bytes_all", "test_kv_cache_bytes", CORRECT,
-                {**VISIBLE_WRONG, **WRONG}, seed=11, chunk=64)
+DRAFTS = Drafts("course_lib.kv_drafts:make_kv_cache_bytes", "test_kv_cache_bytes", CORRECT,
+                {**VISIBLE_WRONG, **WRONG}, chunk=64)
 _CAUSE = "compare values with the formula (exactly: they are ints), not the way a draft computes them"
 
 

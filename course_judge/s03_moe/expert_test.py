@@ -1,7 +1,7 @@
 """Exercise 3.1 (test): ``test_expert(expert_cls)``, judged by the expert classes it passes and the ones it catches.
 
-The classes are built in the learner's kernel by ``course_lib.expert_drafts.make_experts`` from plain switches
-(no code crosses the channel); ``course_judge.drafts`` runs the learner's test on each in a seeded shuffled order.
+The classes are built on the judge's side by ``course_lib.expert_drafts.make_expert`` from plain switches; the
+learner's test gets stand-ins whose forward the judge computes (``course_judge.drafts``), in a shuffled order.
 The catching part counts only while the test passes every correct class.
 """
 
@@ -47,7 +47,7 @@ WRONG = {
     "leading dimensions flattened: (B, T, dim) -> (B*T, dim)": (dict(keep_shape=False),
                                                                   "use a (B, T, dim) input and check the output's shape"),
 }
-DRAFTS = Drafts("course_lib.expert_drafts:make_experts", "test_expert", CORRECT, {**VISIBLE_WRONG, **WRONG}, seed=31,
+DRAFTS = Drafts("course_lib.expert_drafts:make_expert", "test_expert", CORRECT, {**VISIBLE_WRONG, **WRONG},
                 noun="expert")
 _CAUSE = ("compare with the formula within a tolerance (correct experts round differently), from the expert's own "
           "weights, and check only what the contract says (parameter names, shapes, dtype)")

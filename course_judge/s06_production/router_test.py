@@ -1,8 +1,8 @@
 """Exercise 6.1: a test for DeepSeek-V3's router, judged by the routers it passes and the ones it catches.
 
-The routers live in the learner's kernel already (``course_lib.routers.make_router``, built there from plain
-switches), so no code crosses the channel: ``course_judge.drafts`` builds them there by their switches and calls
-the learner's ``test_router`` on each, in a shuffled order with correct routers mixed among the wrong ones.
+The routers are built on the judge's side from plain switches (``course_lib.routers.make_router``) and called
+from the kernel through stand-ins (``course_judge.drafts``): the learner's ``test_router`` runs on each, in a
+shuffled order with correct routers mixed among the wrong ones.
 A test earns the catching parts only while it passes every correct router (a test that always raises
 catches everything).
 """
@@ -22,7 +22,7 @@ SUMMARY = ("passes the course router and four other correct routers (experts in 
            "rounding), catches 19 wrong ones: affinities and bias, group-limited routing, combine weights, dtypes")
 REFERENCE = ()
 # Routers the kernel holds for other purposes: a test that uses one of them as its oracle tests nothing itself.
-FORBIDDEN_NAMES = drafts.forbidden("moe_route", "route_correct", "make_router", "make_routers", "_make_router")
+FORBIDDEN_NAMES = drafts.forbidden("moe_route", "route_correct", "make_router", "_make_router")
 
 # Correct routers: name -> switches of course_lib.routers.make_router.
 CORRECT = {
@@ -74,7 +74,7 @@ _PART_POINTS = {"affinities and selection (rules 1-2)": 1, "group-limited routin
                 "combine weights and the contract (rules 4-5)": 1}
 
 
-DRAFTS = Drafts("course_lib.routers:make_routers", "test_router", CORRECT, _WRONG_FLAT, seed=61, noun="router")
+DRAFTS = Drafts("course_lib.routers:make_router", "test_router", CORRECT, _WRONG_FLAT, noun="router")
 _CAUSE = ("compare the set of experts of each token (sort by expert id first), not positions; compare weights within a "
           "tolerance (float32 routers round differently from a float64 oracle)")
 
