@@ -733,13 +733,35 @@ def cached_course_lib_view(section: str | None, root: Path | None = None) -> Pat
         raise RuntimeError(f"{base} is not this user's private folder: refusing to use it as the course_lib view cache")
     final = base / _view_key(section, root)
     if not (final / "course_lib").is_dir():
+        prune_views(base, VIEW_UNUSED_S)
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
         course_lib_view(section, build / "course_lib", root)
         try:
             os.rename(build, final)
         except OSError:  # another grader made it first
             shutil.rmtree(build, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.utime(final)  # in use: see prune_views
     return final / "course_lib"
+
+
+VIEW_UNUSED_S = 7 * 86400  # a cached view no kernel has started with for a week is removed
+
+
+def prune_views(base: Path, unused_s: float) -> list[str]:
+    """Remove the views in ``base`` not used for ``unused_s`` seconds (each use touches its folder), and builds
+    abandoned for an hour; returns their names. Every change of the course makes a new view: without this the
+    cache only grows."""
+    now, gone = time.time(), []
+    for d in base.iterdir():
+        try:
+            age = now - os.lstat(d).st_mtime
+        except OSError:
+            continue
+        if d.is_dir() and not d.is_symlink() and age > (3600 if d.name.startswith(".build-") else unused_s):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
 
 
 def _note(kind: str, detail: str, **extra) -> None:

@@ -438,3 +438,28 @@ def test_course_lib_view_is_built_once_per_version_and_shared(tmp_path, monkeypa
     (tmp_path / "views").chmod(0o755)
     with pytest.raises(RuntimeError, match="private"):
         sandbox.cached_course_lib_view(a, course)
+
+
+def test_views_unused_for_a_week_are_pruned_when_a_new_one_is_built(tmp_path, monkeypatch):
+    import os
+    import shutil
+    import time
+
+    monkeypatch.setenv("COURSE_VIEW_CACHE", str(tmp_path / "views"))
+    a = gc.SECTION
+    course = tmp_path / "course"
+    shutil.copytree(ROOT / "source" / a, course / "source" / a)
+    old = sandbox.cached_course_lib_view(a, course).parent
+    week = time.time() - sandbox.VIEW_UNUSED_S - 60
+    os.utime(old, (week, week))
+    assert sandbox.cached_course_lib_view(a, course).parent == old and old.stat().st_mtime > week  # a use keeps it
+    os.utime(old, (week, week))
+    abandoned = tmp_path / "views" / ".build-x"
+    abandoned.mkdir()
+    os.utime(abandoned, (time.time() - 7200,) * 2)
+    recent = tmp_path / "views" / ".build-y"
+    recent.mkdir()
+    nb = course / "source" / a / f"{a}.ipynb"
+    nb.write_text(nb.read_text().replace('"cells"', '"cells" ', 1))
+    new = sandbox.cached_course_lib_view(a, course).parent
+    assert new != old and new.is_dir() and not old.exists() and not abandoned.exists() and recent.exists()
