@@ -83,6 +83,7 @@ class DraftServer:
         self.folder = Path(tempfile.mkdtemp(prefix="course-drafts-")) if folder is None else Path(folder)
         self.path = str(self.folder / f"drafts-{secrets.token_hex(6)}.sock")
         self.requests = 0
+        self.active: str | None = None  # the one draft that answers (None: all), while its test runs
         self._modules: dict[tuple, nn.Module] = {}
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -167,6 +168,8 @@ class DraftServer:
     def _compute(self, req: Any) -> Any:
         if not isinstance(req, dict) or not isinstance(req.get("token"), str) or req["token"] not in self.drafts:
             raise Refused("no such draft")
+        if self.active is not None and req["token"] != self.active:
+            raise RuntimeError("this draft's test is over: a stand-in answers only during its own test")
         draft, op = self.drafts[req["token"]], req.get("op")
         if op == "call" and not isinstance(draft, type):
             args, kwargs = req.get("args"), req.get("kwargs")

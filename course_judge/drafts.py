@@ -2,9 +2,10 @@
 
 The judge builds each named draft from its switches with the trusted ``course_lib`` factory, on its own side,
 and serves them (:mod:`course_judge.draft_server`); the kernel gets stand-ins that carry a random token each
-and nothing of how a draft is built. The learner's test runs on every stand-in in an order drawn afresh for each
-grading (correct drafts mixed among the wrong ones, so the order cannot be learned from feedback), and the
-judge keeps, per draft, what the test raised. A test earns the catching parts only while it passes every correct
+and nothing of how a draft is built. The learner's test runs on one stand-in per call, in an order drawn afresh
+for each grading (correct drafts mixed among the wrong ones, so the order cannot be learned from feedback);
+only the draft under test answers meanwhile, so a test cannot compare drafts with one another. The judge
+keeps, per draft, what the test raised. A test earns the catching parts only while it passes every correct
 draft: a test that always raises catches everything.
 """
 
@@ -39,7 +40,6 @@ class Drafts:
     correct: dict[str, dict]  # name -> switches
     wrong: dict[str, tuple[dict, str]]  # name -> (switches, hint: what would make the mistake show)
     noun: str = "draft"
-    chunk: int = 8  # drafts per round trip: one slow test cannot eat the whole time limit in one call
 
 
 def describe(e: Exception, test: str) -> str:
@@ -52,13 +52,26 @@ def describe(e: Exception, test: str) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def variants(d: Drafts) -> dict[str, tuple[str, dict]]:
+    """Every draft the test is run on: name -> (the correct way or mistake it stands for, its switches).
+
+    Each mistake is planted in every correct way of writing the function (``"<mistake> / <way>"``), so the drafts
+    agree in groups of the same size: a test that passes a draft when others compute the same learns nothing.
+    """
+    out = {n: (n, dict(sw)) for n, sw in d.correct.items()}
+    for w, (sw, _) in d.wrong.items():
+        for way, way_sw in d.correct.items():
+            out[f"{w} / {way}"] = (w, {**way_sw, **sw})
+    return out
+
+
 def build(d: Drafts) -> dict[str, object]:
-    """Each named draft, built here from its switches."""
+    """Each draft of :func:`variants`, built here from its switches."""
     module, _, name = d.factory.partition(":")
     if not module.startswith("course_lib."):
         raise ValueError(f"drafts come from course_lib, not {module}")
     make = getattr(importlib.import_module(module), name)
-    return {n: make(**sw) for n, sw in {**d.correct, **{n: sw for n, (sw, _) in d.wrong.items()}}.items()}
+    return {n: make(**sw) for n, (_, sw) in variants(d).items()}
 
 
 def shared_folder(k) -> Path | None:
@@ -68,22 +81,27 @@ def shared_folder(k) -> Path | None:
 
 
 def run(k, d: Drafts) -> dict[str, Exception | None]:
-    """The exception ``d.test`` raised on each draft (None: it passed); any exception counts as catching."""
-    built = build(d)
+    """The exception ``d.test`` raised on each correct draft and each mistake (None: it passed; a mistake passes
+    when the test passes it written any one way); any exception counts as catching."""
+    built, of = build(d), variants(d)
     names = list(built)
     random.Random(secrets.randbits(64)).shuffle(names)
     tokens = {secrets.token_hex(16): n for n in names}
     test = getattr(k.g, d.test)
     out: dict[str, Exception | None] = {}
+    run_test = k.lib("course_lib.drafts:run_test")
     with DraftServer({t: built[n] for t, n in tokens.items()}, shared_folder(k)) as server:
-        stand = k.call_opts(k.lib("course_lib.drafts:stand_ins"), (server.path, server.specs(list(tokens))), keep=True)
-        for lo in range(0, len(names), d.chunk):
-            chunk = names[lo:lo + d.chunk]
-            res = k.many([(test, (stand[lo + i],), {}) for i in range(len(chunk))])
-            for n, r in zip(chunk, res):
-                if isinstance(r, LearnerError) and r.not_implemented:
-                    raise AssertionError(describe(r, d.test))
-                out[n] = r if isinstance(r, Exception) else None
+        for t, n in tokens.items():  # one round trip per draft: only its own stand-in answers meanwhile
+            server.active = t
+            try:
+                k.call(run_test, test, server.path, server.specs([t])[0])
+                raised = None
+            except LearnerError as e:
+                if e.not_implemented:
+                    raise AssertionError(describe(e, d.test)) from None
+                raised = e
+            base = of[n][0]
+            out[base] = None if raised is None or (base in out and out[base] is None) else out.get(base, raised)
     return out
 
 

@@ -4,11 +4,11 @@ A test-writing exercise asks the learner for a test that passes every correct im
 and raises ``AssertionError`` for a wrong one. To try a test, a learner builds drafts with a factory
 ``make_x(**switches)`` (:func:`choice` validates a switch).
 
-While grading, the drafts stay on the judge's side. The kernel gets stand-ins (:func:`stand_ins`): a function,
-or a module class whose ``forward`` runs remotely, that sends each call's arguments to the judge's draft server
-over a socket in the kernel's private folder and returns what the draft computed there. A stand-in holds only a
-random token and what any implementation shows from outside (its signature, its layers), so nothing in the
-kernel says which draft is which or how it was built.
+While grading, the drafts stay on the judge's side. The kernel gets stand-ins, one per test call
+(:func:`run_test`): a function, or a module class whose ``forward`` runs remotely, that sends each call's
+arguments to the judge's draft server over a socket in the kernel's private folder and returns what the draft
+computed there. A stand-in holds only a random token and what any implementation shows from outside (its
+signature, its layers), so nothing in the kernel says which draft is which or how it was built.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from course_lib import wire
 
-__all__ = ["choice", "stand_ins"]
+__all__ = ["choice", "run_test", "stand_ins"]
 
 MAX_MESSAGE = 64 << 20  # bytes of one request or answer
 # What a draft raised comes back as the same built-in exception (anything else as RuntimeError).
@@ -164,7 +164,24 @@ def _module_class(line: _Line, spec: dict) -> type:
     return type(str(spec["name"]), (nn.Module,), {"__init__": __init__, "forward": forward})
 
 
+def _stand_in(line: _Line, spec: dict) -> Any:
+    return _function(line, spec) if spec["kind"] == "function" else _module_class(line, spec)
+
+
 def stand_ins(path: str, specs: list[dict]) -> list:
     """The kernel's stand-ins for the drafts the judge's server at ``path`` holds, one per spec."""
     line = _Line(path)
-    return [_function(line, s) if s["kind"] == "function" else _module_class(line, s) for s in specs]
+    return [_stand_in(line, s) for s in specs]
+
+
+def run_test(test: Callable, path: str, spec: dict) -> None:
+    """The judge's request for one draft: build its stand-in and run ``test`` on it (what it raises is the verdict).
+
+    The server answers a draft only while its own test runs, so a stand-in kept from an earlier call answers
+    nothing later: a test cannot sort the drafts by comparing them with one another.
+    """
+    line = _Line(path)
+    try:
+        test(_stand_in(line, spec))
+    finally:
+        line.close()

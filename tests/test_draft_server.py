@@ -128,12 +128,26 @@ def test_the_kernel_learns_only_what_a_draft_shows_from_outside(which):
     differ = {n for n, s in specs.items() if s != base}
     assert not differ & set(d.correct), "correct drafts look different from outside"
     # only a changed default (visible in the signature) or biases (visible as parameters) may show
-    shows = {"kv_cache": {n for n, (sw, _) in d.wrong.items() if {"default_batch", "default_bytes"} & set(sw)},
-             "expert": {n for n, (sw, _) in d.wrong.items() if sw.get("bias")}, "router": set()}[which]
+    of = drafts.variants(d)
+    shows = {"kv_cache": {n for n, (_, sw) in of.items() if {"default_batch", "default_bytes"} & set(sw)},
+             "expert": {n for n, (_, sw) in of.items() if sw.get("bias")}, "router": set()}[which]
     assert differ == shows
     words = set(_strings(specs))
-    for sw in [*d.correct.values(), *(sw for sw, _ in d.wrong.values())]:
+    for _, sw in of.values():
         assert not set(sw) & words, f"a switch reaches the kernel: {set(sw) & words}"
+
+
+@pytest.mark.parametrize("which", list(JUDGES))
+def test_each_mistake_is_planted_in_every_correct_way_of_writing_it(which):
+    """Drafts agree in groups of one size, so agreeing with other drafts says nothing about being correct."""
+    d = JUDGES[which]
+    of = drafts.variants(d)
+    groups = {}
+    for base, _ in of.values():
+        groups[base] = groups.get(base, 0) + 1
+    assert set(groups) == set(d.correct) | set(d.wrong)
+    assert all(groups[w] == len(d.correct) for w in d.wrong), groups
+    assert all(groups[c] == 1 for c in d.correct)
 
 
 def _strings(v):
@@ -193,3 +207,57 @@ def test_the_server_refuses_what_it_must_not_compute():
         stand = stand_ins(server.path, server.specs([t]))[0]
     with pytest.raises(OSError):  # after the exercise nothing answers, and nothing hangs
         stand(8, 5)(torch.ones(2, 8))
+
+
+def test_a_stand_in_answers_only_while_its_own_test_runs():
+    built, tokens, server = _served(kv_cache.DRAFTS)
+    a, b = list(tokens)[:2]
+    with server:
+        fa, fb = stand_ins(server.path, server.specs([a, b]))
+        server.active = a
+        assert fa(1, 1, 1, 1) == built[tokens[a]](1, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="test is over"):
+            fb(1, 1, 1, 1)
+
+
+# A test that never states the formula: it records what every draft it is given computes, and passes a draft when
+# an earlier one computed the same (correct drafts agree with each other; each mistake, written one way, is wrong
+# in its own way). With one draft per mistake this sorts the drafts whenever a correct one comes first.
+CONSENSUS = '''
+def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch=1, bytes_per_elem=2):
+    ### BEGIN SOLUTION
+    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * bytes_per_elem
+    ### END SOLUTION
+
+
+_SEEN = []
+
+
+def test_kv_cache_bytes(fn):
+    ### BEGIN SOLUTION
+    probe = [(3, 5, 7, 11, 13, 4), (2, 3, 5, 7)]
+    mine = [fn(*a) for a in probe] + [type(fn(*probe[0]))]
+    first = not _SEEN
+    _SEEN.append(mine)
+    assert first or _SEEN[:-1].count(mine) >= 1, "no other draft agrees"
+    ### END SOLUTION
+'''
+
+
+def test_drafts_cannot_be_sorted_by_comparing_them_with_one_another():
+    from course_judge import local
+
+    v = local.grade("01_foundations", kv_cache, [local.Alternative("consensus of the drafts", source=CONSENSUS)])
+    parts = {p.name: p.passed for p in v.parts}
+    catching = [n for n in parts if n.startswith("test_kv_cache_bytes catches")]
+    assert catching and not any(parts[n] for n in catching), v.report()
+
+
+def test_correct_kv_drafts_have_no_more_company_than_wrong_ones():
+    """The property behind the test above, on values: no correct draft has more company than a wrong one."""
+    d = kv_cache.DRAFTS
+    of, built = drafts.variants(d), drafts.build(d)
+    probe = [(3, 5, 7, 11, 13, 4), (2, 3, 5, 7), (61, 128, 128, 4096)]
+    values = {n: tuple((f(*a), type(f(*a))) for a in probe) for n, f in built.items()}
+    company = {n: sum(v == values[n] for v in values.values()) for n in values}
+    assert max(company[n] for n in d.correct) <= min(company[n] for n in values if of[n][0] in d.wrong), company

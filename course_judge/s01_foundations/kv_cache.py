@@ -58,7 +58,7 @@ def _diagnose(got, args):
 
 
 DRAFTS = Drafts("course_lib.kv_drafts:make_kv_cache_bytes", "test_kv_cache_bytes", CORRECT,
-                {**VISIBLE_WRONG, **WRONG}, chunk=64)
+                {**VISIBLE_WRONG, **WRONG})
 _CAUSE = "compare values with the formula (exactly: they are ints), not the way a draft computes them"
 
 
