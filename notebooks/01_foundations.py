@@ -76,8 +76,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False):
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_sdpa points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): output and weights against torch in float64 (several shapes), causal with S > T, boolean masks, the 1/sqrt(d) scale.
+# %% [test id=test_01_1_sdpa points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): output and weights against torch in float64 (several shapes), causal with S > T, boolean masks, the 1/sqrt(d) scale.
 from course_lib.testing import assert_close, assert_shape
 
 torch.manual_seed(0)
@@ -143,8 +143,8 @@ def test_kv_cache_bytes(fn):
     ### END SOLUTION
 
 
-# %% [test id=test_01_1_kv_cache points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for bytes, a float, an extra token, layers for heads).
+# %% [test id=test_01_1_kv_cache points=2]
+# Checks you can run now. When graded, the judge runs these and more (2 points): kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for bytes, a float, an extra token, layers for heads).
 assert kv_cache_bytes(1, 1, 1, 1, 1, 1) == 2, "one layer, one head of size 1, one token: a key and a value"
 assert kv_cache_bytes(2, 4, 8, 10, 1, 2) == 2 * 2 * 4 * 8 * 10 * 2
 assert test_kv_cache_bytes(kv_cache_bytes) is None  # your test passes your function
@@ -234,8 +234,8 @@ def effective_rank(W, energy=0.9):
     ### END SOLUTION
 
 
-# %% [test id=test_01_2_low_rank points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): factor shapes, the Eckart–Young error for ranks 0 .. min(m, n), optimality, B's orthonormal rows, energy, effective rank.
+# %% [test id=test_01_2_low_rank points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): factor shapes, the Eckart–Young error for ranks 0 .. min(m, n), optimality, B's orthonormal rows, energy, effective rank.
 from course_lib.testing import assert_close, assert_shape
 
 torch.manual_seed(0)
@@ -394,8 +394,8 @@ def max_violation(load):
     ### END SOLUTION
 
 
-# %% [test id=test_01_3_gating points=6]
-# Checks you can run now. When graded, the judge runs these and more (6 points): chosen experts against sorting, softmax weights not renormalised, sigmoid weights renormalised, int64 indices, loads, MaxVio.
+# %% [test id=test_01_3_gating points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): chosen experts against sorting, softmax weights not renormalised, sigmoid weights renormalised, int64 indices, loads, MaxVio.
 from course_lib.testing import assert_close, assert_shape
 
 _logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
@@ -500,8 +500,8 @@ def fp8_limits(fmt="e4m3"):
     ### END SOLUTION
 
 
-# %% [test id=test_01_4_decode points=7]
-# Checks you can run now. When graded, the judge runs these and more (7 points): all 256 codes of E4M3 and E5M2 against torch's float8 dtypes, NaN/inf rules, subnormals, max / min normal / min subnormal.
+# %% [test id=test_01_4_decode points=3.5]
+# Checks you can run now. When graded, the judge runs these and more (3.5 points): all 256 codes of E4M3 and E5M2 against torch's float8 dtypes, NaN/inf rules, subnormals, max / min normal / min subnormal.
 assert decode_fp8(0b0_0111_000, "e4m3") == 1.0, "exponent 7 = bias, mantissa 0: 1.0"
 assert decode_fp8(0b1_1000_100, "e4m3") == -3.0, "sign 1, 2^(8-7) x 1.5"
 assert decode_fp8(0b0_0000_001, "e4m3") == 2.0**-9, "the smallest subnormal of E4M3 is 2^-9"

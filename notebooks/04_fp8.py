@@ -152,8 +152,8 @@ def fp8_binade(a: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Ten
     ### END SOLUTION
 
 
-# %% [test id=test_04_1_binade points=1]
-# Checks you can run now. When graded, the judge runs these and more (1 points): every binade of E4M3 and E5M2 with its powers of two and the values just below them, subnormals and 0 in the lowest binade, the spacing, shapes and dtypes.
+# %% [test id=test_04_1_binade points=1.5]
+# Checks you can run now. When graded, the judge runs these and more (1.5 points): every binade of E4M3 and E5M2 with its powers of two and the values just below them, subnormals and 0 in the lowest binade, the spacing, shapes and dtypes.
 from course_lib.testing import assert_true
 
 e, spacing = fp8_binade(torch.tensor([1.0, 1.3, 448.0, 2.0**-9, 0.0], dtype=torch.float64), E4M3)
@@ -184,8 +184,8 @@ def fp8_round(a: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     ### END SOLUTION
 
 
-# %% [test id=test_04_1_round points=1]
-# Checks you can run now. When graded, the judge runs these and more (1 points): every midpoint of E4M3 and E5M2 (half to even), float64 values a hair either side of each midpoint, dense random values, subnormals, values above max, the carry into the next binade.
+# %% [test id=test_04_1_round points=1.5]
+# Checks you can run now. When graded, the judge runs these and more (1.5 points): every midpoint of E4M3 and E5M2 (half to even), float64 values a hair either side of each midpoint, dense random values, subnormals, values above max, the carry into the next binade.
 from course_lib.testing import assert_true
 
 q = fp8_round(torch.tensor([1.3, 1 + 1 / 16, 1 + 3 / 16, 1.97, 470.0, 3 * 2.0**-10], dtype=torch.float64), E4M3)
@@ -220,8 +220,8 @@ def fp8_fields(q: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Ten
     ### END SOLUTION
 
 
-# %% [test id=test_04_1_fields points=1]
-# Checks you can run now. When graded, the judge runs these and more (1 points): the fields of every finite positive value of E4M3 and E5M2 against its code, 0, subnormals, the top binade, shapes and int64.
+# %% [test id=test_04_1_fields points=1.5]
+# Checks you can run now. When graded, the judge runs these and more (1.5 points): the fields of every finite positive value of E4M3 and E5M2 against its code, 0, subnormals, the top binade, shapes and int64.
 from course_lib.testing import assert_true
 
 ef, mf = fp8_fields(torch.tensor([1.25, 2.0, 448.0, 2.0**-9, 2.0**-6, 0.0], dtype=torch.float64), E4M3)
@@ -339,8 +339,8 @@ class FP8Converter:
         ### END SOLUTION
 
 
-# %% [test id=test_04_1_encode points=2]
-# Checks you can run now. When graded, the judge runs these and more (2 points): every tie (half to even), dense random values, -0.0 and every code's round trip against torch's clamped cast, x read exactly in float64, overflow with and without saturation (E5M2 inf, E4M3 NaN), infinities, NaN codes, shapes, no float8 casts.
+# %% [test id=test_04_1_encode points=3]
+# Checks you can run now. When graded, the judge runs these and more (3 points): every tie (half to even), dense random values, -0.0 and every code's round trip against torch's clamped cast, x read exactly in float64, overflow with and without saturation (E5M2 inf, E4M3 NaN), infinities, NaN codes, shapes, no float8 casts.
 from course_lib.testing import assert_close, assert_true
 
 conv = FP8Converter("e4m3")
@@ -356,8 +356,8 @@ assert_true(conv.encode(torch.tensor([1000.0]), saturate=False).item() == 0x7F,
 assert_true(bool(torch.isnan(conv.decode(conv.encode(torch.tensor([float("nan")])))).all()), "NaN must encode to a NaN code")
 print("encode: visible checks passed")
 
-# %% [test id=test_04_1_quantize points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): tile scales = max(amax, 1e-4) / 448 per 1x128 tile (not amax/127, not reciprocal, not per tensor), codes = x / scale clamped and cast, 128x128 block scales, tensor-wise scales, dequantize of every layout, a given scale reused, NaN kept in its tile, SQNR with outliers.
+# %% [test id=test_04_1_quantize points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): tile scales = max(amax, 1e-4) / 448 per 1x128 tile (not amax/127, not reciprocal, not per tensor), codes = x / scale clamped and cast, 128x128 block scales, tensor-wise scales, dequantize of every layout, a given scale reused, NaN kept in its tile, SQNR with outliers.
 from course_lib.testing import assert_close, assert_shape, assert_true
 
 torch.manual_seed(1)
@@ -518,8 +518,8 @@ def accumulate(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 14, promot
     ### END SOLUTION
 
 
-# %% [test id=test_04_1_gemm points=3]
-# Checks you can run now. When graded, the judge runs these and more (3 points): fp8_gemm with 1x128 x 128x128 and 1x128 x 1x128 scales against dequantise-then-matmul in float64 (odd M); accumulate against the reference simulation: truncation after every addition, promotion every N_C = 128 (and every promote_every), the last partial sum; the error falls >5x with promotion.
+# %% [test id=test_04_1_gemm points=4.5]
+# Checks you can run now. When graded, the judge runs these and more (4.5 points): fp8_gemm with 1x128 x 128x128 and 1x128 x 1x128 scales against dequantise-then-matmul in float64 (odd M); accumulate against the reference simulation: truncation after every addition, promotion every N_C = 128 (and every promote_every), the last partial sum; the error falls >5x with promotion.
 from course_lib.testing import assert_close, assert_shape
 
 torch.manual_seed(2)
@@ -670,8 +670,8 @@ def convert_to_fp8(model: nn.Module, skip: tuple[str, ...] = ("head",)) -> nn.Mo
     return model
 
 
-# %% [test id=test_04_1_linear points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): Fprop, Dgrad and Wgrad against DeepSeek's recipe (E4M3 everywhere, x and dy in 1x128 tiles, W in 128x128 blocks reused transposed by Dgrad, dy^T and the cached x^T re-tiled along the tokens for Wgrad) for 2-D and 3-D inputs; ~4% from FP32; bf16 in, bf16 out; FP32 weight gradient; the master weight untouched.
+# %% [test id=test_04_1_linear points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): Fprop, Dgrad and Wgrad against DeepSeek's recipe (E4M3 everywhere, x and dy in 1x128 tiles, W in 128x128 blocks reused transposed by Dgrad, dy^T and the cached x^T re-tiled along the tokens for Wgrad) for 2-D and 3-D inputs; ~4% from FP32; bf16 in, bf16 out; FP32 weight gradient; the master weight untouched.
 from course_lib.testing import assert_close, assert_shape, assert_true
 
 torch.manual_seed(3)
@@ -849,8 +849,8 @@ class MixedPrecisionTrainer:
         ### END SOLUTION
 
 
-# %% [test id=test_04_2_trainer points=4]
-# Checks you can run now. When graded, the judge runs these and more (4 points): LossScaler's trajectory (x0.5 on overflow, x2 after growth_interval clean steps, the counter reset), unscale_; 20 fp16 steps against torch.amp.GradScaler (scale, skipped steps, parameters, clipping after unscaling, the unscaled loss and gradient norm); bf16 autocast and fp8 linears with FP32 master weights.
+# %% [test id=test_04_2_trainer points=6]
+# Checks you can run now. When graded, the judge runs these and more (6 points): LossScaler's trajectory (x0.5 on overflow, x2 after growth_interval clean steps, the counter reset), unscale_; 20 fp16 steps against torch.amp.GradScaler (scale, skipped steps, parameters, clipping after unscaling, the unscaled loss and gradient norm); bf16 autocast and fp8 linears with FP32 master weights.
 from course_lib.testing import assert_true
 
 s = LossScaler()
@@ -1038,8 +1038,8 @@ class StabilityMonitor:
         return [f"{kind}: {advice[kind]} (tensors: {sorted({n for n, k, _ in self.alerts if k == kind})})" for kind in seen]
 
 
-# %% [test id=test_04_3_monitor points=3]
-# Checks you can run now. When graded, the judge runs these and more (3 points): overflow (|x/scale| above max + half a top step), underflow (nonzero, at or below half the smallest subnormal) and NaN/inf counts in E4M3 and E5M2 with their rounding edges, amax over finite values, alerts, the amax history and delayed scale, a spike under delayed vs online scaling, the global gradient norm (with its square root), non-finite gradients by name, diagnose.
+# %% [test id=test_04_3_monitor points=4.5]
+# Checks you can run now. When graded, the judge runs these and more (4.5 points): overflow (|x/scale| above max + half a top step), underflow (nonzero, at or below half the smallest subnormal) and NaN/inf counts in E4M3 and E5M2 with their rounding edges, amax over finite values, alerts, the amax history and delayed scale, a spike under delayed vs online scaling, the global gradient norm (with its square root), non-finite gradients by name, diagnose.
 from course_lib.testing import assert_true
 
 mon = StabilityMonitor("e4m3")

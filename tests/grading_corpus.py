@@ -1,7 +1,7 @@
 """Bad submissions and attacks on the grader, generated from Section 1's release and source notebooks.
 
 Each case writes submitted/<case>/01_foundations/ in a temporary course and states what grading must
-conclude: the points its code deserves (Section 1 has 32, one graded cell per exercise, scored by the
+conclude: the points its code deserves (Section 1 has 17.5, one graded cell per exercise, scored by the
 judge: sdpa 6, kv_cache 4, low_rank 6, gating 6, decode 7, quiz 3) and the diagnoses the batch summary
 must carry. Graded cells never run in the kernel, so what a submission does to them (edits, deletion,
 stderr noise) costs nothing by itself; only the learner's code counts. Attack cases start from the
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SECTION = "01_foundations"
-FULL = 32.0
-POINTS = {"sdpa": 6.0, "kv_cache": 4.0, "low_rank": 6.0, "gating": 6.0, "decode": 7.0, "quiz": 3.0}
+FULL = 17.5
+POINTS = {"sdpa": 3.0, "kv_cache": 2.0, "low_rank": 3.0, "gating": 3.0, "decode": 3.5, "quiz": 3.0}
 JUDGE_SIGNATURE = "def judge(k, t)"  # in every judge module (course_judge/), never in a kernel's reach
 ATTACK = "ATTACK"  # printed by an attack that got through
 

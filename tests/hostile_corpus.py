@@ -6,7 +6,7 @@ IPython callbacks), patch builtins and torch, replace the kernel's end of the ju
 (``sys.modules``, a package ``__path__``), read what the kernel executes (parent message, ``linecache``,
 frames, ``gc``), hand in the course's reference (import, ``exec`` of its source), forge output and
 replies, send back objects that lie, or kill / hang the kernel mid-check. ``score`` is what the honest
-part of the code deserves (Section 1 has 32 points: sdpa 6, kv_cache 4, low_rank 6, gating 6, decode 7,
+part of the code deserves (Section 1 has 17.5 points: sdpa 3, kv_cache 2, low_rank 3, gating 3, decode 3.5,
 quiz 3); ``review`` says whether a person is asked to look.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from grading_corpus import find, src, write
 
 SECTION = "01_foundations"
-FULL = 32.0
+FULL = 17.5
 FORGED_VERDICT = f"Graded by the judge: {FULL:g} / {FULL:g} points"  # what forged_output prints
-POINTS = {"sdpa": 6.0, "kv_cache": 4.0, "low_rank": 6.0, "gating": 6.0, "decode": 7.0, "quiz": 3.0}
+POINTS = {"sdpa": 3.0, "kv_cache": 2.0, "low_rank": 3.0, "gating": 3.0, "decode": 3.5, "quiz": 3.0}
 LIB = Path(__file__).resolve().parents[1] / "course_lib"
 
 
@@ -368,12 +368,12 @@ def cases() -> list[Case]:
         Case("quiz_object", quiz_object, FULL - 1.5, review=False),
         Case("kernel_exits", kernel_exits, s["sdpa"] + s["kv_cache"], review=True, kinds={"kernel_stopped"}),
         Case("kernel_hangs", kernel_hangs, s["sdpa"] + s["kv_cache"] + s["low_rank"], review=False, kinds={"kernel_stopped"}),
-        Case("slow_call", slow_call, FULL - 4.0, review=False),
-        Case("huge_reply", huge_reply, FULL - 4.0, review=False),
-        # kv_cache_bytes' own 1.5 points are lost; the 2.5 of test_kv_cache_bytes (run on the course's drafts) are not
-        Case("deep_reply", deep_reply, FULL - 1.5, review=False),
-        # the drafts are the judge's: the tags never reach them; the test passes all, catches none (2 of 4 points lost)
-        Case("tagged_drafts", tagged_drafts, FULL - 2.0, review=False),
+        Case("slow_call", slow_call, FULL - 2.0, review=False),
+        Case("huge_reply", huge_reply, FULL - 2.0, review=False),
+        # kv_cache_bytes' own 0.75 points are lost; the 1.25 of test_kv_cache_bytes (run on the course's drafts) are not
+        Case("deep_reply", deep_reply, FULL - 0.75, review=False),
+        # the drafts are the judge's: the tags never reach them; the test passes all, catches none (1 of 2 points lost)
+        Case("tagged_drafts", tagged_drafts, FULL - 1.0, review=False),
     ]
 
 

@@ -113,10 +113,27 @@ def test_the_readme_course_map_states_the_notebooks_times():
 
     from conftest import ROOT
 
-    rows = re.findall(r"^\| (\d) \| \[[^\]]+\]\(release/(\w+)/\w+\.ipynb\) \| (\d+) min \| (\d+ min|none) \|",
+    import course_judge
+
+    rows = re.findall(r"^\| (\d) \| \[[^\]]+\]\(release/(\w+)/\w+\.ipynb\) \| (\d+) min \| (\d+ min|none) \| ([\d.]+) \|",
                       (ROOT / "README.md").read_text(), re.M)
-    assert {s for _, s, _, _ in rows} == set(section_names()), rows
-    for _, section, minutes, deep in rows:
+    assert {r[1] for r in rows} == set(section_names()), rows
+    for _, section, minutes, deep, points in rows:
+        total = sum(float(m.POINTS) for m in course_judge.judges(section).values())
+        assert float(points) == total, f"README says {points} points for {section}, its judges {total:g}"
         core, dives = ET.stated(section)
         assert int(minutes) == core, f"README says {minutes} min for {section}'s core path, its intro {core}"
         assert deep == (f"{dives} min" if dives else "none"), f"README says {deep} of deep dives for {section}, its intro {dives} min"
+
+
+def test_points_follow_the_work():
+    """Each section's share of the course's points is within 25% of its share of the core path's solution lines
+    (a section that is quick to do cannot carry the most points)."""
+    import course_judge
+
+    points = {s: sum(float(m.POINTS) for m in course_judge.judges(s).values()) for s in section_names()}
+    lines = {s: ET.estimate(s).core_lines for s in points}
+    for s in points:
+        ratio = (points[s] / sum(points.values())) / (lines[s] / sum(lines.values()))
+        assert 0.75 <= ratio <= 1.25, (f"{s}: {points[s]:g} of {sum(points.values()):g} points for {lines[s]} of "
+                                       f"{sum(lines.values())} solution lines ({ratio:.2f}x its share of the work)")

@@ -8,7 +8,7 @@ from course_judge.checks import assert_true, expect_close, expect_float, expect_
 from course_judge.local import Alternative, Mutant
 
 GRADE_ID = "test_01_3_gating"
-POINTS = 6
+POINTS = 3
 ANSWERS = ("ex_01_3_gating",)
 SUMMARY = "chosen experts against sorting, softmax weights not renormalised, sigmoid weights renormalised, int64 indices, loads, MaxVio"
 REFERENCE = ("course_lib.deepseek.moe", "course_lib.deepseek.routing")
@@ -21,7 +21,7 @@ def _gate(f, logits, k, mode):
 
 def judge(k, t):
     gate, load_fn, maxvio = k.g.topk_gating, k.g.expert_load, k.g.max_violation
-    with t.part("visible checks: a 4-expert example in both modes, a load count, balanced MaxVio", 2):
+    with t.part("visible checks: a 4-expert example in both modes, a load count, balanced MaxVio", 1):
         logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
         w, i = _gate(gate, logits, 2, "softmax")
         expect_tensor(w, "weights", shape=(1, 2))
@@ -42,7 +42,7 @@ def judge(k, t):
     g = torch.Generator().manual_seed(3)
     shapes = [(1, 2, 1), (17, 8, 2), (64, 32, 6)]
     data = [(torch.randn(T, N, generator=g, dtype=torch.float64) * 2, k_) for (T, N, k_) in shapes]
-    with t.part("softmax gating: the top-k experts and their unnormalised probabilities", 1):
+    with t.part("softmax gating: the top-k experts and their unnormalised probabilities", 0.5):
         for lg, k_ in data:
             p = torch.softmax(lg, -1)
             order = torch.argsort(p, dim=-1, descending=True)[:, :k_]
@@ -56,7 +56,7 @@ def judge(k, t):
                                    "the weights are the raw logits: softmax gating takes softmax probabilities":
                                    torch.gather(lg, 1, order)},
                          hint="softmax over ALL experts first, then keep the top-k probabilities without renormalising")
-    with t.part("sigmoid gating: same experts, chosen scores divided by their sum; int64 indices", 1):
+    with t.part("sigmoid gating: same experts, chosen scores divided by their sum; int64 indices", 0.5):
         for lg, k_ in data:
             s = torch.sigmoid(lg)
             order = torch.argsort(s, dim=-1, descending=True)[:, :k_]
@@ -70,7 +70,7 @@ def judge(k, t):
                                    torch.softmax(torch.gather(lg, 1, order), -1),
                                    "a softmax of the chosen sigmoid scores: divide them by their sum instead": torch.softmax(ws, -1)},
                          hint="sigmoid scores of the chosen experts divided by their sum (not a softmax)")
-    with t.part("expert_load counts every (token, slot), zeros included", 1):
+    with t.part("expert_load counts every (token, slot), zeros included", 0.5):
         for lg, k_ in data:
             idx = torch.argsort(lg, dim=-1, descending=True)[:, :k_]
             N = lg.shape[1] + 3  # experts nobody chose
@@ -79,7 +79,7 @@ def judge(k, t):
             assert_true(tuple(got.shape) == (N,) and torch.equal(got.to(torch.int64), want),
                         f"expert_load: got {got.tolist()}, expected {want.tolist()}",
                         hint="count every (token, slot) pair; experts nobody chose still get a 0 (minlength)")
-    with t.part("MaxVio = max load / mean load - 1", 1):
+    with t.part("MaxVio = max load / mean load - 1", 0.5):
         for load, want in (([4, 0, 0, 0], 3.0), ([3, 1], 0.5), ([5, 5, 2], 5 / 4 - 1)):
             got = expect_float(maxvio(torch.tensor(load)), f"max_violation({load})")
             mean = sum(load) / len(load)

@@ -13,7 +13,7 @@ from course_judge.drafts import Drafts
 from course_judge.local import Alternative, Mutant
 
 GRADE_ID = "test_01_1_kv_cache"
-POINTS = 4
+POINTS = 2
 ANSWERS = ("ex_01_1_kv_cache",)
 SUMMARY = ("kv_cache_bytes: the factor 2 for K and V, every argument, the defaults (batch 1, bf16); test_kv_cache_bytes: "
            "passes correct drafts written differently, catches wrong ones (a factor left out, a default changed, bits for "
@@ -64,15 +64,15 @@ _CAUSE = "compare values with the formula (exactly: they are ints), not the way 
 
 def judge(k, t):
     f = k.g.kv_cache_bytes
-    with t.part("visible checks: one layer, head and token; a small product", 0.5):
+    with t.part("visible checks: one layer, head and token; a small product", 0.25):
         for args in [(1, 1, 1, 1, 1, 1), (2, 4, 8, 10, 1, 2)]:
             got = expect_int(f(*args), f"kv_cache_bytes{args}")
             expect_equal(got, _want(*args), f"kv_cache_bytes{args}", hint=_diagnose(got, args))
-    with t.part("kv_cache_bytes: DeepSeek-V3-sized, GQA-sized and odd sizes", 0.5):
+    with t.part("kv_cache_bytes: DeepSeek-V3-sized, GQA-sized and odd sizes", 0.25):
         for args in [(61, 128, 128, 1, 1, 2), (32, 8, 128, 4096, 4, 2), (3, 5, 7, 11, 13, 1), (2, 3, 5, 7, 1, 4)]:
             got = expect_int(f(*args), f"kv_cache_bytes{args}")
             expect_equal(got, _want(*args), f"kv_cache_bytes{args}", hint=_diagnose(got, args))
-    with t.part("kv_cache_bytes: defaults batch=1, bytes_per_elem=2 (bf16)", 0.5):
+    with t.part("kv_cache_bytes: defaults batch=1, bytes_per_elem=2 (bf16)", 0.25):
         got = expect_int(f(61, 128, 128, 1), "kv_cache_bytes(61, 128, 128, 1)")
         expect_equal(got, _want(61, 128, 128, 1), "kv_cache_bytes(61, 128, 128, 1) with the default batch and bf16",
                      hint="the defaults are batch=1 and bytes_per_elem=2")
@@ -80,18 +80,18 @@ def judge(k, t):
         expect_equal(got, _want(4, 2, 16, 100, 1, 4), "kv_cache_bytes with bytes_per_elem=4 given by name",
                      hint="keep the parameter names of the signature")
     results: dict = {}
-    with t.part("visible checks: test_kv_cache_bytes passes the formula and catches a draft that ignores the batch", 0.5):
+    with t.part("visible checks: test_kv_cache_bytes passes the formula and catches a draft that ignores the batch", 0.25):
         results.update(drafts.run(k, DRAFTS))
         drafts.accepts(results, ["the formula as one product"], DRAFTS, _CAUSE)
         drafts.catches(results, list(VISIBLE_WRONG), DRAFTS)
     accepted = False
-    with t.part("test_kv_cache_bytes passes correct drafts written differently (math.prod, a loop, a float product)", 0.5):
+    with t.part("test_kv_cache_bytes passes correct drafts written differently (math.prod, a loop, a float product)", 0.25):
         if not results:
             raise AssertionError("not graded: the drafts could not be run through your test")
         drafts.accepts(results, list(CORRECT), DRAFTS, _CAUSE)
         accepted = True
     with t.part("test_kv_cache_bytes catches wrong drafts: a factor left out, a default changed, bits, a float, an extra "
-                "token, layers for heads", 1.5):
+                "token, layers for heads", 0.75):
         if not accepted:
             raise AssertionError("not graded: your test must pass every correct draft before catching wrong ones counts")
         drafts.catches(results, list(WRONG), DRAFTS)

@@ -8,7 +8,7 @@ from course_judge.checks import assert_close, assert_true, expect_float, expect_
 from course_judge.local import Alternative, Mutant
 
 GRADE_ID = "test_01_2_low_rank"
-POINTS = 6
+POINTS = 3
 ANSWERS = ("ex_01_2_low_rank",)
 SUMMARY = "factor shapes, the Eckart–Young error for ranks 0 .. min(m, n), optimality, B's orthonormal rows, energy, effective rank"
 REFERENCE = ()
@@ -21,7 +21,7 @@ def _factors(f, W, r):
 
 def judge(k, t):
     lrf, energy, eff = k.g.low_rank_factors, k.g.energy_kept, k.g.effective_rank
-    with t.part("visible checks: shapes, the error bound, full energy, identity", 2):
+    with t.part("visible checks: shapes, the error bound, full energy, identity", 1):
         torch.manual_seed(0)
         W = torch.randn(12, 9, dtype=torch.float64)
         A, B = _factors(lrf, W, 4)
@@ -38,7 +38,7 @@ def judge(k, t):
 
     g = torch.Generator().manual_seed(5)
     cases = [(20, 7, 3), (5, 30, 5), (16, 16, 0), (8, 6, 6)]
-    with t.part("Eckart–Young error and optimality, tall / wide / rank 0 / full rank", 1):
+    with t.part("Eckart–Young error and optimality, tall / wide / rank 0 / full rank", 0.5):
         for rows, n, r in cases:
             W = torch.randn(rows, n, generator=g, dtype=torch.float64)
             A, B = _factors(lrf, W, r)
@@ -51,7 +51,7 @@ def judge(k, t):
             if 0 < r < min(rows, n):
                 P = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
                 assert_true(err <= float(torch.linalg.norm(W - W @ P @ P.T)) + 1e-12, "a random projection beat your factors")
-    with t.part("B has orthonormal rows (it is V_r^T; the singular values belong in A)", 1):
+    with t.part("B has orthonormal rows (it is V_r^T; the singular values belong in A)", 0.5):
         for rows, n, r in cases:
             if not r:
                 continue
@@ -59,7 +59,7 @@ def judge(k, t):
             _, B = _factors(lrf, W, r)
             assert_close(B @ B.T, torch.eye(r, dtype=torch.float64), atol=1e-9, name="B B^T",
                          hint="B is V_r^T (orthonormal rows); multiply the singular values into A only")
-    with t.part("energy_kept uses squared singular values", 1):
+    with t.part("energy_kept uses squared singular values", 0.5):
         for rows, n, r in cases:
             S = torch.linalg.svdvals(torch.randn(rows, n, generator=g, dtype=torch.float64))
             want = float((S[:r] ** 2).sum() / (S**2).sum())
@@ -67,7 +67,7 @@ def judge(k, t):
             hint = ("use squared singular values (energy), not the singular values themselves"
                     if abs(got - float(S[:r].sum() / S.sum())) < 1e-12 and r else "sum of the top-r sigma^2 over the sum of all sigma^2")
             assert_true(abs(got - want) < 1e-12, f"energy_kept(S, {r}) = {got}, expected {want}", hint=hint)
-    with t.part("effective rank on a matrix with a known spectrum", 1):
+    with t.part("effective rank on a matrix with a known spectrum", 0.5):
         U = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))[0]
         V = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0]
         s = torch.tensor([10.0, 5.0, 2.0, 1.0] + [0.1] * 16, dtype=torch.float64)

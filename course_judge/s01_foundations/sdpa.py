@@ -11,7 +11,7 @@ from course_judge.checks import assert_true, expect_close, expect_tensor, expect
 from course_judge.local import Alternative, Mutant
 
 GRADE_ID = "test_01_1_sdpa"
-POINTS = 6
+POINTS = 3
 ANSWERS = ("ex_01_1_sdpa",)
 SUMMARY = "output and weights against torch in float64 (several shapes), causal with S > T, boolean masks, the 1/sqrt(d) scale"
 REFERENCE = ()
@@ -32,7 +32,7 @@ def _call(sdpa, *args, **kwargs):
 
 def judge(k, t):
     sdpa = k.g.scaled_dot_product_attention
-    with t.part("visible checks: shapes, row sums, output and causal output against torch", 2):
+    with t.part("visible checks: shapes, row sums, output and causal output against torch", 1):
         torch.manual_seed(0)
         q, kk, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 4)
         out, w = _call(sdpa, q, kk, v)
@@ -52,7 +52,7 @@ def judge(k, t):
     data = [(torch.randn(B, H, T, d, generator=g, dtype=torch.float64), torch.randn(B, H, S, d, generator=g, dtype=torch.float64),
              torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)) for (B, H, T, S, d, dv) in shapes]
 
-    with t.part("float64 against torch's attention, three shapes (T = 1 .. 7, d != d_v)", 1):
+    with t.part("float64 against torch's attention, three shapes (T = 1 .. 7, d != d_v)", 0.5):
         for (q, kk, v), (B, H, T, S, d, dv) in zip(data, shapes):
             out, w = _call(sdpa, q, kk, v)
             expect_close(out, F.scaled_dot_product_attention(q, kk, v), atol=1e-10, name=f"output B{B} H{H} T{T} S{S} d{d} d_v{dv}",
@@ -66,7 +66,7 @@ def judge(k, t):
             expect_close(w, _attn(q, kk, v)[1], atol=1e-10, name=f"attention weights B{B} T{T} S{S}",
                          hint="return the softmax probabilities (each row sums to 1), not the scores")
 
-    with t.part("causal with S > T: the queries are the last T of S positions (decoding with a cache)", 1):
+    with t.part("causal with S > T: the queries are the last T of S positions (decoding with a cache)", 0.5):
         for (q, kk, v), (_, _, T, S, _, _) in zip(data, shapes):
             ref_mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
             out, w = _call(sdpa, q, kk, v, is_causal=True)
@@ -77,7 +77,7 @@ def judge(k, t):
             assert_true(bool((w.masked_select(~ref_mask) == 0).all()), "causal weights on future keys must be exactly 0",
                         hint="fill masked scores with -inf (not a large negative number or 0) before the softmax")
 
-    with t.part("boolean masks broadcast over batch and heads (True = may attend)", 1):
+    with t.part("boolean masks broadcast over batch and heads (True = may attend)", 0.5):
         for (q, kk, v), (_, _, T, S, d, _) in zip(data, shapes):
             mask = torch.rand(T, S, generator=g) > 0.3
             mask[:, 0] = True
@@ -91,7 +91,7 @@ def judge(k, t):
                                    "so each row still sums to 1": (_attn(q, kk, v)[1] * mask) @ v},
                          hint="True in the mask means 'may attend'; fill the False entries with -inf before the softmax")
 
-    with t.part("the 1/sqrt(d) scale at d = 64", 1):
+    with t.part("the 1/sqrt(d) scale at d = 64", 0.5):
         q = torch.randn(1, 1, 4, 64, generator=g, dtype=torch.float64)
         _, w = _call(sdpa, q, q, q)
         expect_close(w, _attn(q, q, q)[1], atol=1e-10, name="weights with d=64",

@@ -11,7 +11,7 @@ from course_judge.s04_fp8._common import batch, close
 from course_lib.deepseek.fp8_formats import E4M3, E5M2
 
 GRADE_ID = "test_04_1_binade"
-POINTS = 1
+POINTS = 1.5
 ANSWERS = ("ex_04_1_binade",)
 SUMMARY = ("every binade of E4M3 and E5M2 with its powers of two and the values just below them, subnormals and 0 in the "
            "lowest binade, the spacing, shapes and dtypes")
@@ -58,12 +58,12 @@ def _check(r, a, f, what):
 def judge(k, t):
     fmt = {f: k.lib(f"course_lib.deepseek.fp8_formats:{S.FORMAT_NAMES[f]}") for f in (E4M3, E5M2)}
     fn = k.g.fp8_binade
-    with t.part("visible checks: five E4M3 magnitudes (1, 1.3, 448, 2^-9, 0)", 0.5):
+    with t.part("visible checks: five E4M3 magnitudes (1, 1.3, 448, 2^-9, 0)", 0.75):
         a = torch.tensor([1.0, 1.3, 448.0, 2.0**-9, 0.0], dtype=torch.float64)
         _check(fn(a, fmt[E4M3]), a, E4M3, "fp8_binade([1, 1.3, 448, 2^-9, 0], E4M3)")
     g = torch.Generator().manual_seed(7)
     with t.part("every value of E4M3 and E5M2, powers of two and the values just below them, subnormals, 0, "
-                "random magnitudes, a (3, 4) shape", 0.5):
+                "random magnitudes, a (3, 4) shape", 0.75):
         ins = {f: _inputs(f, g) for f in (E4M3, E5M2)}
         grid = torch.rand(3, 4, generator=g, dtype=torch.float64) * 100
         res = batch(k, [(fn, (ins[f], fmt[f]), {}) for f in (E4M3, E5M2)] + [(fn, (grid, fmt[E4M3]), {})])

@@ -14,7 +14,7 @@ from course_lib.deepseek import fp8 as ref
 from course_lib.deepseek.fp8_formats import E4M3, E5M2, FP8Format
 
 GRADE_ID = "test_04_1_encode"
-POINTS = 2
+POINTS = 3
 ANSWERS = ("ex_04_1_converter",)
 SUMMARY = ("every tie (half to even), dense random values, -0.0 and every code's round trip against torch's clamped cast, "
            "x read exactly in float64, overflow with and without saturation (E5M2 inf, E4M3 NaN), infinities, NaN codes, "
@@ -97,7 +97,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def judge(k, t):
     conv = k.g.FP8Converter("e4m3")
-    with t.part("visible checks: six E4M3 codes, -0.0, saturation, overflow without saturation, NaN", 0.5):
+    with t.part("visible checks: six E4M3 codes, -0.0, saturation, overflow without saturation, NaN", 0.75):
         x6 = torch.tensor([1.0, -2.0, 448.0, 0.0, 2.0**-9, -1.3])
         r_enc, r_neg0, r_sat, r_over, r_nan = batch(k, [
             (conv.encode, (x6,), {}), (conv.encode, (torch.tensor([-0.0]),), {}), (conv.encode, (torch.tensor([1000.0]),), {}),
@@ -123,7 +123,7 @@ def judge(k, t):
     convs = {f: k.g.FP8Converter(f.name) for f in (E4M3, E5M2)}
     g = torch.Generator().manual_seed(41)
     with t.part("encode: every tie (half to even), dense random values, -0.0 and the round trip, against torch's clamped cast; "
-                "x read exactly in float64", 0.5):
+                "x read exactly in float64", 0.75):
         inputs = {}
         for f in convs:
             vals = _values(f)
@@ -166,7 +166,7 @@ def judge(k, t):
                   hint="convert x to float64 first and round once")
 
     with t.part("overflow without saturation (E5M2 inf, E4M3 NaN), saturation to +-max, NaN codes, shapes; "
-                "bit level (no torch float8 casts)", 1):
+                "bit level (no torch float8 casts)", 1.5):
         e5, e4 = convs[E5M2], convs[E4M3]
         r = batch(k, [(e5.encode, (torch.tensor([1e6, -1e6, math.inf]),), {"saturate": False}),
                       (e5.encode, (torch.tensor([1e6, -math.inf]),), {}),

@@ -11,7 +11,7 @@ from course_judge.s04_fp8._common import batch, close
 from course_lib.deepseek.fp8_formats import E4M3, E5M2
 
 GRADE_ID = "test_04_1_fields"
-POINTS = 1
+POINTS = 1.5
 ANSWERS = ("ex_04_1_fields",)
 SUMMARY = "the fields of every finite positive value of E4M3 and E5M2 against its code, 0, subnormals, the top binade, shapes and int64"
 REFERENCE = ("course_lib.deepseek.fp8",)
@@ -54,10 +54,10 @@ def _codes_fields(f):
 def judge(k, t):
     fmt = {f: k.lib(f"course_lib.deepseek.fp8_formats:{S.FORMAT_NAMES[f]}") for f in (E4M3, E5M2)}
     fn = k.g.fp8_fields
-    with t.part("visible checks: 1.25, 2, 448, 2^-9, 2^-6 and 0 (E4M3)", 0.5):
+    with t.part("visible checks: 1.25, 2, 448, 2^-9, 2^-6 and 0 (E4M3)", 0.75):
         q = torch.tensor([1.25, 2.0, 448.0, 2.0**-9, 2.0**-6, 0.0], dtype=torch.float64)
         _check(fn(q, fmt[E4M3]), q, E4M3, "fp8_fields([1.25, 2, 448, 2^-9, 2^-6, 0], E4M3)")
-    with t.part("the fields of every finite non-negative value of E4M3 and E5M2 against its own code, a (4, 8) shape", 0.5):
+    with t.part("the fields of every finite non-negative value of E4M3 and E5M2 against its own code, a (4, 8) shape", 0.75):
         data = {f: _codes_fields(f) for f in (E4M3, E5M2)}
         grid = data[E4M3][0][:32].reshape(4, 8)
         res = batch(k, [(fn, (data[f][0], fmt[f]), {}) for f in (E4M3, E5M2)] + [(fn, (grid, fmt[E4M3]), {})])

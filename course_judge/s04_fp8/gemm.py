@@ -13,7 +13,7 @@ from course_lib.deepseek import fp8 as ref
 from course_lib.deepseek.fp8_formats import N_C, round_to_bits
 
 GRADE_ID = "test_04_1_gemm"
-POINTS = 3
+POINTS = 4.5
 ANSWERS = ("ex_04_1_gemm",)
 SUMMARY = ("fp8_gemm with 1x128 x 128x128 and 1x128 x 1x128 scales against dequantise-then-matmul in float64 (odd M); "
            "accumulate against the reference simulation: truncation after every addition, promotion every N_C = 128 "
@@ -103,7 +103,7 @@ def _fp8_values(x: torch.Tensor) -> torch.Tensor:
 
 def judge(k, t):
     gemm, acc = k.g.fp8_gemm, k.g.accumulate
-    with t.part("visible checks: fp8_gemm against dequantise-then-matmul, accumulate with 23 bits", 1):
+    with t.part("visible checks: fp8_gemm against dequantise-then-matmul, accumulate with 23 bits", 1.5):
         torch.manual_seed(2)
         a_q, a_s = ref.quantize_tiles(torch.randn(16, 256))
         b_q, b_s = ref.quantize_blocks(torch.randn(128, 256))
@@ -118,7 +118,7 @@ def judge(k, t):
               hint="add the products a[:, k] b[:, k] in order, rounding the running sum after each addition")
 
     g = torch.Generator().manual_seed(43)
-    with t.part("fp8_gemm: 1x128 tiles x 128x128 blocks and 1x128 x 1x128 (Wgrad) against float64, M = 200", 1):
+    with t.part("fp8_gemm: 1x128 tiles x 128x128 blocks and 1x128 x 1x128 (Wgrad) against float64, M = 200", 1.5):
         a = torch.randn(200, 640, generator=g) * torch.linspace(0.01, 100, 640)  # scales that change along K
         b = torch.randn(384, 640, generator=g) * torch.linspace(10, 0.1, 384)[:, None]
         aq, as_ = ref.quantize_tiles(a)
@@ -137,7 +137,7 @@ def judge(k, t):
               hint="b_s may be (N, K/128): one scale per row and K-slice, no expansion")
 
     with t.part("accumulate: truncation after every addition, promotion every promote_every (N_C = 128), the last partial sum; "
-                "the error falls >5x with promotion", 1):
+                "the error falls >5x with promotion", 1.5):
         x8 = _fp8_values(torch.randn(6, 520, generator=g) * 4)
         w8 = _fp8_values(torch.randn(5, 520, generator=g) * 4)
         for pe in (N_C, None, 256):

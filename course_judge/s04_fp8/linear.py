@@ -13,7 +13,7 @@ from course_judge.s04_fp8._common import close, rel
 from course_lib.deepseek import fp8 as ref
 
 GRADE_ID = "test_04_1_linear"
-POINTS = 4
+POINTS = 6
 ANSWERS = ("ex_04_1_linear",)
 SUMMARY = ("Fprop, Dgrad and Wgrad against DeepSeek's recipe (E4M3 everywhere, x and dy in 1x128 tiles, W in 128x128 blocks reused "
            "transposed by Dgrad, dy^T and the cached x^T re-tiled along the tokens for Wgrad) for 2-D and 3-D inputs; "
@@ -88,7 +88,7 @@ def _mistakes(x2, w, gy2) -> dict[str, dict[str, torch.Tensor]]:
 
 def judge(k, t):
     apply = k.g.FP8LinearFunction.apply
-    with t.part("visible checks: output shape, ~4% from FP32, gradient shapes, an FP32 weight gradient", 1):
+    with t.part("visible checks: output shape, ~4% from FP32, gradient shapes, an FP32 weight gradient", 1.5):
         torch.manual_seed(3)
         x = torch.randn(128, 256)
         w = torch.randn(128, 256) / 16
@@ -125,7 +125,7 @@ def judge(k, t):
         K, N = x.shape[-1], w.shape[0]
         return _recipe(x.reshape(-1, K), w, gy.reshape(-1, N))
 
-    with t.part("Fprop: x in 1x128 tiles, W in 128x128 blocks, both E4M3; 2-D and 3-D inputs", 1):
+    with t.part("Fprop: x in 1x128 tiles, W in 128x128 blocks, both E4M3; 2-D and 3-D inputs", 1.5):
         for shape, x, w, gy in cases:
             r = run(shape, x, w, gy)
             y_w, _, _ = want(x, w, gy)
@@ -136,7 +136,7 @@ def judge(k, t):
                   mistake_rel=1e-4, hint="x in 1x128 tiles, W in 128x128 blocks, E4M3; y = fp8_gemm(...)")
 
     with t.part("Dgrad and Wgrad: E4M3 inputs; W's FP8 blocks transposed for dx; dy^T and the cached x^T re-tiled along the tokens "
-                "for dW", 1):
+                "for dW", 1.5):
         for shape, x, w, gy in cases:
             r = run(shape, x, w, gy)
             _, dx_w, dw_w = want(x, w, gy)
@@ -151,7 +151,7 @@ def judge(k, t):
                   hint="Wgrad re-quantises dy^T and x^T in 1x128 tiles along the token dimension M")
 
     with t.part("dtypes and accuracy: ~4% from FP32 (and not closer: FP8 inputs), bf16 in -> bf16 out, FP32 weight gradient, "
-                "the master weight untouched", 1):
+                "the master weight untouched", 1.5):
         for shape, x, w, gy in cases:
             r = run(shape, x, w, gy)
             gx, gw = r.grads

@@ -13,7 +13,7 @@ from course_judge.s04_fp8.trainer import _kernel_module
 from course_lib.deepseek.fp8_formats import E4M3, E5M2, FP8Format
 
 GRADE_ID = "test_04_3_monitor"
-POINTS = 3
+POINTS = 4.5
 ANSWERS = ("ex_04_3_monitor",)
 SUMMARY = ("overflow (|x/scale| above max + half a top step), underflow (nonzero, at or below half the smallest subnormal) and "
            "NaN/inf counts in E4M3 and E5M2 with their rounding edges, amax over finite values, alerts, the amax history and "
@@ -80,7 +80,7 @@ def _check_counts(st, x, f: FP8Format, scale: float, what: str) -> None:
 def judge(k, t):
     Mon = k.g.StabilityMonitor
     listing, getattr_ = k.lib("builtins:list"), k.lib("builtins:getattr")
-    with t.part("visible checks: one overflow, one underflow, one NaN, amax 500, the amax history", 1):
+    with t.part("visible checks: one overflow, one underflow, one NaN, amax 500, the amax history", 1.5):
         mon = k.call_opts(Mon, ("e4m3",), keep=True)
         x = torch.tensor([1.0, -500.0, 1e-4, 0.0, math.nan])
         st = mon.observe("act", x)
@@ -90,7 +90,7 @@ def judge(k, t):
 
     g = torch.Generator().manual_seed(46)
     with t.part("counts in E4M3 and E5M2 with a scale (NaN, inf, zeros, 14 decades), the rounding edges (max + half a step, half "
-                "the smallest subnormal), one alert per nonzero kind", 1):
+                "the smallest subnormal), one alert per nonzero kind", 1.5):
         for f in (E4M3, E5M2):
             mon = k.call_opts(Mon, (f.name,), {"history": 4}, keep=True)
             x = torch.randn(5000, generator=g) * 10 ** torch.empty(5000).uniform_(-8, 6, generator=g)
@@ -115,7 +115,7 @@ def judge(k, t):
                     "a tensor without problems must raise no alert (only nonzero counts are alerts)")
 
     with t.part("the amax history and delayed scale, a spike under delayed vs online scaling, the gradient norm with its square "
-                "root, non-finite gradients by name, diagnose", 1):
+                "root, non-finite gradients by name, diagnose", 1.5):
         for f in (E4M3, E5M2):
             mon = k.call_opts(Mon, (f.name,), {"history": 4}, keep=True)
             *_, hist, ds, ds0 = batch(k, [(mon.observe, ("h", torch.tensor([v])), {}) for v in (9.0, 5.0, 2.0, 3.0, 4.0)]

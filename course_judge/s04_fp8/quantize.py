@@ -13,7 +13,7 @@ from course_lib.deepseek import fp8 as ref
 from course_lib.deepseek.fp8_formats import E4M3, E5M2, sqnr_db
 
 GRADE_ID = "test_04_1_quantize"
-POINTS = 4
+POINTS = 6
 ANSWERS = ("ex_04_1_converter",)
 SUMMARY = ("tile scales = max(amax, 1e-4) / 448 per 1x128 tile (not amax/127, not reciprocal, not per tensor), codes = x / scale "
            "clamped and cast, 128x128 block scales, tensor-wise scales, dequantize of every layout, a given scale reused, "
@@ -73,7 +73,7 @@ def _check_codes(q: torch.Tensor, want: torch.Tensor, what: str, mistakes: dict)
 
 def judge(k, t):
     conv = k.g.FP8Converter("e4m3")
-    with t.part("visible checks: tile scales (shape, amax / 448), the FP8 dtype, the round trip, block-scale shape", 1):
+    with t.part("visible checks: tile scales (shape, amax / 448), the FP8 dtype, the round trip, block-scale shape", 1.5):
         torch.manual_seed(1)
         x = torch.randn(4, 256)
         x_q, s = _quant(conv, x, "tile", "tiles of a (4, 256) x")
@@ -90,7 +90,7 @@ def judge(k, t):
     x = torch.randn(8, 640, generator=g) * 10 ** torch.empty(8, 1).uniform_(-3, 3, generator=g)
     amax = x.reshape(8, 5, 128).abs().amax(-1)
     ref_q, ref_s = ref.quantize_tiles(x)
-    with t.part("tile scales: max(amax, 1e-4) / 448 per 1x128 tile; codes x / scale clamped and cast, each tile's top on 448", 1):
+    with t.part("tile scales: max(amax, 1e-4) / 448 per 1x128 tile; codes x / scale clamped and cast, each tile's top on 448", 1.5):
         q, s = _quant(conv, x, "tile", "tiles of an (8, 640) activation")
         hint = (PER_TENSOR if s.numel() == 1 else PER_ROW if tuple(s.shape) == (8, 1)
                 else "transposed: (M, K/128)" if tuple(s.shape) == (5, 8) else "one scale per 1x128 tile: (M, K/128)")
@@ -115,7 +115,7 @@ def judge(k, t):
         assert_true(bool((zd[1, :128] == 0).all()), "an all-zero tile must dequantise to zeros",
                     hint="floor amax at 1e-4 so the tile divides by a finite, nonzero scale")
 
-    with t.part("128x128 block and tensor-wise scales; dequantize of every layout against the reference", 1):
+    with t.part("128x128 block and tensor-wise scales; dequantize of every layout against the reference", 1.5):
         w = torch.randn(256, 384, generator=g) * torch.linspace(0.1, 10, 256)[:, None]
         wq, ws = _quant(conv, w, "block", "blocks of a (256, 384) weight")
         expect_tensor(ws, "block scales of a (256, 384) weight", shape=(2, 3),
@@ -150,7 +150,7 @@ def judge(k, t):
               hint="scales stored as their reciprocal by mistake, or dequantize divides instead of multiplying")
 
     with t.part("clamping before the cast (a given scale reused), NaN kept in its tile, re-quantising is idempotent, "
-                "per-tile SQNR with outliers", 1):
+                "per-tile SQNR with outliers", 1.5):
         c5 = k.g.FP8Converter("e5m2")
         big = torch.tensor([[1.0, -2.0] * 64]) * 1e5
         bq, bs = _quant(c5, big, "tile", "E5M2 tiles with a given scale 1.0", scale=torch.tensor([[1.0]]))

@@ -11,7 +11,7 @@ from course_judge.s04_fp8._common import batch, close
 from course_lib.deepseek.fp8_formats import E4M3, E5M2
 
 GRADE_ID = "test_04_1_round"
-POINTS = 1
+POINTS = 1.5
 ANSWERS = ("ex_04_1_round",)
 SUMMARY = ("every midpoint of E4M3 and E5M2 (half to even), float64 values a hair either side of each midpoint, dense random "
            "values, subnormals, values above max, the carry into the next binade")
@@ -49,12 +49,12 @@ def _check(r, a, f, what):
 def judge(k, t):
     fmt = {f: k.lib(f"course_lib.deepseek.fp8_formats:{S.FORMAT_NAMES[f]}") for f in (E4M3, E5M2)}
     fn = k.g.fp8_round
-    with t.part("visible checks: 1.3, two ties, the carry of 1.97, 470 above max, a subnormal tie (E4M3)", 0.5):
+    with t.part("visible checks: 1.3, two ties, the carry of 1.97, 470 above max, a subnormal tie (E4M3)", 0.75):
         a = torch.tensor([1.3, 1 + 1 / 16, 1 + 3 / 16, 1.97, 470.0, 3 * 2.0**-10], dtype=torch.float64)
         _check(fn(a, fmt[E4M3]), a, E4M3, "fp8_round([1.3, 1+1/16, 1+3/16, 1.97, 470, 3x2^-10], E4M3)")
     g = torch.Generator().manual_seed(11)
     with t.part("every value and midpoint of E4M3 and E5M2, a hair either side of each midpoint, above max, random "
-                "magnitudes, a (2, 5) shape", 0.5):
+                "magnitudes, a (2, 5) shape", 0.75):
         ins = {f: _inputs(f, g) for f in (E4M3, E5M2)}
         grid = torch.rand(2, 5, generator=g, dtype=torch.float64) * 10
         res = batch(k, [(fn, (ins[f], fmt[f]), {}) for f in (E4M3, E5M2)] + [(fn, (grid, fmt[E5M2]), {})])

@@ -16,7 +16,7 @@ from course_lib.bench import threads
 from course_lib.deepseek.common import RMSNorm, SwiGLU
 
 GRADE_ID = "test_04_2_trainer"
-POINTS = 4
+POINTS = 6
 ANSWERS = ("ex_04_2_trainer",)
 SUMMARY = ("LossScaler's trajectory (x0.5 on overflow, x2 after growth_interval clean steps, the counter reset), unscale_; "
            "20 fp16 steps against torch.amp.GradScaler (scale, skipped steps, parameters, clipping after unscaling, "
@@ -170,7 +170,7 @@ def _same_float(a: float, b: float, rtol: float) -> bool:
 def judge(k, t):
     Scaler, Trainer = k.g.LossScaler, k.g.MixedPrecisionTrainer
     getattr_ = k.lib("builtins:getattr")
-    with t.part("visible checks: scale(loss) x 2^16, an overflow halves the scale, 10 fp32 steps lower the loss", 1):
+    with t.part("visible checks: scale(loss) x 2^16, an overflow halves the scale, 10 fp32 steps lower the loss", 1.5):
         s = k.call_opts(Scaler, keep=True)
         got = expect_float(s.scale(torch.tensor(2.0)), "scale(2.0)")
         assert_true(got == 2.0**17, f"scale(loss) should multiply by the initial 2^16: scale(2.0) = {got}")
@@ -193,7 +193,7 @@ def judge(k, t):
         assert_true(l9 < l0, f"10 fp32 steps should lower the loss: {l0:.3f} -> {l9:.3f}")
 
     with t.part("LossScaler: back-off x0.5 on overflow, growth x2 after growth_interval clean steps in a row (not before, not every "
-                "step), the counter reset; unscale_ divides and reports inf/NaN", 1):
+                "step), the counter reset; unscale_ divides and reports inf/NaN", 1.5):
         pattern = [False] * 3 + [False, True] + [False] * 4 + [True, True] + [False] * 2 + [True] + [False] * 7
         s = k.call_opts(Scaler, kwargs={"growth_interval": 3}, keep=True)
         calls = []
@@ -244,7 +244,7 @@ def judge(k, t):
         assert_true(found_nan is True, "unscale_ must return True when any gradient holds NaN (not only inf)")
 
     with t.part("fp16 training against torch.amp.GradScaler for 20 steps: scale, skipped steps, parameters, clipping after "
-                "unscaling, the unscaled loss and gradient norm", 1):
+                "unscaling, the unscaled loss and gradient norm", 1.5):
         k.seed(0)
         model = _kernel_module(k, _TOY)
         state = k.call(model.state_dict)
@@ -334,7 +334,7 @@ def judge(k, t):
                     hint="grad_norm of the scaled gradients: report the norm after unscaling" if got > 100 * gn else None)
         assert_true(expect_float(log["scale"], "scale") == 2.0**16, f"the default scaler starts at 2^16, got {log['scale']}")
 
-    with t.part("bf16 autocast and fp8 linears: FP32 master weights, the loss falls, no step skipped, FP8Linear in the SwiGLU", 1):
+    with t.part("bf16 autocast and fp8 linears: FP32 master weights, the loss falls, no step skipped, FP8Linear in the SwiGLU", 1.5):
         P = k.g.bigram_task(seed=1)[0]
         for prec in ("bf16", "fp8"):
             k.seed(5)
