@@ -81,7 +81,10 @@ class DraftServer:
         self.drafts = drafts
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="course-drafts-")) if folder is None else Path(folder)
-        self.path = str(self.folder / f"drafts-{secrets.token_hex(6)}.sock")
+        self.path = str(self.folder / f"d-{secrets.token_hex(4)}")  # short: a Unix socket's path has at most 107 bytes
+        if len(self.path.encode()) > 107:
+            raise RuntimeError(f"the draft server's socket path is too long for a Unix socket: {self.path} "
+                               "(set COURSE_KERNEL_RUNTIME_DIR to a shorter folder)")
         self.requests = 0
         self.active: str | None = None  # the one draft that answers (None: all), while its test runs
         self._modules: dict[tuple, nn.Module] = {}
