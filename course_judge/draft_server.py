@@ -112,9 +112,12 @@ class DraftServer:
         class Server(socketserver.ThreadingUnixStreamServer):
             daemon_threads = True
 
-            def verify_request(self, request, client_address) -> bool:
+            def verify_request(self, request, client_address) -> bool:  # in the accepting thread: counted at once
                 with owner._lock:
-                    return len(owner._open) < MAX_CONNECTIONS
+                    if len(owner._open) >= MAX_CONNECTIONS:
+                        return False
+                    owner._open.add(request)
+                    return True
 
         self._server = Server(self.path, Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -138,8 +141,6 @@ class DraftServer:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _serve(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._open.add(sock)
         try:
             sock.settimeout(IDLE_S)
             while True:
