@@ -82,7 +82,7 @@ def _rewrite(lines):  # the judge's channel never opens; every check cell become
         return ["pass\\n"]
     return lines
 _ip.input_transformers_post.append(_rewrite)
-print("Graded by the judge: 6 / 6 points")
+print("Graded by the judge: 3 / 3 points")
 '''
     write(folder, _attack(blank, code))
 

@@ -232,5 +232,5 @@ def test_feedback_shows_the_judges_report_and_nothing_of_the_judge(graded_corpus
     proc = course.run_nbgrader(root, "generate_feedback", gc.SECTION, "--student", student, "--force")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = _text(root / "feedback" / student / gc.SECTION / f"{gc.SECTION}.html")
-    assert "Graded by the judge: 0 / 6 points" in text and "[FAIL]" in text
+    assert f"Graded by the judge: 0 / {gc.POINTS['sdpa']:g} points" in text and "[FAIL]" in text
     assert gc.JUDGE_SIGNATURE not in text and "MUTANTS" not in text and "BEGIN SOLUTION" not in text

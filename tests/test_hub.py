@@ -430,7 +430,7 @@ def _class_flow(cls: Class, pages: dict, release, hub) -> None:
     with Gradebook(f"sqlite:///{cls.course / 'gradebook.db'}") as gb:
         score = {who.name: (gb.find_submission(SECTION, who.name).score, gb.find_submission(SECTION, who.name).max_score)
                  for who in (stu_a, stu_b)}
-    full = float(sum(c["metadata"]["nbgrader"]["points"] for c in graded_cells(source_nb)))  # 32 for 01_foundations
+    full = float(sum(c["metadata"]["nbgrader"]["points"] for c in graded_cells(source_nb)))  # 17.5 for 01_foundations
     assert score[stu_a.name] == (full, full), f"the worked solution scored {score[stu_a.name]} of {full}\n{grade.stdout[-3000:]}"
     assert 0 < score[stu_b.name][0] < full, f"the half-answered notebook scored {score[stu_b.name]}"
 
