@@ -372,8 +372,9 @@ def cases() -> list[Case]:
         Case("huge_reply", huge_reply, FULL - 2.0, review=False),
         # kv_cache_bytes' own 0.75 points are lost; the 1.25 of test_kv_cache_bytes (run on the course's drafts) are not
         Case("deep_reply", deep_reply, FULL - 0.75, review=False),
-        # the drafts are the judge's: the tags never reach them; the test passes all, catches none (1 of 2 points lost)
-        Case("tagged_drafts", tagged_drafts, FULL - 1.0, review=False),
+        # the drafts are the judge's: the tags never reach them; the test passes all, catches none (1 of 2 points lost);
+        # the dynamic import and the computed attribute names ask a person to look
+        Case("tagged_drafts", tagged_drafts, FULL - 1.0, review=True),
     ]
 
 
